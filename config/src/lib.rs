@@ -1,0 +1,114 @@
+//! FireMode's configuration: one TOML file, overridden by `FIREMODE_*` environment variables
+//! (nested with `__`), then by `PORT`, then by command-line flags.
+//!
+//! # Layout
+//! * [`model`]: the tree of tables and keys, with defaults.
+//! * [`HumanDuration`]: durations written as `"250ms"`, `"30s"`.
+//! * [`load`]: reading, merging and validating; every error names the key it is about.
+//! * [`Config::redacted`]: the effective config with secrets hidden, for `check-config` and logs.
+
+mod duration;
+pub mod model;
+mod redact;
+mod validate;
+
+pub use duration::HumanDuration;
+pub use model::*;
+pub use validate::ConfigErrors;
+
+use figment::providers::{Env, Format, Toml};
+use figment::Figment;
+use std::path::{Path, PathBuf};
+
+/// Where the config file is looked for when `--config` is not given.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/firemode/firemode.toml";
+
+/// What the command line adds on top of the file and the environment.
+#[derive(Clone, Debug, Default)]
+pub struct Overrides {
+    pub listen: Option<String>,
+    pub admin_listen: Option<String>,
+    pub data_dir: Option<PathBuf>,
+}
+
+/// Which file `load` reads: the named one (it must exist), else the default path when it
+/// exists, else none (built-in defaults).
+pub fn config_file(explicit: Option<&Path>) -> Option<PathBuf> {
+    match explicit {
+        Some(p) => Some(p.to_path_buf()),
+        None => {
+            let default = Path::new(DEFAULT_CONFIG_PATH);
+            default.exists().then(|| default.to_path_buf())
+        }
+    }
+}
+
+/// Reads the file (if any), the `FIREMODE_*` environment and `PORT`, applies `overrides`, and
+/// validates the result.
+pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<Config, ConfigErrors> {
+    let mut figment = Figment::new();
+    if let Some(path) = file {
+        if !path.is_file() {
+            return Err(ConfigErrors::one(
+                "--config",
+                format!(
+                    "config file {} does not exist or is not a file",
+                    path.display()
+                ),
+            ));
+        }
+        figment = figment.merge(Toml::file(path));
+    }
+    figment = figment.merge(Env::prefixed("FIREMODE_").split("__"));
+    let mut config: Config = figment.extract().map_err(ConfigErrors::from_figment)?;
+
+    if let Ok(port) = std::env::var("PORT") {
+        let port: u16 = port.trim().parse().map_err(|_| {
+            ConfigErrors::one(
+                "PORT",
+                format!("environment variable PORT={port:?} is not a port number (1-65535)"),
+            )
+        })?;
+        config.server.listen = format!("0.0.0.0:{port}");
+    }
+    if let Some(listen) = &overrides.listen {
+        config.server.listen.clone_from(listen);
+    }
+    if let Some(admin) = &overrides.admin_listen {
+        config.server.admin_listen.clone_from(admin);
+    }
+    if let Some(dir) = &overrides.data_dir {
+        config.data_dir.clone_from(dir);
+    }
+    config.validate()?;
+    Ok(config)
+}
+
+impl Config {
+    /// Parses a config written by [`Config::to_json`] (how the supervisor hands the effective
+    /// config to its workers).
+    pub fn from_json(text: &str) -> Result<Config, ConfigErrors> {
+        let config: Config = serde_json::from_str(text)
+            .map_err(|e| ConfigErrors::one("worker config", e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn to_json(&self) -> String {
+        // A tree of plain structs, strings and numbers always serialises.
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    /// The effective config as TOML, for `check-config`. Call it on [`Config::redacted`].
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+    }
+
+    pub fn worker(&self, kind: &str) -> Option<&WorkerKind> {
+        match kind {
+            "classify" => Some(&self.workers.classify),
+            "sync" => Some(&self.workers.sync),
+            _ => None,
+        }
+    }
+}

@@ -1,0 +1,244 @@
+//! Validation after parsing, and the error type that names the offending key.
+
+use crate::Config;
+use std::fmt;
+use std::net::SocketAddr;
+
+/// One or more configuration errors, each naming the key it is about.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConfigError {
+    /// Dotted key path (`server.listen`), or the variable / flag that carried the value.
+    pub key: String,
+    pub message: String,
+}
+
+impl ConfigErrors {
+    pub fn one(key: impl Into<String>, message: impl Into<String>) -> Self {
+        Self(vec![ConfigError {
+            key: key.into(),
+            message: message.into(),
+        }])
+    }
+
+    pub(crate) fn from_figment(err: figment::Error) -> Self {
+        Self(
+            err.into_iter()
+                .map(|e| {
+                    let mut path = e.path.clone();
+                    if let figment::error::Kind::UnknownField(field, _) = &e.kind {
+                        path.push(field.clone());
+                    }
+                    let source = e
+                        .metadata
+                        .as_ref()
+                        .map(|m| match &m.source {
+                            Some(src) => format!(" (in {src})"),
+                            None => format!(" (from {})", m.name),
+                        })
+                        .unwrap_or_default();
+                    let message = match &e.kind {
+                        figment::error::Kind::UnknownField(field, expected) => format!(
+                            "unknown key `{field}`; expected one of: {}",
+                            expected.join(", ")
+                        ),
+                        kind => kind.to_string(),
+                    };
+                    ConfigError {
+                        key: if path.is_empty() {
+                            "(top level)".into()
+                        } else {
+                            path.join(".")
+                        },
+                        message: format!("{message}{source}"),
+                    }
+                })
+                .collect(),
+        )
+    }
+}
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "config error: {}: {}", e.key, e.message)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+impl Config {
+    /// Checks what serde cannot: ranges, addresses, combinations of keys.
+    pub fn validate(&self) -> Result<(), ConfigErrors> {
+        let mut errors = Vec::new();
+        let mut err = |key: &str, message: String| {
+            errors.push(ConfigError {
+                key: key.into(),
+                message,
+            })
+        };
+        for (key, addr) in [
+            ("server.listen", &self.server.listen),
+            ("server.admin_listen", &self.server.admin_listen),
+        ] {
+            if addr.parse::<SocketAddr>().is_err() {
+                err(
+                    key,
+                    format!("{addr:?} is not an address:port such as \"127.0.0.1:8080\""),
+                );
+            }
+        }
+        if self.server.max_body_bytes == 0 {
+            err("server.max_body_bytes", "must be at least 1".into());
+        }
+        for (key, d) in [
+            ("server.queue_timeout", self.server.queue_timeout),
+            ("server.request_timeout", self.server.request_timeout),
+            (
+                "supervisor.health_interval",
+                self.supervisor.health_interval,
+            ),
+            ("supervisor.health_timeout", self.supervisor.health_timeout),
+            ("supervisor.start_timeout", self.supervisor.start_timeout),
+            (
+                "supervisor.backoff.initial",
+                self.supervisor.backoff.initial,
+            ),
+            ("supervisor.backoff.max", self.supervisor.backoff.max),
+            ("catalog.refresh_interval", self.catalog.refresh_interval),
+        ] {
+            if d.get().is_zero() {
+                err(key, "must be longer than zero".into());
+            }
+        }
+        let b = &self.supervisor.backoff;
+        if b.initial > b.max {
+            err(
+                "supervisor.backoff.initial",
+                format!("{} is above supervisor.backoff.max ({})", b.initial, b.max),
+            );
+        }
+        if self.supervisor.unhealthy_threshold == 0 {
+            err(
+                "supervisor.unhealthy_threshold",
+                "must be at least 1".into(),
+            );
+        }
+        if self.supervisor.runtime_dir.as_os_str().is_empty() {
+            err("supervisor.runtime_dir", "must not be empty".into());
+        }
+        if self.data_dir.as_os_str().is_empty() {
+            err("data_dir", "must not be empty".into());
+        }
+        for (kind, w) in [
+            ("classify", &self.workers.classify),
+            ("sync", &self.workers.sync),
+        ] {
+            if !(1..=64).contains(&w.instances) {
+                err(
+                    &format!("workers.{kind}.instances"),
+                    format!("{} is out of range 1-64", w.instances),
+                );
+            }
+        }
+        if !(1..=1024).contains(&self.database.pool_size) {
+            err(
+                "database.pool_size",
+                format!("{} is out of range 1-1024", self.database.pool_size),
+            );
+        }
+        let url = self.database.url.trim();
+        let looks_like_postgres =
+            url.starts_with("postgres://") || url.starts_with("postgresql://") || url.contains('=');
+        if !url.is_empty() && !looks_like_postgres {
+            err(
+                "database.url",
+                "must be a PostgreSQL URL (postgres://user@host/db or host=... dbname=...), or empty for the embedded store".into(),
+            );
+        }
+        let a = &self.auth;
+        if a.algorithm.is_symmetric() {
+            if !a.public_key_file.is_empty() {
+                err(
+                    "auth.public_key_file",
+                    format!(
+                        "is set but auth.algorithm is {:?}, which uses auth.jwt_secret; set the algorithm to RS256, ES256 or EdDSA to use a public key",
+                        a.algorithm
+                    ),
+                );
+            }
+            if !a.jwt_secret.is_empty() && a.jwt_secret.len() < 32 {
+                err(
+                    "auth.jwt_secret",
+                    "is shorter than 32 bytes; use a long random secret, or leave it empty to have one generated in data_dir".into(),
+                );
+            }
+        } else if a.public_key_file.is_empty() {
+            err(
+                "auth.public_key_file",
+                format!(
+                    "is required when auth.algorithm is {:?} (a PEM public key)",
+                    a.algorithm
+                ),
+            );
+        }
+        if self.sync.max_bundle_bytes == 0 {
+            err("sync.max_bundle_bytes", "must be at least 1".into());
+        }
+        if self.sync.max_changes_per_batch == 0 {
+            err("sync.max_changes_per_batch", "must be at least 1".into());
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigErrors(errors))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Algorithm;
+
+    #[test]
+    fn defaults_are_valid() {
+        Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let mut c = Config::default();
+        c.server.listen = "nowhere".into();
+        c.workers.sync.instances = 0;
+        c.supervisor.backoff.initial = crate::HumanDuration::from_secs(120);
+        let text = c.validate().unwrap_err().to_string();
+        assert!(text.contains("server.listen"), "{text}");
+        assert!(text.contains("workers.sync.instances"), "{text}");
+        assert!(text.contains("supervisor.backoff.initial"), "{text}");
+    }
+
+    #[test]
+    fn asymmetric_algorithms_need_a_key_file() {
+        let mut c = Config::default();
+        c.auth.algorithm = Algorithm::RS256;
+        let text = c.validate().unwrap_err().to_string();
+        assert!(text.contains("auth.public_key_file"), "{text}");
+    }
+
+    #[test]
+    fn json_round_trip_keeps_everything() {
+        let mut c = Config::default();
+        c.server.queue_timeout = crate::HumanDuration::from_millis(250);
+        c.workers.classify.env.insert("A".into(), "b".into());
+        let back = Config::from_json(&c.to_json()).unwrap();
+        assert_eq!(back, c);
+    }
+}

@@ -1,0 +1,270 @@
+//! JWT bearer authentication for `/v1/*`: the algorithm is pinned by config (the token's
+//! header never chooses, `none` never passes), `exp` and `sub` are required, `iss`/`aud`
+//! are checked when configured. Also mints tokens for `firemode token`.
+//!
+//! Without a configured key, a random secret is generated into `data_dir/jwt_secret`
+//! (mode 0600) on first use and read from there afterwards.
+
+use anyhow::{bail, Context as _};
+use firemode_config::{Algorithm, Config};
+use http::HeaderValue;
+use jsonwebtoken::{DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+use std::io::Write as _;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+/// The claims FireMode reads.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Claims {
+    pub sub: String,
+    pub exp: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub org: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iss: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aud: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iat: Option<u64>,
+}
+
+/// The verified caller, as header values ready for the upstream request.
+pub struct Identity {
+    pub sub: HeaderValue,
+    pub org: Option<HeaderValue>,
+}
+
+/// Why a request was not authenticated. The text goes to the client's problem `detail`.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("missing Authorization header; send `Authorization: Bearer <token>`")]
+    Missing,
+    #[error("the Authorization header must be `Bearer <token>`")]
+    NotBearer,
+    #[error("invalid token: {0}")]
+    Invalid(String),
+}
+
+pub struct Verifier {
+    key: DecodingKey,
+    validation: Validation,
+}
+
+fn jwt_algorithm(a: Algorithm) -> jsonwebtoken::Algorithm {
+    match a {
+        Algorithm::HS256 => jsonwebtoken::Algorithm::HS256,
+        Algorithm::HS384 => jsonwebtoken::Algorithm::HS384,
+        Algorithm::HS512 => jsonwebtoken::Algorithm::HS512,
+        Algorithm::RS256 => jsonwebtoken::Algorithm::RS256,
+        Algorithm::ES256 => jsonwebtoken::Algorithm::ES256,
+        Algorithm::EdDSA => jsonwebtoken::Algorithm::EdDSA,
+    }
+}
+
+impl Verifier {
+    pub fn new(config: &Config) -> anyhow::Result<Self> {
+        let a = &config.auth;
+        let key = if a.algorithm.is_symmetric() {
+            DecodingKey::from_secret(&hs_secret(config)?)
+        } else {
+            let pem = std::fs::read(&a.public_key_file)
+                .with_context(|| format!("auth.public_key_file: reading {}", a.public_key_file))?;
+            let parsed = match a.algorithm {
+                Algorithm::RS256 => DecodingKey::from_rsa_pem(&pem),
+                Algorithm::ES256 => DecodingKey::from_ec_pem(&pem),
+                _ => DecodingKey::from_ed_pem(&pem),
+            };
+            parsed.with_context(|| {
+                format!(
+                    "auth.public_key_file: {} is not a PEM public key for {:?}",
+                    a.public_key_file, a.algorithm
+                )
+            })?
+        };
+        let mut validation = Validation::new(jwt_algorithm(a.algorithm));
+        validation.set_required_spec_claims(&["exp", "sub"]);
+        validation.leeway = 30;
+        if !a.issuer.is_empty() {
+            validation.set_issuer(&[&a.issuer]);
+            validation.set_required_spec_claims(&["exp", "sub", "iss"]);
+        }
+        if a.audience.is_empty() {
+            validation.validate_aud = false;
+        } else {
+            validation.set_audience(&[&a.audience]);
+        }
+        Ok(Self { key, validation })
+    }
+
+    /// Checks an `Authorization` header value.
+    pub fn verify(&self, authorization: Option<&HeaderValue>) -> Result<Identity, AuthError> {
+        let value = authorization.ok_or(AuthError::Missing)?;
+        let text = value.to_str().map_err(|_| AuthError::NotBearer)?;
+        let token = text
+            .strip_prefix("Bearer ")
+            .or_else(|| text.strip_prefix("bearer "))
+            .ok_or(AuthError::NotBearer)?
+            .trim();
+        let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)
+            .map_err(|e| AuthError::Invalid(describe(&e)))?;
+        let header = |name: &str, v: &str| {
+            if v.is_empty() || v.len() > 256 {
+                return Err(AuthError::Invalid(format!(
+                    "claim `{name}` must be 1-256 characters"
+                )));
+            }
+            HeaderValue::from_str(v)
+                .map_err(|_| AuthError::Invalid(format!("claim `{name}` must be printable ASCII")))
+        };
+        Ok(Identity {
+            sub: header("sub", &data.claims.sub)?,
+            org: data
+                .claims
+                .org
+                .as_deref()
+                .map(|o| header("org", o))
+                .transpose()?,
+        })
+    }
+}
+
+fn describe(e: &jsonwebtoken::errors::Error) -> String {
+    use jsonwebtoken::errors::ErrorKind as K;
+    match e.kind() {
+        K::ExpiredSignature => "the token has expired".into(),
+        K::InvalidSignature => "the signature does not match the configured key".into(),
+        K::InvalidAlgorithm | K::InvalidAlgorithmName => {
+            "the token's algorithm is not the one this server accepts".into()
+        }
+        K::MissingRequiredClaim(c) => format!("the token has no `{c}` claim"),
+        K::InvalidIssuer => "the token's issuer is not accepted".into(),
+        K::InvalidAudience => "the token's audience is not accepted".into(),
+        K::ImmatureSignature => "the token is not valid yet".into(),
+        _ => "the token is malformed".into(),
+    }
+}
+
+/// The HS* secret: `auth.jwt_secret`, else `data_dir/jwt_secret`, generated on first use.
+pub fn hs_secret(config: &Config) -> anyhow::Result<Vec<u8>> {
+    if !config.auth.jwt_secret.is_empty() {
+        return Ok(config.auth.jwt_secret.as_bytes().to_vec());
+    }
+    load_or_generate_secret(&secret_path(config))
+}
+
+pub fn secret_path(config: &Config) -> PathBuf {
+    config.data_dir.join("jwt_secret")
+}
+
+fn load_or_generate_secret(path: &Path) -> anyhow::Result<Vec<u8>> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("data_dir: cannot create {}", dir.display()))?;
+    }
+    let random: [u8; 32] = rand::random();
+    let hex: String = random.iter().map(|b| format!("{b:02x}")).collect();
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(mut f) => {
+            f.write_all(hex.as_bytes())
+                .and_then(|()| f.sync_all())
+                .with_context(|| format!("writing {}", path.display()))?;
+            tracing::info!(path = %path.display(), "generated a JWT secret");
+            Ok(hex.into_bytes())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            let secret = text.trim();
+            if secret.len() < 32 {
+                bail!(
+                    "{} holds a secret shorter than 32 bytes; delete it to have a new one generated",
+                    path.display()
+                );
+            }
+            Ok(secret.as_bytes().to_vec())
+        }
+        Err(e) => Err(e).with_context(|| format!("creating {}", path.display())),
+    }
+}
+
+/// A token signed with the configured HS* secret, for `firemode token`.
+pub fn mint(
+    config: &Config,
+    sub: &str,
+    org: Option<&str>,
+    ttl: std::time::Duration,
+) -> anyhow::Result<String> {
+    let a = &config.auth;
+    if !a.algorithm.is_symmetric() {
+        bail!(
+            "firemode token signs with the HS* secret, but auth.algorithm is {:?}; mint tokens with the private key that matches auth.public_key_file",
+            a.algorithm
+        );
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let claims = Claims {
+        sub: sub.to_string(),
+        exp: now + ttl.as_secs().max(1),
+        org: org.map(str::to_string),
+        iss: (!a.issuer.is_empty()).then(|| a.issuer.clone()),
+        aud: (!a.audience.is_empty()).then(|| a.audience.clone()),
+        iat: Some(now),
+    };
+    let key = EncodingKey::from_secret(&hs_secret(config)?);
+    Ok(jsonwebtoken::encode(
+        &Header::new(jwt_algorithm(a.algorithm)),
+        &claims,
+        &key,
+    )?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(dir: &Path) -> Config {
+        Config {
+            data_dir: dir.to_path_buf(),
+            ..Config::default()
+        }
+    }
+
+    #[test]
+    fn generated_secret_is_private_and_stable() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("fm-auth-{}", std::process::id()));
+        let c = config(&dir);
+        let first = hs_secret(&c).unwrap();
+        assert_eq!(first, hs_secret(&c).unwrap());
+        let mode = std::fs::metadata(secret_path(&c))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let token = mint(
+            &c,
+            "tech-1",
+            Some("acme"),
+            std::time::Duration::from_secs(60),
+        )
+        .unwrap();
+        let id = Verifier::new(&c)
+            .unwrap()
+            .verify(Some(
+                &HeaderValue::from_str(&format!("Bearer {token}")).unwrap(),
+            ))
+            .unwrap();
+        assert_eq!(id.sub, "tech-1");
+        assert_eq!(id.org.unwrap(), "acme");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}

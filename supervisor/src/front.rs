@@ -1,0 +1,419 @@
+//! The front: every client request passes here. In order: request id, route, JWT, body
+//! limit, a ready instance of the right kind (waiting up to `queue_timeout`), the upstream
+//! exchange within `request_timeout`, one retry on another instance when a safe request's
+//! connection failed before any response byte. Errors are problem+json.
+//!
+//! Policy (which instance) lives in `choose`; the plumbing (connections) in `upstream`.
+
+use crate::auth::{AuthError, Identity, Verifier};
+use crate::instance::Kind;
+use crate::registry::Registry;
+use crate::upstream::{self, PooledBody, UpstreamError};
+use bytes::Bytes;
+use firemode_config::Config;
+use firemode_wire::{ids, Problem, IDENTITY_ORG, IDENTITY_PREFIX, IDENTITY_SUB, REQUEST_ID};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body_util::{BodyExt, Either, Full, Limited};
+use hyper::body::Incoming;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::Instant;
+
+pub type FrontBody = Either<Full<Bytes>, PooledBody>;
+
+/// Route templates: what logs and metrics name a request by (never the raw path).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Route {
+    Classify,
+    SessionResults,
+    Session,
+    OfflineBundle,
+    /// Under `/v1/` but no such route: authenticated, then 404.
+    UnknownV1,
+    NotFound,
+}
+
+impl Route {
+    pub fn of(path: &str) -> Route {
+        if path == "/v1/classify" {
+            return Route::Classify;
+        }
+        if let Some(rest) = path.strip_prefix("/v1/tests/sessions/") {
+            let mut parts = rest.splitn(2, '/');
+            let _id = parts.next();
+            return match parts.next() {
+                None => Route::Session,
+                Some("results") => Route::SessionResults,
+                Some("offline_bundle") => Route::OfflineBundle,
+                Some(_) => Route::UnknownV1,
+            };
+        }
+        if path.starts_with("/v1/") {
+            Route::UnknownV1
+        } else {
+            Route::NotFound
+        }
+    }
+
+    pub fn template(self) -> &'static str {
+        match self {
+            Route::Classify => "/v1/classify",
+            Route::SessionResults => "/v1/tests/sessions/{id}/results",
+            Route::Session => "/v1/tests/sessions/{id}",
+            Route::OfflineBundle => "/v1/tests/sessions/{id}/offline_bundle",
+            Route::UnknownV1 | Route::NotFound => "unmatched",
+        }
+    }
+
+    fn kind(self) -> Option<Kind> {
+        match self {
+            Route::Classify => Some(Kind::Classify),
+            Route::SessionResults | Route::Session | Route::OfflineBundle => Some(Kind::Sync),
+            Route::UnknownV1 | Route::NotFound => None,
+        }
+    }
+}
+
+pub struct Front {
+    registry: Arc<Registry>,
+    verifier: Verifier,
+    max_body_bytes: u64,
+    queue_timeout: Duration,
+    request_timeout: Duration,
+    slow_threshold: Duration,
+    id_prefix: u64,
+    id_counter: AtomicU64,
+}
+
+/// Headers that belong to one connection, not to the request (RFC 9110 §7.6.1).
+const HOP_BY_HOP: &[HeaderName] = &[
+    header::CONNECTION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::PROXY_AUTHORIZATION,
+];
+
+impl Front {
+    pub fn new(config: &Config, registry: Arc<Registry>, verifier: Verifier) -> Self {
+        Self {
+            registry,
+            verifier,
+            max_body_bytes: config.server.max_body_bytes,
+            queue_timeout: config.server.queue_timeout.get(),
+            request_timeout: config.server.request_timeout.get(),
+            slow_threshold: config.telemetry.slow_request_threshold.get(),
+            id_prefix: rand::random(),
+            id_counter: AtomicU64::new(0),
+        }
+    }
+
+    fn request_id(&self, headers: &HeaderMap) -> HeaderValue {
+        if let Some(v) = headers.get(REQUEST_ID) {
+            if ids::is_sane_request_id(v.as_bytes()) {
+                return v.clone();
+            }
+        }
+        let n = self.id_counter.fetch_add(1, Ordering::Relaxed);
+        let text = format!("{:016x}{:08x}", self.id_prefix, n);
+        HeaderValue::from_str(&text).unwrap_or_else(|_| HeaderValue::from_static("unknown"))
+    }
+
+    pub async fn handle(&self, req: Request<Incoming>) -> Response<FrontBody> {
+        let started = Instant::now();
+        let request_id = self.request_id(req.headers());
+        let route = Route::of(req.uri().path());
+        let method = req.method().clone();
+        let mut resp = match self.dispatch(route, req, &request_id, started).await {
+            Ok(r) => r.map(Either::Right),
+            Err(Reply(r)) => r.map(Either::Left),
+        };
+        resp.headers_mut().insert(REQUEST_ID, request_id.clone());
+        let elapsed = started.elapsed();
+        if elapsed >= self.slow_threshold {
+            tracing::warn!(
+                request_id = request_id.to_str().unwrap_or(""),
+                route = route.template(),
+                method = %method,
+                status = resp.status().as_u16(),
+                duration_ms = elapsed.as_secs_f64() * 1000.0,
+                "slow request"
+            );
+        }
+        resp
+    }
+
+    async fn dispatch(
+        &self,
+        route: Route,
+        req: Request<Incoming>,
+        request_id: &HeaderValue,
+        started: Instant,
+    ) -> Result<Response<PooledBody>, Reply> {
+        if route == Route::NotFound {
+            return Err(Problem::not_found(format!("no route for {}", req.uri().path())).into());
+        }
+        let identity = self
+            .verifier
+            .verify(req.headers().get(header::AUTHORIZATION))
+            .map_err(unauthorized)?;
+        let Some(kind) = route.kind() else {
+            return Err(Problem::not_found(format!("no route for {}", req.uri().path())).into());
+        };
+        let (parts, body) = req.into_parts();
+        if let Some(len) = parts.headers.get(header::CONTENT_LENGTH) {
+            let len: u64 = len
+                .to_str()
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| Problem::bad_request("Content-Length is not a number"))?;
+            if len > self.max_body_bytes {
+                return Err(self.too_large().into());
+            }
+        }
+        let body = match Limited::new(body, self.max_body_bytes as usize)
+            .collect()
+            .await
+        {
+            Ok(b) => b.to_bytes(),
+            Err(e)
+                if e.downcast_ref::<http_body_util::LengthLimitError>()
+                    .is_some() =>
+            {
+                return Err(self.too_large().into())
+            }
+            Err(e) => {
+                return Err(
+                    Problem::bad_request(format!("could not read the request body: {e}")).into(),
+                )
+            }
+        };
+        let retryable = parts.method == Method::GET
+            || parts.method == Method::HEAD
+            || route == Route::Classify
+            || parts.headers.contains_key("idempotency-key");
+        let upstream = Upstream::new(
+            parts.method,
+            parts.uri,
+            parts.headers,
+            body,
+            identity,
+            request_id,
+        );
+
+        let deadline = started + self.request_timeout;
+        let set = self
+            .registry
+            .set(kind)
+            .ok_or_else(|| Problem::internal("no such worker kind"))?;
+        let queue_deadline = (Instant::now() + self.queue_timeout).min(deadline);
+        let Some((first, instance)) = set.wait_pick(None, queue_deadline).await else {
+            return Err(self.no_instance(set.next_start_in(), kind));
+        };
+        let attempt =
+            tokio::time::timeout_at(deadline, upstream::send(instance, upstream.request()));
+        let err = match attempt.await {
+            Ok(Ok(resp)) => return Ok(finish(resp)),
+            Ok(Err(e)) => e,
+            Err(_) => return Err(self.timeout()),
+        };
+        tracing::warn!(kind = kind.name(), instance = instance.index, error = %err, retry = retryable, "upstream request failed");
+        if !retryable {
+            return Err(bad_gateway(&err));
+        }
+        let Some((_, other)) = set
+            .wait_pick(Some(first), queue_deadline.max(Instant::now()))
+            .await
+        else {
+            return Err(bad_gateway(&err));
+        };
+        match tokio::time::timeout_at(deadline, upstream::send(other, upstream.request())).await {
+            Ok(Ok(resp)) => Ok(finish(resp)),
+            Ok(Err(e)) => Err(bad_gateway(&e)),
+            Err(_) => Err(self.timeout()),
+        }
+    }
+
+    fn too_large(&self) -> Problem {
+        Problem::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body-too-large",
+            "Request body too large",
+            format!(
+                "the body is over server.max_body_bytes ({} bytes)",
+                self.max_body_bytes
+            ),
+        )
+    }
+
+    fn timeout(&self) -> Reply {
+        Problem::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "timeout",
+            "Request timed out",
+            format!(
+                "no answer within server.request_timeout ({})",
+                humantime::format_duration(self.request_timeout)
+            ),
+        )
+        .into()
+    }
+
+    fn no_instance(&self, next_start: Option<Duration>, kind: Kind) -> Reply {
+        // Whole seconds, rounded up, at least 1.
+        let secs = next_start
+            .map(|d| d.as_secs_f64().ceil() as u64)
+            .unwrap_or(1)
+            .clamp(1, 3600);
+        let mut resp = Problem::unavailable(format!(
+            "no {} worker became ready within server.queue_timeout ({}); retry after {secs} s",
+            kind.name(),
+            humantime::format_duration(self.queue_timeout)
+        ))
+        .into_response::<Full<Bytes>>();
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        Reply(resp)
+    }
+}
+
+/// An error answer, already a response.
+pub struct Reply(Response<Full<Bytes>>);
+
+impl From<Problem> for Reply {
+    fn from(p: Problem) -> Self {
+        Reply(p.into_response())
+    }
+}
+
+fn unauthorized(e: AuthError) -> Reply {
+    let mut resp = Problem::new(
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+        "Unauthorized",
+        e.to_string(),
+    )
+    .into_response::<Full<Bytes>>();
+    resp.headers_mut()
+        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    Reply(resp)
+}
+
+fn bad_gateway(e: &UpstreamError) -> Reply {
+    Problem::new(
+        StatusCode::BAD_GATEWAY,
+        "upstream-failed",
+        "Worker failed",
+        format!("the worker could not answer: {e}"),
+    )
+    .into()
+}
+
+fn finish(mut resp: Response<PooledBody>) -> Response<PooledBody> {
+    strip_hop_by_hop(resp.headers_mut());
+    resp
+}
+
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Names listed in `Connection` are hop-by-hop too.
+    let listed: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for name in listed.iter().chain(HOP_BY_HOP) {
+        headers.remove(name);
+    }
+    headers.remove("keep-alive");
+    headers.remove("proxy-connection");
+}
+
+/// The request as the worker receives it; rebuilt for a retry.
+struct Upstream {
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+impl Upstream {
+    fn new(
+        method: Method,
+        uri: Uri,
+        mut headers: HeaderMap,
+        body: Bytes,
+        identity: Identity,
+        request_id: &HeaderValue,
+    ) -> Self {
+        strip_hop_by_hop(&mut headers);
+        headers.remove(header::AUTHORIZATION);
+        headers.remove(header::CONTENT_LENGTH);
+        let client_identity: Vec<HeaderName> = headers
+            .keys()
+            .filter(|k| k.as_str().starts_with(IDENTITY_PREFIX))
+            .cloned()
+            .collect();
+        for name in client_identity {
+            headers.remove(name);
+        }
+        headers.insert(IDENTITY_SUB, identity.sub);
+        if let Some(org) = identity.org {
+            headers.insert(IDENTITY_ORG, org);
+        }
+        headers.insert(REQUEST_ID, request_id.clone());
+        if !body.is_empty() || matches!(method, Method::POST | Method::PUT | Method::PATCH) {
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+        }
+        // Origin form: the worker needs only the path and query.
+        let uri = uri
+            .path_and_query()
+            .and_then(|pq| Uri::builder().path_and_query(pq.clone()).build().ok())
+            .unwrap_or_else(|| Uri::from_static("/"));
+        Self {
+            method,
+            uri,
+            headers,
+            body,
+        }
+    }
+
+    fn request(&self) -> Request<Full<Bytes>> {
+        let mut req = Request::new(Full::new(self.body.clone()));
+        *req.method_mut() = self.method.clone();
+        *req.uri_mut() = self.uri.clone();
+        *req.version_mut() = Version::HTTP_11;
+        *req.headers_mut() = self.headers.clone();
+        req
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Route;
+
+    #[test]
+    fn routes_by_template() {
+        assert_eq!(Route::of("/v1/classify"), Route::Classify);
+        assert_eq!(Route::of("/v1/tests/sessions/S1"), Route::Session);
+        assert_eq!(
+            Route::of("/v1/tests/sessions/S1/results"),
+            Route::SessionResults
+        );
+        assert_eq!(
+            Route::of("/v1/tests/sessions/S1/offline_bundle"),
+            Route::OfflineBundle
+        );
+        assert_eq!(Route::of("/v1/tests/sessions/S1/other"), Route::UnknownV1);
+        assert_eq!(Route::of("/v1/nope"), Route::UnknownV1);
+        assert_eq!(Route::of("/"), Route::NotFound);
+        assert_eq!(
+            Route::of("/v1/tests/sessions/S1/results").template(),
+            "/v1/tests/sessions/{id}/results"
+        );
+    }
+}

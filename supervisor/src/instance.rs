@@ -1,0 +1,242 @@
+//! One supervised worker instance as the rest of the supervisor sees it: its state, pid,
+//! restart count and load, readable without locks on the request path, and its pool of
+//! upstream connections.
+
+use crate::upstream::UpstreamPool;
+use serde::Serialize;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// The worker kinds FireMode runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    Classify,
+    Sync,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 2] = [Kind::Classify, Kind::Sync];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Classify => "classify",
+            Kind::Sync => "sync",
+        }
+    }
+
+    /// The worker binary installed beside `firemode`.
+    pub fn binary(self) -> &'static str {
+        match self {
+            Kind::Classify => "firemode-classify",
+            Kind::Sync => "firemode-sync",
+        }
+    }
+}
+
+/// Lifecycle states, as `/status` reports them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+#[repr(u8)]
+pub enum InstanceState {
+    /// Spawned, not yet passing a health check.
+    Starting = 0,
+    /// Passing health checks: receives requests.
+    Ready = 1,
+    /// Running but failing health checks, or not ready (e.g. its store is down).
+    Unhealthy = 2,
+    /// Stopped; waiting out the restart delay.
+    Backoff = 3,
+    /// Asked to stop; finishing its in-flight requests.
+    Draining = 4,
+    /// Gone for good (supervisor shutting down).
+    Stopped = 5,
+}
+
+impl InstanceState {
+    fn from_u8(v: u8) -> Self {
+        match v {
+            0 => Self::Starting,
+            1 => Self::Ready,
+            2 => Self::Unhealthy,
+            3 => Self::Backoff,
+            4 => Self::Draining,
+            _ => Self::Stopped,
+        }
+    }
+}
+
+/// Status details that change rarely; behind a mutex the request path never takes.
+#[derive(Debug, Default)]
+struct Details {
+    started_at: Option<Instant>,
+    last_exit: Option<String>,
+    next_start_at: Option<Instant>,
+    degraded: bool,
+}
+
+pub struct Instance {
+    pub kind: Kind,
+    pub index: u32,
+    pub socket: PathBuf,
+    state: AtomicU8,
+    pid: AtomicU32,
+    restarts: AtomicU32,
+    /// Requests sent to this instance and not yet answered (the routing load signal).
+    outstanding: AtomicUsize,
+    details: Mutex<Details>,
+    pub pool: UpstreamPool,
+}
+
+/// One row of `/status`.
+#[derive(Serialize, Debug)]
+pub struct InstanceStatus {
+    pub kind: Kind,
+    pub instance: u32,
+    pub pid: Option<u32>,
+    pub state: InstanceState,
+    pub restarts: u32,
+    pub uptime_s: Option<f64>,
+    pub last_exit: Option<String>,
+    /// In a crash loop (restarting repeatedly without staying healthy).
+    pub degraded: bool,
+    /// Seconds until the next start attempt, while in backoff.
+    pub next_start_in_s: Option<f64>,
+}
+
+impl Instance {
+    pub fn new(kind: Kind, index: u32, socket: PathBuf, max_idle: usize) -> Self {
+        Self {
+            kind,
+            index,
+            pool: UpstreamPool::new(socket.clone(), max_idle),
+            socket,
+            state: AtomicU8::new(InstanceState::Starting as u8),
+            pid: AtomicU32::new(0),
+            restarts: AtomicU32::new(0),
+            outstanding: AtomicUsize::new(0),
+            details: Mutex::new(Details::default()),
+        }
+    }
+
+    pub fn state(&self) -> InstanceState {
+        InstanceState::from_u8(self.state.load(Ordering::Acquire))
+    }
+
+    pub fn set_state(&self, s: InstanceState) {
+        self.state.store(s as u8, Ordering::Release);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.state() == InstanceState::Ready
+    }
+
+    pub fn outstanding(&self) -> usize {
+        self.outstanding.load(Ordering::Relaxed)
+    }
+
+    /// Counts a request against this instance until the guard drops.
+    pub fn track(&self) -> OutstandingGuard<'_> {
+        self.outstanding.fetch_add(1, Ordering::Relaxed);
+        OutstandingGuard(self)
+    }
+
+    /// Like [`Instance::track`], owning a handle to the instance.
+    pub fn track_owned(self: &Arc<Self>) -> Outstanding {
+        self.outstanding.fetch_add(1, Ordering::Relaxed);
+        Outstanding(self.clone())
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        match self.pid.load(Ordering::Acquire) {
+            0 => None,
+            p => Some(p),
+        }
+    }
+
+    fn details(&self) -> std::sync::MutexGuard<'_, Details> {
+        // A poisoned lock only means a panic elsewhere; the data is plain values.
+        self.details.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn on_spawned(&self, pid: u32) {
+        self.pid.store(pid, Ordering::Release);
+        let mut d = self.details();
+        d.started_at = Some(Instant::now());
+        d.next_start_at = None;
+    }
+
+    pub fn on_exited(&self, how: String) {
+        self.pid.store(0, Ordering::Release);
+        let mut d = self.details();
+        d.started_at = None;
+        d.last_exit = Some(how);
+    }
+
+    pub fn on_backoff(&self, delay: Duration, degraded: bool) {
+        self.restarts.fetch_add(1, Ordering::Relaxed);
+        self.set_state(InstanceState::Backoff);
+        let mut d = self.details();
+        d.next_start_at = Some(Instant::now() + delay);
+        d.degraded = degraded;
+    }
+
+    pub fn set_degraded(&self, degraded: bool) {
+        self.details().degraded = degraded;
+    }
+
+    /// Time until the next start attempt, if this instance is waiting for one.
+    pub fn next_start_in(&self) -> Option<Duration> {
+        if self.state() != InstanceState::Backoff {
+            return None;
+        }
+        self.details()
+            .next_start_at
+            .map(|t| t.saturating_duration_since(Instant::now()))
+    }
+
+    pub fn status(&self) -> InstanceStatus {
+        let d = self.details();
+        InstanceStatus {
+            kind: self.kind,
+            instance: self.index,
+            pid: self.pid(),
+            state: self.state(),
+            restarts: self.restarts.load(Ordering::Relaxed),
+            uptime_s: d.started_at.map(|t| t.elapsed().as_secs_f64()),
+            last_exit: d.last_exit.clone(),
+            degraded: d.degraded,
+            next_start_in_s: (self.state() == InstanceState::Backoff)
+                .then(|| {
+                    d.next_start_at
+                        .map(|t| t.saturating_duration_since(Instant::now()).as_secs_f64())
+                })
+                .flatten(),
+        }
+    }
+}
+
+/// Owned form of the load count, carried by a response body until it ends.
+pub struct Outstanding(Arc<Instance>);
+
+impl Outstanding {
+    pub fn instance(&self) -> &Arc<Instance> {
+        &self.0
+    }
+}
+
+impl Drop for Outstanding {
+    fn drop(&mut self) {
+        self.0.outstanding.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+pub struct OutstandingGuard<'a>(&'a Instance);
+
+impl Drop for OutstandingGuard<'_> {
+    fn drop(&mut self) {
+        self.0.outstanding.fetch_sub(1, Ordering::Relaxed);
+    }
+}

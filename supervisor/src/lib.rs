@@ -1,0 +1,30 @@
+//! The FireMode supervisor: spawns and health-checks the worker processes, restarts them
+//! with backoff, drains them on SIGTERM, and fronts them with an authenticating HTTP
+//! listener that routes to ready instances over Unix sockets.
+//!
+//! # Layout
+//! * [`run`]: the whole system's life — listeners, supervision tasks, the drain.
+//! * Supervision: [`supervise`] (one task per instance), [`spawn`] (the process),
+//!   [`health`] (the check), [`backoff`] (when to restart; pure), [`child_log`] (worker
+//!   output into our log).
+//! * Front: [`front`] (the request path), [`auth`] (JWT), [`choose`] (which instance; pure),
+//!   [`registry`] (instances and the ready wake-up), [`upstream`] (connections to workers).
+//! * [`admin`]: `/healthz`, `/readyz`, `/status`.
+//! * [`signals`]: what each signal means.
+
+pub mod admin;
+pub mod auth;
+pub mod backoff;
+pub mod child_log;
+pub mod choose;
+pub mod front;
+pub mod health;
+pub mod instance;
+pub mod listener;
+pub mod logging;
+pub mod registry;
+pub mod run;
+pub mod signals;
+pub mod spawn;
+pub mod supervise;
+pub mod upstream;

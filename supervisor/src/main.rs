@@ -1,0 +1,113 @@
+//! `firemode`: the command line. Thin glue over the `firemode` library.
+
+use clap::{Parser, Subcommand};
+use firemode_config::{config_file, load, Overrides};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(
+    name = "firemode",
+    version,
+    about = "FireMode: supervisor and front for the classify and sync workers"
+)]
+struct Cli {
+    /// Config file (default: /etc/firemode/firemode.toml when it exists, else built-in defaults).
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Front listen address (overrides server.listen and PORT).
+    #[arg(long, global = true, value_name = "ADDR")]
+    listen: Option<String>,
+    /// Admin listen address (overrides server.admin_listen).
+    #[arg(long, global = true, value_name = "ADDR")]
+    admin_listen: Option<String>,
+    /// Data directory (overrides data_dir).
+    #[arg(long, global = true, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the supervisor, the front and the workers (the default).
+    Run,
+    /// Print the effective config (secrets redacted); exit non-zero on any error.
+    CheckConfig,
+    /// Print a signed JWT for the configured key.
+    Token {
+        /// The `sub` claim (who the token is for).
+        #[arg(long)]
+        sub: String,
+        /// The `org` claim (tenant).
+        #[arg(long)]
+        org: Option<String>,
+        /// Lifetime, e.g. "1h", "30m", "7d".
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let overrides = Overrides {
+        listen: cli.listen.clone(),
+        admin_listen: cli.admin_listen.clone(),
+        data_dir: cli.data_dir.clone(),
+    };
+    let file = config_file(cli.config.as_deref());
+    let config = match load(file.as_deref(), &overrides) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            eprintln!(
+                "firemode: fix the key named above (file: {})",
+                file.as_ref()
+                    .map(|f| f.display().to_string())
+                    .unwrap_or_else(|| "none, built-in defaults".into())
+            );
+            return ExitCode::from(2);
+        }
+    };
+    match cli.command.unwrap_or(Command::Run) {
+        Command::CheckConfig => {
+            print!("{}", config.redacted().to_toml());
+            ExitCode::SUCCESS
+        }
+        Command::Token { sub, org, ttl } => {
+            match firemode::auth::mint(&config, &sub, org.as_deref(), ttl) {
+                Ok(token) => {
+                    println!("{token}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("firemode token: {e:#}");
+                    ExitCode::from(2)
+                }
+            }
+        }
+        Command::Run => {
+            let style = firemode::logging::style(config.telemetry.log_format);
+            firemode::logging::init(style);
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("firemode: cannot start the async runtime: {e}");
+                    return ExitCode::from(1);
+                }
+            };
+            match runtime.block_on(firemode::run::run(config, style)) {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::from(1),
+                Err(e) => {
+                    tracing::error!(error = %format!("{e:#}"), "firemode failed");
+                    ExitCode::from(1)
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,175 @@
+//! The hop to a worker: HTTP/1.1 over the instance's Unix socket, with a bounded stack of
+//! idle keep-alive connections per instance. A connection goes back on the stack when its
+//! response body has been read to the end; one that is closed, or busy, is dropped.
+
+use crate::instance::{Instance, Outstanding};
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::body::{Body, Frame, SizeHint};
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper_util::rt::TokioIo;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use tokio::net::UnixStream;
+
+type Sender = SendRequest<Full<Bytes>>;
+
+pub struct UpstreamPool {
+    socket: PathBuf,
+    idle: Mutex<Vec<Sender>>,
+    max_idle: usize,
+}
+
+/// Why a request did not get a response head from the worker. In every case no byte of a
+/// response arrived, so a safe request may be retried on another instance.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("cannot connect to the worker socket: {0}")]
+    Connect(std::io::Error),
+    #[error("HTTP handshake with the worker failed: {0}")]
+    Handshake(hyper::Error),
+    #[error("the worker connection failed before a response: {0}")]
+    Exchange(hyper::Error),
+}
+
+impl UpstreamPool {
+    pub fn new(socket: PathBuf, max_idle: usize) -> Self {
+        Self {
+            socket,
+            idle: Mutex::new(Vec::new()),
+            max_idle,
+        }
+    }
+
+    fn idle(&self) -> std::sync::MutexGuard<'_, Vec<Sender>> {
+        self.idle.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn take_idle(&self) -> Option<Sender> {
+        let mut idle = self.idle();
+        while let Some(s) = idle.pop() {
+            if !s.is_closed() {
+                return Some(s);
+            }
+        }
+        None
+    }
+
+    fn put_back(&self, sender: Sender) {
+        if sender.is_closed() {
+            return;
+        }
+        let mut idle = self.idle();
+        if idle.len() < self.max_idle {
+            idle.push(sender);
+        }
+    }
+
+    /// Forgets every idle connection (the instance was replaced).
+    pub fn clear(&self) {
+        self.idle().clear();
+    }
+
+    async fn connect(&self) -> Result<Sender, UpstreamError> {
+        let stream = UnixStream::connect(&self.socket)
+            .await
+            .map_err(UpstreamError::Connect)?;
+        let (sender, conn) = http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(UpstreamError::Handshake)?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "upstream connection ended");
+            }
+        });
+        Ok(sender)
+    }
+}
+
+/// Sends `req` to `instance`, reusing an idle connection when one is alive. A request that
+/// a dead idle connection refused before sending is moved to the next one, then to a new
+/// connection.
+pub async fn send(
+    instance: &Arc<Instance>,
+    mut req: Request<Full<Bytes>>,
+) -> Result<Response<PooledBody>, UpstreamError> {
+    let guard = instance.track_owned();
+    let pool = &instance.pool;
+    while let Some(mut sender) = pool.take_idle() {
+        if sender.ready().await.is_err() {
+            continue;
+        }
+        match sender.try_send_request(req).await {
+            Ok(resp) => return Ok(wrap(resp, sender, guard)),
+            Err(mut e) => match e.take_message() {
+                Some(unsent) => req = unsent,
+                None => return Err(UpstreamError::Exchange(e.into_error())),
+            },
+        }
+    }
+    let mut sender = pool.connect().await?;
+    match sender.try_send_request(req).await {
+        Ok(resp) => Ok(wrap(resp, sender, guard)),
+        Err(e) => Err(UpstreamError::Exchange(e.into_error())),
+    }
+}
+
+fn wrap(resp: Response<Incoming>, sender: Sender, guard: Outstanding) -> Response<PooledBody> {
+    resp.map(|body| PooledBody {
+        body,
+        release: Some((sender, guard)),
+    })
+}
+
+/// A worker's response body on its way to the client. When it has been read to the end,
+/// its connection returns to the instance's idle stack and the request stops counting
+/// against the instance's load.
+pub struct PooledBody {
+    body: Incoming,
+    release: Option<(Sender, Outstanding)>,
+}
+
+impl PooledBody {
+    fn release(&mut self) {
+        if let Some((sender, guard)) = self.release.take() {
+            guard.instance().pool.put_back(sender);
+        }
+    }
+}
+
+impl Body for PooledBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.body).poll_frame(cx);
+        if matches!(polled, Poll::Ready(None)) || self.body.is_end_stream() {
+            self.release();
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl Drop for PooledBody {
+    fn drop(&mut self) {
+        // Only a fully read body leaves the connection reusable.
+        if self.body.is_end_stream() {
+            self.release();
+        }
+    }
+}

@@ -1,0 +1,274 @@
+//! The classification catalog: item code + observed condition → AS 1851 defect class.
+//!
+//! The catalog is data, not code: a versioned JSON file (the sample ships as
+//! `config/catalog.json`; operators may replace it). This crate parses and validates that
+//! file and builds [`CatalogIndex`], the in-memory lookup the classify worker answers from.
+//!
+//! Architecture invariant: no I/O. Loading the file and storing it are the caller's job.
+//!
+//! The index keeps each answer already rendered as JSON bytes, so a lookup on the hot path
+//! is one hash probe, a short scan of the item's conditions and a reference-count bump.
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use std::collections::{HashMap, HashSet};
+
+/// The sample catalog shipped with FireMode.
+pub const SAMPLE: &str = include_str!("../../../config/catalog.json");
+
+/// Clause 1.5.6 defect classes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Classification {
+    /// Renders a system inoperative.
+    CriticalDefect,
+    /// Impairs a component without critically affecting the system.
+    NonCriticalDefect,
+    /// Missing or wrong information: signs, labels, block plans, records.
+    NonConformance,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Condition {
+    pub observed_condition: String,
+    pub classification: Classification,
+    pub description: String,
+    pub action: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Item {
+    pub item_code: String,
+    pub family: String,
+    pub description: String,
+    pub conditions: Vec<Condition>,
+}
+
+/// The catalog file, and the `catalog` member of an offline bundle.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Catalog {
+    pub version: String,
+    pub items: Vec<Item>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum CatalogError {
+    #[error("catalog is not valid JSON of the catalog shape: {0}")]
+    Parse(String),
+    #[error("catalog is invalid: {0}")]
+    Invalid(String),
+}
+
+impl Catalog {
+    /// Parses and validates a catalog file's text.
+    pub fn from_json(text: &str) -> Result<Catalog, CatalogError> {
+        let catalog: Catalog =
+            serde_json::from_str(text).map_err(|e| CatalogError::Parse(e.to_string()))?;
+        catalog.validate()?;
+        Ok(catalog)
+    }
+
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    fn validate(&self) -> Result<(), CatalogError> {
+        let bad = |m: String| Err(CatalogError::Invalid(m));
+        if self.version.trim().is_empty() || self.version.len() > 128 {
+            return bad("`version` must be 1-128 characters".into());
+        }
+        if self.items.is_empty() {
+            return bad("`items` is empty".into());
+        }
+        let mut codes = HashSet::new();
+        for item in &self.items {
+            if item.item_code.is_empty() || item.item_code.len() > 64 {
+                return bad(format!(
+                    "item_code {:?} must be 1-64 characters",
+                    item.item_code
+                ));
+            }
+            if !codes.insert(item.item_code.as_str()) {
+                return bad(format!("item_code {:?} appears twice", item.item_code));
+            }
+            if item.conditions.is_empty() {
+                return bad(format!("item {:?} has no conditions", item.item_code));
+            }
+            let mut seen = HashSet::new();
+            for c in &item.conditions {
+                if c.observed_condition.is_empty() {
+                    return bad(format!(
+                        "item {:?} has an empty observed_condition",
+                        item.item_code
+                    ));
+                }
+                if !seen.insert(c.observed_condition.as_str()) {
+                    return bad(format!(
+                        "item {:?} lists condition {:?} twice",
+                        item.item_code, c.observed_condition
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Why a lookup found no rule.
+#[derive(Debug, PartialEq)]
+pub enum Miss<'a> {
+    UnknownItem,
+    /// The item exists; these are the conditions it knows.
+    UnknownCondition {
+        allowed: Vec<&'a str>,
+    },
+}
+
+struct IndexedItem {
+    /// (observed_condition, rendered classify answer)
+    conditions: Vec<(String, Bytes)>,
+}
+
+/// The lookup built from one catalog version.
+pub struct CatalogIndex {
+    catalog: Catalog,
+    items: HashMap<String, IndexedItem>,
+}
+
+#[derive(Serialize)]
+struct Answer<'a> {
+    item_code: &'a str,
+    observed_condition: &'a str,
+    classification: Classification,
+    description: &'a str,
+    action: &'a str,
+    catalog_version: &'a str,
+}
+
+impl CatalogIndex {
+    pub fn new(catalog: Catalog) -> Self {
+        let items = catalog
+            .items
+            .iter()
+            .map(|item| {
+                let conditions = item
+                    .conditions
+                    .iter()
+                    .map(|c| {
+                        let answer = Answer {
+                            item_code: &item.item_code,
+                            observed_condition: &c.observed_condition,
+                            classification: c.classification,
+                            description: &c.description,
+                            action: &c.action,
+                            catalog_version: &catalog.version,
+                        };
+                        let body = serde_json::to_vec(&answer).unwrap_or_default();
+                        (c.observed_condition.clone(), Bytes::from(body))
+                    })
+                    .collect();
+                (item.item_code.clone(), IndexedItem { conditions })
+            })
+            .collect();
+        Self { catalog, items }
+    }
+
+    pub fn version(&self) -> &str {
+        &self.catalog.version
+    }
+
+    pub fn catalog(&self) -> &Catalog {
+        &self.catalog
+    }
+
+    /// The classify answer for an item and condition, as the JSON body of a 200.
+    pub fn classify(&self, item_code: &str, condition: &str) -> Result<Bytes, Miss<'_>> {
+        let item = self.items.get(item_code).ok_or(Miss::UnknownItem)?;
+        item.conditions
+            .iter()
+            .find(|(c, _)| c == condition)
+            .map(|(_, body)| body.clone())
+            .ok_or_else(|| Miss::UnknownCondition {
+                allowed: item.conditions.iter().map(|(c, _)| c.as_str()).collect(),
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_sample_catalog_is_valid_and_large_enough() {
+        let c = Catalog::from_json(SAMPLE).unwrap();
+        let families: HashSet<_> = c.items.iter().map(|i| i.family.as_str()).collect();
+        let rules: usize = c.items.iter().map(|i| i.conditions.len()).sum();
+        assert!(families.len() >= 8, "{families:?}");
+        assert!(rules >= 60, "{rules}");
+        for class in [
+            Classification::CriticalDefect,
+            Classification::NonCriticalDefect,
+            Classification::NonConformance,
+        ] {
+            assert!(c
+                .items
+                .iter()
+                .flat_map(|i| &i.conditions)
+                .any(|r| r.classification == class));
+        }
+    }
+
+    fn tiny() -> Catalog {
+        Catalog::from_json(
+            r#"{"version":"t1","items":[{"item_code":"FE","family":"ext","description":"d",
+            "conditions":[{"observed_condition":"low","classification":"critical_defect",
+            "description":"gauge low","action":"replace"},
+            {"observed_condition":"tag_missing","classification":"non_conformance",
+            "description":"no tag","action":"tag it"}]}]}"#,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn lookup_answers_hits_and_explains_misses() {
+        let idx = CatalogIndex::new(tiny());
+        let body: serde_json::Value =
+            serde_json::from_slice(&idx.classify("FE", "low").unwrap()).unwrap();
+        assert_eq!(
+            body,
+            serde_json::json!({"item_code":"FE","observed_condition":"low",
+                "classification":"critical_defect","description":"gauge low",
+                "action":"replace","catalog_version":"t1"})
+        );
+        assert_eq!(idx.classify("XX", "low"), Err(Miss::UnknownItem));
+        assert_eq!(
+            idx.classify("FE", "wet"),
+            Err(Miss::UnknownCondition {
+                allowed: vec!["low", "tag_missing"]
+            })
+        );
+    }
+
+    #[test]
+    fn invalid_catalogs_are_refused_with_a_reason() {
+        let dup = r#"{"version":"v","items":[
+            {"item_code":"A","family":"f","description":"d","conditions":[{"observed_condition":"x","classification":"non_conformance","description":"d","action":"a"}]},
+            {"item_code":"A","family":"f","description":"d","conditions":[{"observed_condition":"x","classification":"non_conformance","description":"d","action":"a"}]}]}"#;
+        assert!(
+            matches!(Catalog::from_json(dup), Err(CatalogError::Invalid(m)) if m.contains("twice"))
+        );
+        assert!(matches!(
+            Catalog::from_json(r#"{"version":"v","items":[{"item_code":"A"}]}"#),
+            Err(CatalogError::Parse(_))
+        ));
+        assert!(matches!(
+            Catalog::from_json(
+                r#"{"version":"v","items":[{"item_code":"A","family":"f","description":"d","conditions":[{"observed_condition":"x","classification":"broken","description":"d","action":"a"}]}]}"#
+            ),
+            Err(CatalogError::Parse(_))
+        ));
+    }
+}

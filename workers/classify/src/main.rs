@@ -1,0 +1,169 @@
+//! `firemode-classify`: answers `POST /v1/classify` — an AS 1851 item code and an observed
+//! condition in, the defect class, its description and the action required out.
+//!
+//! The catalog lives in the store (the configured file is installed at start); this worker
+//! answers from an in-memory [`CatalogIndex`] of the store's current version, swapped
+//! atomically when a periodic check (`catalog.refresh_interval`, one indexed single-row
+//! query) finds another version current. A lookup costs no database round trip.
+
+use anyhow::Context as _;
+use arc_swap::ArcSwapOption;
+use bytes::Bytes;
+use firemode_catalog::{Catalog, CatalogIndex, Miss};
+use firemode_store::{Store, StoreError};
+use firemode_wire::Problem;
+use firemode_worker::{json_response, App, Readiness, WorkerContext};
+use http::request::Parts;
+use http::{Method, Response, StatusCode};
+use http_body_util::Full;
+use serde::Deserialize;
+use std::borrow::Cow;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+fn main() -> ExitCode {
+    firemode_worker::run("classify", ClassifyApp::start)
+}
+
+struct ClassifyApp {
+    index: Arc<ArcSwapOption<CatalogIndex>>,
+}
+
+#[derive(Deserialize)]
+struct ClassifyRequest<'a> {
+    #[serde(borrow)]
+    item_code: Cow<'a, str>,
+    #[serde(borrow)]
+    observed_condition: Cow<'a, str>,
+}
+
+impl ClassifyApp {
+    async fn start(ctx: WorkerContext) -> anyhow::Result<ClassifyApp> {
+        let catalog = read_catalog(&ctx.config.catalog.file)?;
+        let index = Arc::new(ArcSwapOption::empty());
+        tokio::spawn(keep_catalog_current(
+            ctx.store.clone(),
+            catalog,
+            index.clone(),
+            ctx.readiness.clone(),
+            ctx.config.catalog.refresh_interval.get(),
+        ));
+        Ok(ClassifyApp { index })
+    }
+}
+
+fn read_catalog(file: &str) -> anyhow::Result<Catalog> {
+    if file.is_empty() {
+        return Catalog::from_json(firemode_catalog::SAMPLE).context("the built-in catalog");
+    }
+    let text = std::fs::read_to_string(file).with_context(|| format!("catalog.file {file}"))?;
+    Catalog::from_json(&text).with_context(|| format!("catalog.file {file}"))
+}
+
+/// Installs the configured catalog (retrying while the store is down), then follows the
+/// store's current version.
+async fn keep_catalog_current(
+    store: Store,
+    configured: Catalog,
+    index: Arc<ArcSwapOption<CatalogIndex>>,
+    readiness: Readiness,
+    refresh: Duration,
+) {
+    loop {
+        match store.install_catalog(&configured).await {
+            Ok(()) => break,
+            Err(StoreError::Conflict(msg)) => {
+                // An operator error that a restart will not fix: say so and exit, the
+                // supervisor's backoff keeps the retry rate low.
+                tracing::error!(error = %msg, "cannot install the catalog");
+                std::process::exit(2);
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "catalog install waits for the store");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        }
+    }
+    tracing::info!(version = %configured.version, "catalog installed");
+    loop {
+        let current = index.load().as_ref().map(|i| i.version().to_string());
+        match store.current_catalog_version().await {
+            Ok(Some(v)) if Some(&v) != current.as_ref() => match store.current_catalog().await {
+                Ok(Some(stored)) => {
+                    tracing::info!(version = %stored.version, "serving catalog");
+                    index.store(Some(Arc::new(CatalogIndex::new(stored.catalog))));
+                    readiness.set_app_ready(true);
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!(error = %e, "cannot load the current catalog"),
+            },
+            Ok(_) => {}
+            Err(e) => tracing::debug!(error = %e, "catalog version check failed"),
+        }
+        tokio::time::sleep(refresh).await;
+    }
+}
+
+impl App for ClassifyApp {
+    async fn handle(&self, req: Parts, body: Bytes) -> Response<Full<Bytes>> {
+        if req.uri.path() != "/v1/classify" {
+            return Problem::not_found(format!("no route for {}", req.uri.path())).into_response();
+        }
+        if req.method != Method::POST {
+            return Problem::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method-not-allowed",
+                "Method not allowed",
+                "use POST for /v1/classify",
+            )
+            .into_response();
+        }
+        self.classify(&body)
+    }
+}
+
+impl ClassifyApp {
+    fn classify(&self, body: &[u8]) -> Response<Full<Bytes>> {
+        let req: ClassifyRequest<'_> = match serde_json::from_slice(body) {
+            Ok(r) => r,
+            Err(e) => {
+                return Problem::bad_request(format!(
+                    "expected a JSON object {{\"item_code\": string, \"observed_condition\": string}}: {e}"
+                ))
+                .into_response()
+            }
+        };
+        let guard = self.index.load();
+        let Some(index) = guard.as_ref() else {
+            return Problem::unavailable("the catalog is not loaded yet").into_response();
+        };
+        match index.classify(&req.item_code, &req.observed_condition) {
+            Ok(answer) => json_response(StatusCode::OK, answer),
+            Err(Miss::UnknownItem) => Problem::new(
+                StatusCode::NOT_FOUND,
+                "unknown-item",
+                "Unknown item code",
+                format!(
+                    "item_code {:?} is not in catalog {}",
+                    req.item_code,
+                    index.version()
+                ),
+            )
+            .with("item_code", req.item_code.as_ref())
+            .into_response(),
+            Err(Miss::UnknownCondition { allowed }) => Problem::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "unknown-condition",
+                "Unknown condition for this item",
+                format!(
+                    "observed_condition {:?} is not known for item {:?}",
+                    req.observed_condition, req.item_code
+                ),
+            )
+            .with("item_code", req.item_code.as_ref())
+            .with("allowed_conditions", allowed)
+            .into_response(),
+        }
+    }
+}

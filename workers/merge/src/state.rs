@@ -1,0 +1,293 @@
+//! The session's merge state and the one operation that changes it, [`SessionState::apply`].
+
+use std::collections::BTreeMap;
+use std::ops::Bound;
+
+use serde::{Serialize, Serializer};
+use serde_json::Value;
+
+use crate::document::materialise;
+use crate::register::Register;
+use crate::{Batch, Pointer, VectorClock};
+
+/// Everything the merge remembers about one session.
+///
+/// Serializes to one JSON value, `{"clock":{…},"stamps":{…},"registers":[…]}`, so a store can
+/// save it inside the merge's transaction; deserializing checks the invariants below and refuses
+/// a state that breaks them. [`Default`] is an empty session.
+///
+/// Invariants:
+/// * `clock[r]` is the number of events of `r` applied (delivery is causal, so they are
+///   `1..=clock[r]`), and `stamps[r]` holds their effective timestamps, `stamps[r][k-1]` for
+///   event `k`, non-decreasing in `k`. Replicas with no event have no entry in either.
+/// * `registers` holds, per path, the write with the largest order key, and only writes that no
+///   write at an ancestor path with a larger key hides. Every register's dot is covered by
+///   `clock` and its timestamp is its event's stamp.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, serde::Deserialize)]
+#[serde(try_from = "crate::stored::StoredSession")]
+pub struct SessionState {
+    /// The pointwise max of the applied dots.
+    pub(crate) clock: VectorClock,
+    /// Effective timestamps of every applied event, per replica, in sequence order.
+    pub(crate) stamps: BTreeMap<String, Vec<u64>>,
+    /// The surviving writes, keyed by path (sorted by tokens, so descendants follow a path).
+    #[serde(serialize_with = "serialize_registers")]
+    pub(crate) registers: BTreeMap<Pointer, Register>,
+}
+
+/// What [`SessionState::apply`] did with a batch.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Outcome {
+    /// Applied: the batch's dot, its effective timestamp, how many changes took effect, the
+    /// conflicts.
+    Applied(Applied),
+    /// The dot was already covered: nothing changed (the answer is `applied: 0`).
+    Duplicate,
+}
+
+/// The result of applying a new batch.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Applied {
+    /// The batch's event: its replica and sequence number.
+    pub dot: (String, u64),
+    /// The timestamp every write of the batch carries.
+    pub effective_timestamp: u64,
+    /// How many changes took effect: were stored, rather than hidden on arrival by a write
+    /// with a larger key at the same or an ancestor path (a later change of the same batch
+    /// may still replace an earlier one; both count).
+    pub applied: usize,
+    /// Concurrent writes met, one entry per (change, overlapping concurrent write) pair.
+    pub conflicts: Vec<Conflict>,
+}
+
+/// A concurrent write met on the same, an ancestor or a descendant path.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Conflict {
+    /// The path of the batch's change.
+    pub path: String,
+    /// The write with the larger order key.
+    pub winner: ConflictSide,
+    /// The write with the smaller order key.
+    pub loser: ConflictSide,
+}
+
+/// One side of a [`Conflict`].
+///
+/// Serializes as `{"replica_id","path","op":"set","value"}` or
+/// `{"replica_id","path","op":"remove"}`, so a `null` value and a removal stay distinct.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ConflictSide {
+    /// The writer.
+    pub replica_id: String,
+    /// Where this side wrote (differs from [`Conflict::path`] for ancestor/descendant conflicts).
+    pub path: String,
+    /// The value written; `None` means removed.
+    pub value: Option<Value>,
+}
+
+impl Serialize for ConflictSide {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = serializer.serialize_map(None)?;
+        map.serialize_entry("replica_id", &self.replica_id)?;
+        map.serialize_entry("path", &self.path)?;
+        match &self.value {
+            Some(value) => {
+                map.serialize_entry("op", "set")?;
+                map.serialize_entry("value", value)?;
+            }
+            None => map.serialize_entry("op", "remove")?,
+        }
+        map.end()
+    }
+}
+
+impl From<&Register> for ConflictSide {
+    fn from(register: &Register) -> Self {
+        ConflictSide {
+            replica_id: register.replica_id.clone(),
+            path: register.path.as_str().to_owned(),
+            value: register.value.clone(),
+        }
+    }
+}
+
+/// Refused because the batch depends on events the session has not seen (HTTP 409 with the
+/// session clock): the client should fetch the session, then retry.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("the batch depends on events this session has not seen yet; sync with the session clock and retry")]
+pub struct MissingDependencies {
+    /// The session's clock, for the client to compare with its own.
+    pub session_clock: VectorClock,
+}
+
+impl SessionState {
+    /// The session clock: per replica, the number of its events applied.
+    pub fn clock(&self) -> &VectorClock {
+        &self.clock
+    }
+
+    /// The merged document as plain JSON: `set /a/b 1` reads back as `{"a":{"b":1}}`; an empty
+    /// session is `{}`. See [`crate::document`] for the replay rules.
+    pub fn document(&self) -> Value {
+        materialise(self.registers.values())
+    }
+
+    /// Applies one batch with the rules of design §3; on `Err` nothing changed.
+    ///
+    /// * `c = batch.clock[r]`, or `session_clock[r] + 1` when the entry is missing.
+    /// * `c <= session_clock[r]` is a duplicate: [`Outcome::Duplicate`]. This includes `c = 0`,
+    ///   which is not a valid sequence number: callers reject it first with
+    ///   [`Batch::validate`], and an unvalidated one changes nothing.
+    /// * `c > session_clock[r] + 1`, or `clock[q] > session_clock[q]` for another replica `q`:
+    ///   [`MissingDependencies`].
+    /// * Otherwise every change becomes a write stamped `max(timestamp_ms, 1 + the largest stamp
+    ///   the batch covers)` and ordered by (stamp, replica, sequence, list index).
+    pub fn apply(&mut self, batch: &Batch) -> Result<Outcome, MissingDependencies> {
+        let replica = batch.replica_id.as_str();
+        let seen = self.clock.get(replica).copied().unwrap_or(0);
+        let sequence = batch.sequence(&self.clock);
+        if sequence <= seen {
+            return Ok(Outcome::Duplicate);
+        }
+        let unseen_other = batch
+            .clock
+            .iter()
+            .any(|(other, &count)| other != replica && count > self.seen(other));
+        if sequence > seen.saturating_add(1) || unseen_other {
+            return Err(MissingDependencies {
+                session_clock: self.clock.clone(),
+            });
+        }
+
+        let effective_timestamp = self.effective_timestamp(batch, sequence);
+        let mut applied = 0;
+        let mut conflicts = Vec::new();
+        for (index, change) in batch.changes.iter().enumerate() {
+            let write = Register {
+                path: change.path().clone(),
+                value: change.value().cloned(),
+                replica_id: batch.replica_id.clone(),
+                sequence,
+                timestamp: effective_timestamp,
+                index,
+            };
+            // Concurrent: another replica's write from an event the batch does not cover. The
+            // replica's own held writes are its earlier events or this batch's earlier changes.
+            let is_concurrent = |existing: &Register| {
+                existing.replica_id != batch.replica_id
+                    && !batch.covers(sequence, &existing.replica_id, existing.sequence)
+            };
+            if self.put(write, is_concurrent, &mut conflicts) {
+                applied += 1;
+            }
+        }
+        self.clock.insert(batch.replica_id.clone(), sequence);
+        self.stamps
+            .entry(batch.replica_id.clone())
+            .or_default()
+            .push(effective_timestamp);
+        Ok(Outcome::Applied(Applied {
+            dot: (batch.replica_id.clone(), sequence),
+            effective_timestamp,
+            applied,
+            conflicts,
+        }))
+    }
+
+    /// How many events of `replica` the session has applied.
+    fn seen(&self, replica: &str) -> u64 {
+        self.clock.get(replica).copied().unwrap_or(0)
+    }
+
+    /// The stamp of event `(replica, sequence)`, if applied.
+    fn stamp(&self, replica: &str, sequence: u64) -> Option<u64> {
+        let position = usize::try_from(sequence.checked_sub(1)?).ok()?;
+        self.stamps.get(replica)?.get(position).copied()
+    }
+
+    /// `max(timestamp_ms, 1 + the largest stamp of any event the batch covers)`. Stamps grow
+    /// with the sequence number, so the largest covered stamp of replica `q` is the stamp of
+    /// its last covered event.
+    fn effective_timestamp(&self, batch: &Batch, sequence: u64) -> u64 {
+        let others = batch
+            .clock
+            .iter()
+            .filter(|(other, _)| *other != &batch.replica_id)
+            .filter_map(|(other, &count)| self.stamp(other, count));
+        let own_previous = self.stamp(&batch.replica_id, sequence.saturating_sub(1));
+        let floor = others.chain(own_previous).max();
+        match floor {
+            Some(floor) => batch.timestamp_ms.max(floor.saturating_add(1)),
+            None => batch.timestamp_ms,
+        }
+    }
+
+    /// Stores `write` unless a larger-keyed write at its path or an ancestor hides it, drops the
+    /// writes it hides (same path or below, smaller key), and records a conflict for every
+    /// overlapping write `is_concurrent` accepts. Returns whether `write` was stored.
+    fn put(
+        &mut self,
+        write: Register,
+        is_concurrent: impl Fn(&Register) -> bool,
+        conflicts: &mut Vec<Conflict>,
+    ) -> bool {
+        let tokens = write.path.tokens();
+        let mut hidden = false;
+        // Ancestors, outermost first, then the path itself.
+        for depth in 1..=tokens.len() {
+            if let Some(existing) = self.registers.get(&tokens[..depth]) {
+                if is_concurrent(existing) {
+                    conflicts.push(conflict(&write, existing));
+                }
+                hidden |= existing.cmp_order(&write).is_gt();
+            }
+        }
+        // Descendants: the entries right after the path that extend its tokens.
+        let mut beaten = Vec::new();
+        let below = (Bound::Excluded(tokens), Bound::Unbounded);
+        for (path, existing) in self
+            .registers
+            .range::<[String], _>(below)
+            .take_while(|(path, _)| path.tokens().starts_with(tokens))
+        {
+            if is_concurrent(existing) {
+                conflicts.push(conflict(&write, existing));
+            }
+            if existing.cmp_order(&write).is_lt() {
+                beaten.push(path.clone());
+            }
+        }
+        if hidden {
+            // Whatever `write` would hide, the larger write above it already hid.
+            return false;
+        }
+        for path in beaten {
+            self.registers.remove(&path);
+        }
+        self.registers.insert(write.path.clone(), write);
+        true
+    }
+}
+
+/// The conflict between an incoming write and an overlapping one already held.
+fn conflict(incoming: &Register, existing: &Register) -> Conflict {
+    let (winner, loser) = if incoming.cmp_order(existing).is_gt() {
+        (incoming, existing)
+    } else {
+        (existing, incoming)
+    };
+    Conflict {
+        path: incoming.path.as_str().to_owned(),
+        winner: winner.into(),
+        loser: loser.into(),
+    }
+}
+
+/// Registers are stored as a list sorted by path (map keys would have to be strings).
+fn serialize_registers<S: Serializer>(
+    registers: &BTreeMap<Pointer, Register>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serializer.collect_seq(registers.values())
+}

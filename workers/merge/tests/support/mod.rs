@@ -1,0 +1,68 @@
+//! Builders shared by the integration tests.
+
+#![allow(dead_code)] // Each test binary uses its own subset.
+
+pub mod model;
+
+use firemode_merge::{Applied, Batch, Change, Outcome, Pointer, SessionState, VectorClock};
+use serde_json::Value;
+
+/// A parsed pointer; panics on a bad literal, which is a bug in the test.
+pub fn pointer(text: &str) -> Pointer {
+    Pointer::parse(text).unwrap_or_else(|error| panic!("bad test pointer {text:?}: {error}"))
+}
+
+/// `{"op":"set","path":path,"value":value}`.
+pub fn set(path: &str, value: Value) -> Change {
+    Change::Set {
+        path: pointer(path),
+        value,
+    }
+}
+
+/// `{"op":"remove","path":path}`.
+pub fn remove(path: &str) -> Change {
+    Change::Remove {
+        path: pointer(path),
+    }
+}
+
+/// A clock from `(replica, count)` pairs.
+pub fn clock(entries: &[(&str, u64)]) -> VectorClock {
+    entries
+        .iter()
+        .map(|(replica, count)| ((*replica).to_owned(), *count))
+        .collect()
+}
+
+/// A batch of `replica` with the given clock (as sent), device timestamp and changes.
+pub fn batch(
+    replica: &str,
+    sent_clock: &[(&str, u64)],
+    timestamp_ms: u64,
+    changes: Vec<Change>,
+) -> Batch {
+    Batch {
+        replica_id: replica.to_owned(),
+        clock: clock(sent_clock),
+        timestamp_ms,
+        changes,
+    }
+}
+
+/// A session with `batches` applied in order, each expected to be new.
+pub fn session(batches: &[Batch]) -> SessionState {
+    let mut state = SessionState::default();
+    for batch in batches {
+        apply_new(&mut state, batch);
+    }
+    state
+}
+
+/// Applies `batch`, expecting it to be new.
+pub fn apply_new(state: &mut SessionState, batch: &Batch) -> Applied {
+    match state.apply(batch) {
+        Ok(Outcome::Applied(applied)) => applied,
+        other => panic!("expected {batch:?} to apply, got {other:?}"),
+    }
+}

@@ -1,0 +1,68 @@
+//! Liveness and readiness. `/healthz` answers while the process can serve at all and says
+//! whether it is ready; `/readyz` is 200 only when the store answers (and the kind's own
+//! checks pass). The supervisor routes only to instances whose health check says ready.
+
+use firemode_store::Store;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Shared readiness flags of one worker process.
+#[derive(Clone, Default)]
+pub struct Readiness {
+    inner: Arc<Flags>,
+}
+
+#[derive(Default)]
+struct Flags {
+    store: AtomicBool,
+    /// The kind's own readiness (e.g. the catalog is loaded). Starts false.
+    app: AtomicBool,
+}
+
+impl Readiness {
+    pub fn set_app_ready(&self, ready: bool) {
+        self.inner.app.store(ready, Ordering::Release);
+    }
+    pub fn store_ready(&self) -> bool {
+        self.inner.store.load(Ordering::Acquire)
+    }
+    pub fn is_ready(&self) -> bool {
+        self.store_ready() && self.inner.app.load(Ordering::Acquire)
+    }
+}
+
+/// Applies migrations until they succeed, then pings the store every second and keeps the
+/// store flag current.
+pub fn spawn_store_probe(store: Store, readiness: Readiness) {
+    tokio::spawn(async move {
+        let mut migrated = false;
+        let mut was_ok = None;
+        loop {
+            let result = if migrated {
+                store.ping().await
+            } else {
+                let r = store.migrate().await;
+                migrated = r.is_ok();
+                r
+            };
+            let ok = result.is_ok();
+            if was_ok != Some(ok) {
+                match &result {
+                    Ok(()) => tracing::info!(backend = ?store.backend(), "store ready"),
+                    Err(e) => {
+                        tracing::warn!(backend = ?store.backend(), error = %e, "store not ready")
+                    }
+                }
+                was_ok = Some(ok);
+            }
+            readiness.inner.store.store(ok, Ordering::Release);
+            tokio::time::sleep(if ok {
+                Duration::from_secs(1)
+            } else {
+                Duration::from_millis(250)
+            })
+            .await;
+        }
+    });
+}

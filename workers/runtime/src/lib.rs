@@ -1,0 +1,142 @@
+//! What every worker binary shares: its command line, logging, the store handle, and the
+//! HTTP/1.1 server on its Unix socket with health, readiness and a graceful drain.
+//!
+//! # Layout
+//! * [`run`]: the whole life of a worker process — parse args, read the config the
+//!   supervisor wrote, open the store, serve until SIGTERM, drain, exit 0.
+//! * [`App`]: what a worker kind adds — its `/v1` routes and any readiness of its own.
+//! * `server`: the accept loop and the drain (after mini-redis: one shutdown signal fanned
+//!   out to every connection, then wait for them all).
+//! * `health`: `/healthz` and `/readyz`, and the background store probe behind them.
+
+mod health;
+mod server;
+
+pub use health::Readiness;
+
+use bytes::Bytes;
+use clap::Parser;
+use firemode_config::Config;
+use firemode_store::{Store, StoreOptions};
+use http::request::Parts;
+use http::Response;
+use http_body_util::Full;
+use std::future::Future;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The command line the supervisor gives a worker.
+#[derive(Parser, Debug)]
+pub struct WorkerArgs {
+    /// Unix socket to serve HTTP/1.1 on (created; a stale file is replaced).
+    #[arg(long)]
+    pub socket: PathBuf,
+    /// The effective config, as JSON written by the supervisor.
+    #[arg(long)]
+    pub config_json: PathBuf,
+    /// Instance number within the kind, for logs.
+    #[arg(long, default_value_t = 0)]
+    pub instance: u32,
+}
+
+/// Everything a worker kind needs to build its [`App`].
+#[derive(Clone)]
+pub struct WorkerContext {
+    pub config: Arc<Config>,
+    pub store: Store,
+    pub instance: u32,
+    pub readiness: Readiness,
+}
+
+/// A worker kind's routes.
+pub trait App: Send + Sync + 'static {
+    /// Answers one request other than `/healthz` and `/readyz`. `body` is the whole
+    /// request body (the front has already enforced `max_body_bytes`).
+    fn handle(&self, req: Parts, body: Bytes)
+        -> impl Future<Output = Response<Full<Bytes>>> + Send;
+}
+
+/// Runs a worker process to completion. `make_app` builds the kind's routes once the store
+/// handle exists; the store may still be unreachable (readiness says so).
+pub fn run<A, F, Fut>(kind: &'static str, make_app: F) -> ExitCode
+where
+    A: App,
+    F: FnOnce(WorkerContext) -> Fut,
+    Fut: Future<Output = anyhow::Result<A>>,
+{
+    let args = WorkerArgs::parse();
+    init_logging();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("firemode-{kind}: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(serve(kind, args, make_app)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "worker failed");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn serve<A, F, Fut>(kind: &'static str, args: WorkerArgs, make_app: F) -> anyhow::Result<()>
+where
+    A: App,
+    F: FnOnce(WorkerContext) -> Fut,
+    Fut: Future<Output = anyhow::Result<A>>,
+{
+    use anyhow::Context as _;
+    let text = std::fs::read_to_string(&args.config_json)
+        .with_context(|| format!("reading {}", args.config_json.display()))?;
+    let config = Arc::new(Config::from_json(&text)?);
+    let store = Store::open(&StoreOptions {
+        url: config.database.url.clone(),
+        pool_size: config.database.pool_size,
+        data_dir: config.data_dir.clone(),
+        connect_timeout: Duration::from_secs(2),
+    })?;
+    let readiness = Readiness::default();
+    health::spawn_store_probe(store.clone(), readiness.clone());
+    let ctx = WorkerContext {
+        config: config.clone(),
+        store,
+        instance: args.instance,
+        readiness: readiness.clone(),
+    };
+    let app = Arc::new(make_app(ctx).await?);
+    tracing::info!(kind, instance = args.instance, socket = %args.socket.display(), "worker starting");
+    server::serve(&args.socket, app, readiness).await
+}
+
+fn init_logging() {
+    // The supervisor reads these JSON lines from stderr and re-emits them tagged with the
+    // worker's kind and instance.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .json()
+        .flatten_event(true)
+        .with_current_span(false)
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// A plain JSON 200.
+pub fn json_response(status: http::StatusCode, body: Bytes) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(body));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    resp
+}

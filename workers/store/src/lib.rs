@@ -1,0 +1,157 @@
+//! The store behind the workers: one interface, two backends.
+//!
+//! * PostgreSQL through bb8-postgres when `database.url` is set — several hosts may share it;
+//!   every piece of shared state lives here, never in a process.
+//! * Embedded SQLite (rusqlite, bundled, WAL) in `data_dir` otherwise, so a first run needs
+//!   nothing installed. Its connections sit in a bb8 pool too and run on tokio's blocking
+//!   threads.
+//!
+//! # Layout
+//! * [`migrations`]: the schema, applied at start under a lock (advisory lock / immediate
+//!   transaction), so concurrent workers never race.
+//! * `sqlite`, `postgres`: the two backends, with the same queries.
+//!
+//! Architecture invariant: the workers see only [`Store`]; no SQL outside this crate.
+
+mod migrations;
+mod postgres;
+mod sqlite;
+
+use firemode_catalog::Catalog;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// How to reach the store.
+#[derive(Clone, Debug)]
+pub struct StoreOptions {
+    /// Empty: embedded SQLite in `data_dir`. Otherwise a PostgreSQL URL or key=value string.
+    pub url: String,
+    pub pool_size: u32,
+    pub data_dir: PathBuf,
+    /// How long a request waits for a pooled connection before the store counts as unavailable.
+    pub connect_timeout: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database cannot be reached (down, pool exhausted, timed out). Retry later.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// The request contradicts what is stored.
+    #[error("{0}")]
+    Conflict(String),
+    /// Bad configuration (e.g. an unparsable database URL).
+    #[error("store configuration: {0}")]
+    Config(String),
+    /// Stored data that does not parse.
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+}
+
+/// Which backend a store uses, for logs and `/status`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// A handle to the store; cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    inner: Inner,
+}
+
+#[derive(Clone)]
+enum Inner {
+    Sqlite(sqlite::SqliteStore),
+    Postgres(postgres::PgStore),
+}
+
+/// The catalog version currently in force, with its body.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StoredCatalog {
+    pub version: String,
+    pub catalog: Catalog,
+}
+
+impl Store {
+    /// Opens the pool lazily: a database that is down now does not stop the worker from
+    /// starting; [`Store::migrate`] and [`Store::ping`] tell when it is usable.
+    pub fn open(opts: &StoreOptions) -> Result<Store, StoreError> {
+        let inner = if opts.url.trim().is_empty() {
+            Inner::Sqlite(sqlite::SqliteStore::open(opts)?)
+        } else {
+            Inner::Postgres(postgres::PgStore::open(opts)?)
+        };
+        Ok(Store { inner })
+    }
+
+    pub fn backend(&self) -> Backend {
+        match self.inner {
+            Inner::Sqlite(_) => Backend::Sqlite,
+            Inner::Postgres(_) => Backend::Postgres,
+        }
+    }
+
+    /// Applies pending migrations; safe to call from many processes at once.
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        match &self.inner {
+            Inner::Sqlite(s) => s.migrate().await,
+            Inner::Postgres(p) => p.migrate().await,
+        }
+    }
+
+    /// One round trip: is the store usable right now?
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        match &self.inner {
+            Inner::Sqlite(s) => s.ping().await,
+            Inner::Postgres(p) => p.ping().await,
+        }
+    }
+
+    /// Stores `catalog` under its version (refusing a different body under a version already
+    /// stored) and makes it the current catalog.
+    pub async fn install_catalog(&self, catalog: &Catalog) -> Result<(), StoreError> {
+        let body = catalog.to_json();
+        match &self.inner {
+            Inner::Sqlite(s) => s.install_catalog(&catalog.version, body).await,
+            Inner::Postgres(p) => p.install_catalog(&catalog.version, &body).await,
+        }
+    }
+
+    /// The version of the current catalog (a cheap query, for cache checks).
+    pub async fn current_catalog_version(&self) -> Result<Option<String>, StoreError> {
+        match &self.inner {
+            Inner::Sqlite(s) => s.current_catalog_version().await,
+            Inner::Postgres(p) => p.current_catalog_version().await,
+        }
+    }
+
+    /// The current catalog with its body.
+    pub async fn current_catalog(&self) -> Result<Option<StoredCatalog>, StoreError> {
+        let row = match &self.inner {
+            Inner::Sqlite(s) => s.current_catalog().await?,
+            Inner::Postgres(p) => p.current_catalog().await?,
+        };
+        row.map(|(version, body)| {
+            Catalog::from_json(&body)
+                .map(|catalog| StoredCatalog { version, catalog })
+                .map_err(|e| StoreError::Corrupt(e.to_string()))
+        })
+        .transpose()
+    }
+}
+
+fn catalog_conflict(version: &str) -> StoreError {
+    StoreError::Conflict(format!(
+        "catalog version {version:?} is already stored with different contents; \
+         give the changed catalog file a new \"version\""
+    ))
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}

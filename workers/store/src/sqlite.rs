@@ -1,0 +1,186 @@
+//! The embedded backend: SQLite in WAL mode, a bb8 pool of rusqlite connections, each query
+//! on tokio's blocking threads. Writers take `BEGIN IMMEDIATE`, so concurrent processes
+//! queue on SQLite's lock (with a busy timeout) instead of failing.
+
+use crate::migrations::{MIGRATIONS, SCHEMA_TABLE};
+use crate::{catalog_conflict, now_ms, StoreError, StoreOptions};
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+use std::path::PathBuf;
+
+pub struct SqliteManager {
+    path: PathBuf,
+}
+
+impl bb8::ManageConnection for SqliteManager {
+    type Connection = Connection;
+    type Error = StoreError;
+
+    async fn connect(&self) -> Result<Connection, StoreError> {
+        let path = self.path.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = Connection::open(&path).map_err(|e| {
+                StoreError::Unavailable(format!("cannot open {}: {e}", path.display()))
+            })?;
+            conn.busy_timeout(std::time::Duration::from_secs(5))
+                .map_err(unavailable)?;
+            conn.pragma_update(None, "journal_mode", "WAL")
+                .map_err(unavailable)?;
+            conn.pragma_update(None, "synchronous", "NORMAL")
+                .map_err(unavailable)?;
+            conn.pragma_update(None, "foreign_keys", "ON")
+                .map_err(unavailable)?;
+            Ok(conn)
+        })
+        .await
+        .map_err(unavailable)?
+    }
+
+    async fn is_valid(&self, _conn: &mut Connection) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    fn has_broken(&self, _conn: &mut Connection) -> bool {
+        false
+    }
+}
+
+#[derive(Clone)]
+pub struct SqliteStore {
+    pool: bb8::Pool<SqliteManager>,
+}
+
+fn unavailable(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+impl SqliteStore {
+    pub fn open(opts: &StoreOptions) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(&opts.data_dir).map_err(|e| {
+            StoreError::Config(format!(
+                "cannot create data_dir {}: {e}",
+                opts.data_dir.display()
+            ))
+        })?;
+        let path = opts.data_dir.join("firemode.sqlite3");
+        let pool = bb8::Pool::builder()
+            .max_size(opts.pool_size.clamp(1, 64))
+            .connection_timeout(opts.connect_timeout)
+            .build_unchecked(SqliteManager { path });
+        Ok(Self { pool })
+    }
+
+    /// Runs `f` on a pooled connection on a blocking thread.
+    async fn with_conn<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let mut conn = self.pool.get_owned().await.map_err(|e| match e {
+            bb8::RunError::User(e) => e,
+            bb8::RunError::TimedOut => unavailable("timed out waiting for a SQLite connection"),
+        })?;
+        tokio::task::spawn_blocking(move || f(&mut conn))
+            .await
+            .map_err(unavailable)?
+    }
+
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        self.with_conn(|conn| {
+            conn.execute_batch(SCHEMA_TABLE).map_err(unavailable)?;
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(unavailable)?;
+            for (version, sql) in MIGRATIONS {
+                let done: Option<i64> = tx
+                    .query_row(
+                        "SELECT version FROM firemode_schema WHERE version = ?1",
+                        params![version],
+                        |r| r.get(0),
+                    )
+                    .optional()
+                    .map_err(unavailable)?;
+                if done.is_none() {
+                    tx.execute_batch(sql).map_err(unavailable)?;
+                    tx.execute(
+                        "INSERT INTO firemode_schema (version, applied_at) VALUES (?1, ?2)",
+                        params![version, now_ms()],
+                    )
+                    .map_err(unavailable)?;
+                }
+            }
+            tx.commit().map_err(unavailable)
+        })
+        .await
+    }
+
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        self.with_conn(|conn| {
+            conn.query_row("SELECT 1", [], |_| Ok(()))
+                .map_err(unavailable)
+        })
+        .await
+    }
+
+    pub async fn install_catalog(&self, version: &str, body: String) -> Result<(), StoreError> {
+        let version = version.to_string();
+        self.with_conn(move |conn| {
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(unavailable)?;
+            let stored: Option<String> = tx
+                .query_row(
+                    "SELECT body FROM catalog_versions WHERE version = ?1",
+                    params![version],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(unavailable)?;
+            match stored {
+                Some(b) if b != body => return Err(catalog_conflict(&version)),
+                Some(_) => {}
+                None => {
+                    tx.execute(
+                        "INSERT INTO catalog_versions (version, body, loaded_at) VALUES (?1, ?2, ?3)",
+                        params![version, body, now_ms()],
+                    )
+                    .map_err(unavailable)?;
+                }
+            }
+            tx.execute(
+                "INSERT INTO catalog_current (id, version) VALUES (1, ?1)
+                 ON CONFLICT (id) DO UPDATE SET version = excluded.version",
+                params![version],
+            )
+            .map_err(unavailable)?;
+            tx.commit().map_err(unavailable)
+        })
+        .await
+    }
+
+    pub async fn current_catalog_version(&self) -> Result<Option<String>, StoreError> {
+        self.with_conn(|conn| {
+            conn.query_row(
+                "SELECT version FROM catalog_current WHERE id = 1",
+                [],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(unavailable)
+        })
+        .await
+    }
+
+    pub async fn current_catalog(&self) -> Result<Option<(String, String)>, StoreError> {
+        self.with_conn(|conn| {
+            conn.query_row(
+                "SELECT v.version, v.body FROM catalog_current c
+                 JOIN catalog_versions v ON v.version = c.version WHERE c.id = 1",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .map_err(unavailable)
+        })
+        .await
+    }
+}
