@@ -87,7 +87,14 @@ pub async fn supervise(
                 }
             }
             Err(e) => {
-                tracing::error!(kind, instance = index, program = %ctx.spec.program.display(), error = %e, "cannot start worker");
+                tracing::error!(
+                    kind,
+                    instance = index,
+                    program = %ctx.spec.program.display(),
+                    error = %e,
+                    hint = "build every binary with `cargo build --release` (workers live beside firemode) or set workers.<kind>.command",
+                    "cannot start worker"
+                );
                 inst.on_exited(format!(
                     "could not start {}: {e}",
                     ctx.spec.program.display()

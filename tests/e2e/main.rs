@@ -1,0 +1,8 @@
+//! Every black-box test, in one binary (one link, shared build of the binaries under test).
+//! Each test starts its own `firemode` in its own temporary directory.
+
+mod auth;
+mod classify;
+mod config;
+mod store_contract;
+mod supervision;
