@@ -6,3 +6,4 @@ mod classify;
 mod config;
 mod store_contract;
 mod supervision;
+mod sync;

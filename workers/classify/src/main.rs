@@ -6,13 +6,12 @@
 //! atomically when a periodic check (`catalog.refresh_interval`, one indexed single-row
 //! query) finds another version current. A lookup costs no database round trip.
 
-use anyhow::Context as _;
 use arc_swap::ArcSwapOption;
 use bytes::Bytes;
-use firemode_catalog::{Catalog, CatalogIndex, Miss};
-use firemode_store::{Store, StoreError};
+use firemode_catalog::{CatalogIndex, Miss};
 use firemode_wire::Problem;
-use firemode_worker::{json_response, App, Readiness, WorkerContext};
+use firemode_worker::catalog::{configured_catalog, install_and_follow};
+use firemode_worker::{json_response, App, WorkerContext};
 use http::request::Parts;
 use http::{Method, Response, StatusCode};
 use http_body_util::Full;
@@ -20,7 +19,6 @@ use serde::Deserialize;
 use std::borrow::Cow;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Duration;
 
 fn main() -> ExitCode {
     firemode_worker::run("classify", ClassifyApp::start)
@@ -40,68 +38,19 @@ struct ClassifyRequest<'a> {
 
 impl ClassifyApp {
     async fn start(ctx: WorkerContext) -> anyhow::Result<ClassifyApp> {
-        let catalog = read_catalog(&ctx.config.catalog.file)?;
-        let index = Arc::new(ArcSwapOption::empty());
-        tokio::spawn(keep_catalog_current(
+        let catalog = configured_catalog(&ctx.config.catalog.file)?;
+        let index: Arc<ArcSwapOption<CatalogIndex>> = Arc::default();
+        let (slot, readiness) = (index.clone(), ctx.readiness.clone());
+        tokio::spawn(install_and_follow(
             ctx.store.clone(),
             catalog,
-            index.clone(),
-            ctx.readiness.clone(),
             ctx.config.catalog.refresh_interval.get(),
+            move |stored| {
+                slot.store(Some(Arc::new(CatalogIndex::new(stored.catalog))));
+                readiness.set_app_ready(true);
+            },
         ));
         Ok(ClassifyApp { index })
-    }
-}
-
-fn read_catalog(file: &str) -> anyhow::Result<Catalog> {
-    if file.is_empty() {
-        return Catalog::from_json(firemode_catalog::SAMPLE).context("the built-in catalog");
-    }
-    let text = std::fs::read_to_string(file).with_context(|| format!("catalog.file {file}"))?;
-    Catalog::from_json(&text).with_context(|| format!("catalog.file {file}"))
-}
-
-/// Installs the configured catalog (retrying while the store is down), then follows the
-/// store's current version.
-async fn keep_catalog_current(
-    store: Store,
-    configured: Catalog,
-    index: Arc<ArcSwapOption<CatalogIndex>>,
-    readiness: Readiness,
-    refresh: Duration,
-) {
-    loop {
-        match store.install_catalog(&configured).await {
-            Ok(()) => break,
-            Err(StoreError::Conflict(msg)) => {
-                // An operator error that a restart will not fix: say so and exit, the
-                // supervisor's backoff keeps the retry rate low.
-                tracing::error!(error = %msg, "cannot install the catalog");
-                std::process::exit(2);
-            }
-            Err(e) => {
-                tracing::debug!(error = %e, "catalog install waits for the store");
-                tokio::time::sleep(Duration::from_millis(250)).await;
-            }
-        }
-    }
-    tracing::info!(version = %configured.version, "catalog installed");
-    loop {
-        let current = index.load().as_ref().map(|i| i.version().to_string());
-        match store.current_catalog_version().await {
-            Ok(Some(v)) if Some(&v) != current.as_ref() => match store.current_catalog().await {
-                Ok(Some(stored)) => {
-                    tracing::info!(version = %stored.version, "serving catalog");
-                    index.store(Some(Arc::new(CatalogIndex::new(stored.catalog))));
-                    readiness.set_app_ready(true);
-                }
-                Ok(None) => {}
-                Err(e) => tracing::warn!(error = %e, "cannot load the current catalog"),
-            },
-            Ok(_) => {}
-            Err(e) => tracing::debug!(error = %e, "catalog version check failed"),
-        }
-        tokio::time::sleep(refresh).await;
     }
 }
 

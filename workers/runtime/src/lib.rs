@@ -8,7 +8,9 @@
 //! * `server`: the accept loop and the drain (after mini-redis: one shutdown signal fanned
 //!   out to every connection, then wait for them all).
 //! * `health`: `/healthz` and `/readyz`, and the background store probe behind them.
+//! * [`catalog`]: following the store's current catalog version.
 
+pub mod catalog;
 mod health;
 mod server;
 

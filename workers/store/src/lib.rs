@@ -15,7 +15,10 @@
 
 mod migrations;
 mod postgres;
+mod sessions;
 mod sqlite;
+
+pub use sessions::{IdempotencyKey, MergeFn, MergeOutcome, MergeStep, StoredSession};
 
 use firemode_catalog::Catalog;
 use std::path::PathBuf;
@@ -139,6 +142,44 @@ impl Store {
                 .map_err(|e| StoreError::Corrupt(e.to_string()))
         })
         .transpose()
+    }
+}
+
+impl Store {
+    /// Runs one sync merge in one transaction: the session's lock, the idempotency check,
+    /// `merge` on the stored state, the new state and the idempotency record.
+    pub async fn merge_session(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        idem: IdempotencyKey,
+        ttl: Duration,
+        merge: MergeFn,
+    ) -> Result<MergeOutcome, StoreError> {
+        match &self.inner {
+            Inner::Sqlite(s) => s.merge_session(tenant, session_id, idem, ttl, merge).await,
+            Inner::Postgres(p) => p.merge_session(tenant, session_id, idem, ttl, merge).await,
+        }
+    }
+
+    /// A session's stored state, `None` when it has no applied batch yet.
+    pub async fn session(
+        &self,
+        tenant: &str,
+        session_id: &str,
+    ) -> Result<Option<StoredSession>, StoreError> {
+        match &self.inner {
+            Inner::Sqlite(s) => s.session(tenant, session_id).await,
+            Inner::Postgres(p) => p.session(tenant, session_id).await,
+        }
+    }
+
+    /// Deletes idempotency records older than `ttl`; returns how many.
+    pub async fn purge_idempotency(&self, ttl: Duration) -> Result<u64, StoreError> {
+        match &self.inner {
+            Inner::Sqlite(s) => s.purge_idempotency(ttl).await,
+            Inner::Postgres(p) => p.purge_idempotency(ttl).await,
+        }
     }
 }
 

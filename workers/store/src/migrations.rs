@@ -2,18 +2,45 @@
 //! the transaction that also records it in `firemode_schema`.
 
 /// (version, SQL). Append only; never edit a migration that has shipped.
-pub const MIGRATIONS: &[(i64, &str)] = &[(
-    1,
-    "CREATE TABLE catalog_versions (
-         version   TEXT PRIMARY KEY,
-         body      TEXT NOT NULL,
-         loaded_at BIGINT NOT NULL
-     );
-     CREATE TABLE catalog_current (
-         id      INTEGER PRIMARY KEY CHECK (id = 1),
-         version TEXT NOT NULL REFERENCES catalog_versions (version)
-     );",
-)];
+pub const MIGRATIONS: &[(i64, &str)] = &[
+    (
+        1,
+        "CREATE TABLE catalog_versions (
+             version   TEXT PRIMARY KEY,
+             body      TEXT NOT NULL,
+             loaded_at BIGINT NOT NULL
+         );
+         CREATE TABLE catalog_current (
+             id      INTEGER PRIMARY KEY CHECK (id = 1),
+             version TEXT NOT NULL REFERENCES catalog_versions (version)
+         );",
+    ),
+    (
+        2,
+        // One row per session: the merge state as JSON and a counter bumped by every
+        // applied batch (the offline bundle's ETag). Idempotency records live beside it and
+        // are written in the same transaction as the merge.
+        "CREATE TABLE sync_sessions (
+             tenant     TEXT NOT NULL,
+             session_id TEXT NOT NULL,
+             state      TEXT NOT NULL,
+             version    BIGINT NOT NULL,
+             updated_at BIGINT NOT NULL,
+             PRIMARY KEY (tenant, session_id)
+         );
+         CREATE TABLE sync_idempotency (
+             tenant       TEXT NOT NULL,
+             subject      TEXT NOT NULL,
+             idem_key     TEXT NOT NULL,
+             request_hash TEXT NOT NULL,
+             status       INTEGER NOT NULL,
+             body         TEXT NOT NULL,
+             created_at   BIGINT NOT NULL,
+             PRIMARY KEY (tenant, subject, idem_key)
+         );
+         CREATE INDEX sync_idempotency_created ON sync_idempotency (created_at);",
+    ),
+];
 
 /// Creates the bookkeeping table; run before reading which migrations are applied.
 pub const SCHEMA_TABLE: &str = "CREATE TABLE IF NOT EXISTS firemode_schema (

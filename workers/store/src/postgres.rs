@@ -2,8 +2,10 @@
 //! transaction-scoped advisory lock, so workers on several hosts can start at once.
 
 use crate::migrations::{MIGRATIONS, SCHEMA_TABLE};
+use crate::sessions::{live_since, IdempotencyKey, MergeFn, MergeOutcome, StoredSession};
 use crate::{catalog_conflict, now_ms, StoreError, StoreOptions};
 use bb8_postgres::PostgresConnectionManager;
+use std::time::Duration;
 use tokio_postgres::NoTls;
 
 /// Key of the advisory lock that serialises migrations ("AS1851" in spirit).
@@ -130,5 +132,129 @@ impl PgStore {
             .await
             .map_err(unavailable)?;
         Ok(row.map(|r| (r.get(0), r.get(1))))
+    }
+
+    pub async fn merge_session(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        idem: IdempotencyKey,
+        ttl: Duration,
+        merge: MergeFn,
+    ) -> Result<MergeOutcome, StoreError> {
+        let mut conn = self.pool.get().await.map_err(pool_error)?;
+        let tx = conn.transaction().await.map_err(unavailable)?;
+        let now = now_ms();
+        // The session's row lock serialises merges of one session across every host; a
+        // placeholder row (version 0) makes the lock exist before the first batch.
+        tx.execute(
+            "INSERT INTO sync_sessions (tenant, session_id, state, version, updated_at)
+             VALUES ($1, $2, '', 0, $3) ON CONFLICT DO NOTHING",
+            &[&tenant, &session_id, &now],
+        )
+        .await
+        .map_err(unavailable)?;
+        let row = tx
+            .query_one(
+                "SELECT state, version FROM sync_sessions
+                 WHERE tenant = $1 AND session_id = $2 FOR UPDATE",
+                &[&tenant, &session_id],
+            )
+            .await
+            .map_err(unavailable)?;
+        let (state, version): (String, i64) = (row.get(0), row.get(1));
+        tx.execute(
+            "DELETE FROM sync_idempotency
+             WHERE tenant = $1 AND subject = $2 AND idem_key = $3 AND created_at < $4",
+            &[&tenant, &idem.subject, &idem.key, &live_since(ttl)],
+        )
+        .await
+        .map_err(unavailable)?;
+        let record = tx
+            .query_opt(
+                "SELECT request_hash, status, body FROM sync_idempotency
+                 WHERE tenant = $1 AND subject = $2 AND idem_key = $3",
+                &[&tenant, &idem.subject, &idem.key],
+            )
+            .await
+            .map_err(unavailable)?;
+        if let Some(r) = record {
+            let (hash, status, body): (String, i32, String) = (r.get(0), r.get(1), r.get(2));
+            tx.commit().await.map_err(unavailable)?;
+            return Ok(if hash == idem.request_hash {
+                MergeOutcome::Replay {
+                    status: status as u16,
+                    body,
+                }
+            } else {
+                MergeOutcome::KeyReused
+            });
+        }
+        let step = merge((version > 0).then_some(state.as_str()));
+        if let Some(new_state) = &step.new_state {
+            tx.execute(
+                "UPDATE sync_sessions SET state = $3, version = version + 1, updated_at = $4
+                 WHERE tenant = $1 AND session_id = $2",
+                &[&tenant, &session_id, new_state, &now],
+            )
+            .await
+            .map_err(unavailable)?;
+        }
+        if step.remember {
+            let inserted = tx
+                .execute(
+                    "INSERT INTO sync_idempotency
+                     (tenant, subject, idem_key, request_hash, status, body, created_at)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING",
+                    &[
+                        &tenant,
+                        &idem.subject,
+                        &idem.key,
+                        &idem.request_hash,
+                        &(step.status as i32),
+                        &step.body,
+                        &now,
+                    ],
+                )
+                .await
+                .map_err(unavailable)?;
+            if inserted == 0 {
+                // The same key, at the same moment, for another session: nothing of this
+                // merge is kept (the transaction rolls back on drop).
+                return Ok(MergeOutcome::KeyReused);
+            }
+        }
+        tx.commit().await.map_err(unavailable)?;
+        Ok(MergeOutcome::Ran(step))
+    }
+
+    pub async fn session(
+        &self,
+        tenant: &str,
+        session_id: &str,
+    ) -> Result<Option<StoredSession>, StoreError> {
+        let conn = self.pool.get().await.map_err(pool_error)?;
+        let row = conn
+            .query_opt(
+                "SELECT state, version FROM sync_sessions
+                 WHERE tenant = $1 AND session_id = $2 AND version > 0",
+                &[&tenant, &session_id],
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(row.map(|r| StoredSession {
+            state: r.get(0),
+            version: r.get(1),
+        }))
+    }
+
+    pub async fn purge_idempotency(&self, ttl: Duration) -> Result<u64, StoreError> {
+        let conn = self.pool.get().await.map_err(pool_error)?;
+        conn.execute(
+            "DELETE FROM sync_idempotency WHERE created_at < $1",
+            &[&live_since(ttl)],
+        )
+        .await
+        .map_err(unavailable)
     }
 }

@@ -3,9 +3,11 @@
 //! queue on SQLite's lock (with a busy timeout) instead of failing.
 
 use crate::migrations::{MIGRATIONS, SCHEMA_TABLE};
+use crate::sessions::{live_since, IdempotencyKey, MergeFn, MergeOutcome, StoredSession};
 use crate::{catalog_conflict, now_ms, StoreError, StoreOptions};
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use std::path::PathBuf;
+use std::time::Duration;
 
 pub struct SqliteManager {
     path: PathBuf,
@@ -179,6 +181,125 @@ impl SqliteStore {
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .optional()
+            .map_err(unavailable)
+        })
+        .await
+    }
+
+    pub async fn merge_session(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        idem: IdempotencyKey,
+        ttl: Duration,
+        merge: MergeFn,
+    ) -> Result<MergeOutcome, StoreError> {
+        let (tenant, session_id) = (tenant.to_string(), session_id.to_string());
+        self.with_conn(move |conn| {
+            // IMMEDIATE: the write lock is taken now, so concurrent merges queue here.
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(unavailable)?;
+            tx.execute(
+                "DELETE FROM sync_idempotency
+                 WHERE tenant = ?1 AND subject = ?2 AND idem_key = ?3 AND created_at < ?4",
+                params![tenant, idem.subject, idem.key, live_since(ttl)],
+            )
+            .map_err(unavailable)?;
+            let record: Option<(String, i64, String)> = tx
+                .query_row(
+                    "SELECT request_hash, status, body FROM sync_idempotency
+                     WHERE tenant = ?1 AND subject = ?2 AND idem_key = ?3",
+                    params![tenant, idem.subject, idem.key],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                )
+                .optional()
+                .map_err(unavailable)?;
+            if let Some((hash, status, body)) = record {
+                tx.commit().map_err(unavailable)?;
+                return Ok(if hash == idem.request_hash {
+                    MergeOutcome::Replay {
+                        status: status as u16,
+                        body,
+                    }
+                } else {
+                    MergeOutcome::KeyReused
+                });
+            }
+            let stored: Option<String> = tx
+                .query_row(
+                    "SELECT state FROM sync_sessions WHERE tenant = ?1 AND session_id = ?2",
+                    params![tenant, session_id],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(unavailable)?;
+            let step = merge(stored.as_deref());
+            let now = now_ms();
+            if let Some(state) = &step.new_state {
+                tx.execute(
+                    "INSERT INTO sync_sessions (tenant, session_id, state, version, updated_at)
+                     VALUES (?1, ?2, ?3, 1, ?4)
+                     ON CONFLICT (tenant, session_id) DO UPDATE
+                     SET state = excluded.state, version = sync_sessions.version + 1,
+                         updated_at = excluded.updated_at",
+                    params![tenant, session_id, state, now],
+                )
+                .map_err(unavailable)?;
+            }
+            if step.remember {
+                tx.execute(
+                    "INSERT INTO sync_idempotency
+                     (tenant, subject, idem_key, request_hash, status, body, created_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                    params![
+                        tenant,
+                        idem.subject,
+                        idem.key,
+                        idem.request_hash,
+                        step.status as i64,
+                        step.body,
+                        now
+                    ],
+                )
+                .map_err(unavailable)?;
+            }
+            tx.commit().map_err(unavailable)?;
+            Ok(MergeOutcome::Ran(step))
+        })
+        .await
+    }
+
+    pub async fn session(
+        &self,
+        tenant: &str,
+        session_id: &str,
+    ) -> Result<Option<StoredSession>, StoreError> {
+        let (tenant, session_id) = (tenant.to_string(), session_id.to_string());
+        self.with_conn(move |conn| {
+            conn.query_row(
+                "SELECT state, version FROM sync_sessions WHERE tenant = ?1 AND session_id = ?2",
+                params![tenant, session_id],
+                |r| {
+                    Ok(StoredSession {
+                        state: r.get(0)?,
+                        version: r.get(1)?,
+                    })
+                },
+            )
+            .optional()
+            .map_err(unavailable)
+        })
+        .await
+    }
+
+    pub async fn purge_idempotency(&self, ttl: Duration) -> Result<u64, StoreError> {
+        self.with_conn(move |conn| {
+            conn.execute(
+                "DELETE FROM sync_idempotency WHERE created_at < ?1",
+                params![live_since(ttl)],
+            )
+            .map(|n| n as u64)
             .map_err(unavailable)
         })
         .await

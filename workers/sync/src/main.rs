@@ -1,42 +1,450 @@
-//! `firemode-sync`: merges offline test-session edits from many tablets (vector-clock CRDT,
-//! idempotent) and serves offline bundles.
+//! `firemode-sync`: merges offline test-session edits from many tablets and serves offline
+//! bundles.
 //!
-//! This slice runs under the supervisor with health, readiness (the store) and drain; the
-//! session routes answer 501 until the merge endpoints land (issue: sync).
+//! * `POST /v1/tests/sessions/{id}/results` — one batch, merged by the CRDT of
+//!   `firemode-merge` inside one store transaction with its `Idempotency-Key` record.
+//! * `GET /v1/tests/sessions/{id}` — the merged document and the session clock.
+//! * `GET /v1/tests/sessions/{id}/offline_bundle` — session + catalog for offline work.
+//!
+//! Sessions belong to a tenant: the token's `org` (`org:<org>`), or for a token without one
+//! its subject alone (`sub:<sub>`). No request can name another tenant's session.
 
+mod bundle;
+mod request;
+
+use arc_swap::ArcSwapOption;
 use bytes::Bytes;
-use firemode_wire::Problem;
-use firemode_worker::{App, WorkerContext};
+use firemode_config::Config;
+use firemode_merge::{Outcome, SessionState};
+use firemode_store::{IdempotencyKey, MergeOutcome, MergeStep, Store, StoreError};
+use firemode_wire::{ids, Problem, IDENTITY_ORG, IDENTITY_SUB, PROBLEM_JSON};
+use firemode_worker::{json_response, App, WorkerContext};
 use http::request::Parts;
-use http::{Response, StatusCode};
+use http::{header, HeaderValue, Method, Response, StatusCode};
 use http_body_util::Full;
+use request::{parse_batch, RequestContext};
+use serde_json::json;
+use sha2::{Digest, Sha256};
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 fn main() -> ExitCode {
     firemode_worker::run("sync", SyncApp::start)
 }
 
-struct SyncApp;
+/// The catalog as the bundle embeds it, rendered once per version.
+struct RenderedCatalog {
+    version: String,
+    json: Bytes,
+}
+
+struct SyncApp {
+    store: Store,
+    config: Arc<Config>,
+    catalog: Arc<ArcSwapOption<RenderedCatalog>>,
+}
+
+/// The verified caller, from the headers the front set.
+struct Caller {
+    subject: String,
+    tenant: String,
+}
+
+enum Route<'a> {
+    Results(&'a str),
+    Session(&'a str),
+    Bundle(&'a str),
+}
+
+fn route(path: &str) -> Option<Route<'_>> {
+    let rest = path.strip_prefix("/v1/tests/sessions/")?;
+    Some(match rest.split_once('/') {
+        None => Route::Session(rest),
+        Some((id, "results")) => Route::Results(id),
+        Some((id, "offline_bundle")) => Route::Bundle(id),
+        Some(_) => return None,
+    })
+}
 
 impl SyncApp {
     async fn start(ctx: WorkerContext) -> anyhow::Result<SyncApp> {
-        ctx.readiness.set_app_ready(true);
-        Ok(SyncApp)
+        // Ready once the catalog the bundle embeds is loaded.
+        let configured = firemode_worker::catalog::configured_catalog(&ctx.config.catalog.file)?;
+        let catalog: Arc<ArcSwapOption<RenderedCatalog>> = Arc::default();
+        let (slot, readiness) = (catalog.clone(), ctx.readiness.clone());
+        tokio::spawn(firemode_worker::catalog::install_and_follow(
+            ctx.store.clone(),
+            configured,
+            ctx.config.catalog.refresh_interval.get(),
+            move |stored| {
+                slot.store(Some(Arc::new(RenderedCatalog {
+                    version: stored.version,
+                    json: Bytes::from(stored.catalog.to_json()),
+                })));
+                readiness.set_app_ready(true);
+            },
+        ));
+        // Expired idempotency records go away in the background (lookups ignore them anyway).
+        let (store, ttl) = (ctx.store.clone(), ctx.config.sync.idempotency_ttl.get());
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                if let Err(e) = store.purge_idempotency(ttl).await {
+                    tracing::debug!(error = %e, "purging idempotency records failed");
+                }
+            }
+        });
+        Ok(SyncApp {
+            store: ctx.store,
+            config: ctx.config,
+            catalog,
+        })
     }
 }
 
 impl App for SyncApp {
-    async fn handle(&self, req: Parts, _body: Bytes) -> Response<Full<Bytes>> {
-        if req.uri.path().starts_with("/v1/tests/sessions/") {
-            Problem::new(
-                StatusCode::NOT_IMPLEMENTED,
-                "not-implemented",
-                "Not implemented yet",
-                "session sync is not available in this build",
+    async fn handle(&self, req: Parts, body: Bytes) -> Response<Full<Bytes>> {
+        let path = req.uri.path();
+        let Some(route) = route(path) else {
+            return Problem::not_found(format!("no route for {path}")).into_response();
+        };
+        let id = match &route {
+            Route::Results(id) | Route::Session(id) | Route::Bundle(id) => *id,
+        };
+        if !ids::is_valid_session_id(id) {
+            return Problem::bad_request(
+                "a session id is 1-64 characters of A-Z, a-z, 0-9, '_' and '-'",
             )
-            .into_response()
+            .into_response();
+        }
+        let caller = match caller(&req) {
+            Ok(c) => c,
+            Err(p) => return p.into_response(),
+        };
+        let result = match (route, &req.method) {
+            (Route::Results(_), &Method::POST) => self.post_results(&req, &caller, id, &body).await,
+            (Route::Session(_), &Method::GET) => self.get_session(&caller, id).await,
+            (Route::Bundle(_), &Method::GET) => self.get_bundle(&req, &caller, id).await,
+            (Route::Results(_), _) => Err(method_not_allowed("POST")),
+            _ => Err(method_not_allowed("GET")),
+        };
+        result.unwrap_or_else(Problem::into_response)
+    }
+}
+
+fn method_not_allowed(allowed: &str) -> Problem {
+    Problem::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method-not-allowed",
+        "Method not allowed",
+        format!("use {allowed} on this route"),
+    )
+}
+
+fn caller(req: &Parts) -> Result<Caller, Problem> {
+    let header = |name: &str| req.headers.get(name).and_then(|v| v.to_str().ok());
+    let subject = header(IDENTITY_SUB).ok_or_else(|| {
+        Problem::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "Unauthorized",
+            "no verified identity on the request (it must come through the front)",
+        )
+    })?;
+    let tenant = match header(IDENTITY_ORG) {
+        Some(org) => format!("org:{org}"),
+        None => format!("sub:{subject}"),
+    };
+    Ok(Caller {
+        subject: subject.to_string(),
+        tenant,
+    })
+}
+
+fn store_problem(e: StoreError) -> Problem {
+    match e {
+        StoreError::Unavailable(detail) => {
+            tracing::warn!(error = %detail, "store unavailable");
+            Problem::unavailable("the store is unavailable; retry shortly")
+        }
+        other => {
+            tracing::error!(error = %other, "store error");
+            Problem::internal("the store failed; the request was not applied")
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// The same key with the same request replays; the fingerprint covers method, session and body.
+fn fingerprint(method: &Method, session_id: &str, body: &[u8]) -> String {
+    let mut h = Sha256::new();
+    h.update(method.as_str().as_bytes());
+    h.update([0]);
+    h.update(session_id.as_bytes());
+    h.update([0]);
+    h.update(body);
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Idempotency keys: 1-255 visible ASCII characters.
+fn idempotency_key(req: &Parts) -> Result<String, Problem> {
+    let value = req.headers.get("idempotency-key").ok_or_else(|| {
+        Problem::bad_request(
+            "the Idempotency-Key header is required (a unique string per batch, reused on retries)",
+        )
+    })?;
+    let bytes = value.as_bytes();
+    if bytes.is_empty() || bytes.len() > 255 || !bytes.iter().all(|b| (0x21..=0x7e).contains(b)) {
+        return Err(Problem::bad_request(
+            "Idempotency-Key must be 1-255 visible ASCII characters",
+        ));
+    }
+    Ok(String::from_utf8_lossy(bytes).into_owned())
+}
+
+fn answer(status: u16, body: String, replayed: bool) -> Response<Full<Bytes>> {
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
+    let mut resp = json_response(status, Bytes::from(body));
+    if !status.is_success() {
+        resp.headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
+    }
+    if replayed {
+        resp.headers_mut()
+            .insert("idempotent-replayed", HeaderValue::from_static("true"));
+    }
+    resp
+}
+
+impl SyncApp {
+    async fn post_results(
+        &self,
+        req: &Parts,
+        caller: &Caller,
+        session_id: &str,
+        body: &[u8],
+    ) -> Result<Response<Full<Bytes>>, Problem> {
+        let key = idempotency_key(req)?;
+        let sync = &self.config.sync;
+        let batch = parse_batch(
+            body,
+            &RequestContext {
+                subject: &caller.subject,
+                now_ms: now_ms(),
+                max_clock_skew: sync.max_clock_skew.get(),
+                max_changes: sync.max_changes_per_batch as usize,
+            },
+        )
+        .map_err(Problem::bad_request)?;
+        let idem = IdempotencyKey {
+            subject: caller.subject.clone(),
+            key,
+            request_hash: fingerprint(&req.method, session_id, body),
+        };
+        let sid = session_id.to_string();
+        let merge = Box::new(move |stored: Option<&str>| merge_batch(&sid, stored, &batch));
+        let outcome = self
+            .store
+            .merge_session(
+                &caller.tenant,
+                session_id,
+                idem,
+                sync.idempotency_ttl.get(),
+                merge,
+            )
+            .await
+            .map_err(store_problem)?;
+        Ok(match outcome {
+            MergeOutcome::Ran(step) => answer(step.status, step.body, false),
+            MergeOutcome::Replay { status, body } => answer(status, body, true),
+            MergeOutcome::KeyReused => {
+                return Err(Problem::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "idempotency-key-reused",
+                    "Idempotency key reused",
+                    "this Idempotency-Key was already used for a different request; use a new key for a new batch",
+                ))
+            }
+        })
+    }
+
+    async fn load_state(
+        &self,
+        caller: &Caller,
+        session_id: &str,
+    ) -> Result<(SessionState, i64), Problem> {
+        let stored = self
+            .store
+            .session(&caller.tenant, session_id)
+            .await
+            .map_err(store_problem)?;
+        match stored {
+            None => Ok((SessionState::default(), 0)),
+            Some(s) => serde_json::from_str(&s.state)
+                .map(|state| (state, s.version))
+                .map_err(|e| {
+                    tracing::error!(session_id, error = %e, "stored session state does not load");
+                    Problem::internal("the stored session is unreadable")
+                }),
+        }
+    }
+
+    async fn get_session(
+        &self,
+        caller: &Caller,
+        session_id: &str,
+    ) -> Result<Response<Full<Bytes>>, Problem> {
+        let (state, _) = self.load_state(caller, session_id).await?;
+        let body = session_json(session_id, &state);
+        Ok(json_response(StatusCode::OK, Bytes::from(body)))
+    }
+
+    async fn get_bundle(
+        &self,
+        req: &Parts,
+        caller: &Caller,
+        session_id: &str,
+    ) -> Result<Response<Full<Bytes>>, Problem> {
+        let catalog = self
+            .catalog
+            .load_full()
+            .ok_or_else(|| Problem::unavailable("the catalog is not loaded yet; retry shortly"))?;
+        let (state, version) = self.load_state(caller, session_id).await?;
+        let etag = bundle::etag(&caller.tenant, session_id, version, &catalog.version);
+        let header = |name: header::HeaderName| req.headers.get(name).and_then(|v| v.to_str().ok());
+        if header(header::IF_NONE_MATCH).is_some_and(|h| bundle::if_none_match(h, &etag)) {
+            let mut resp = Response::new(Full::new(Bytes::new()));
+            *resp.status_mut() = StatusCode::NOT_MODIFIED;
+            if let Ok(v) = HeaderValue::from_str(&etag) {
+                resp.headers_mut().insert(header::ETAG, v);
+            }
+            return Ok(resp);
+        }
+        let generated_at = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
+        let body = bundle::render(
+            &generated_at,
+            session_json(session_id, &state).as_bytes(),
+            &catalog.json,
+        );
+        let limit = self.config.sync.max_bundle_bytes;
+        if body.len() as u64 > limit {
+            return Err(Problem::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "bundle-too-large",
+                "Offline bundle too large",
+                format!(
+                    "the bundle for this session would be {} bytes, over sync.max_bundle_bytes ({limit}); split the session or raise the limit",
+                    body.len()
+                ),
+            )
+            .with("bundle_bytes", body.len() as u64)
+            .with("max_bundle_bytes", limit));
+        }
+        let gzip = header(header::ACCEPT_ENCODING).is_some_and(bundle::accepts_gzip);
+        let mut resp = if gzip {
+            let compressed = bundle::gzip(&body)
+                .map_err(|e| Problem::internal(format!("compressing the bundle: {e}")))?;
+            let mut r = json_response(StatusCode::OK, compressed);
+            r.headers_mut()
+                .insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+            r
         } else {
-            Problem::not_found(format!("no route for {}", req.uri.path())).into_response()
+            json_response(StatusCode::OK, Bytes::from(body))
+        };
+        let headers = resp.headers_mut();
+        headers.insert(header::VARY, HeaderValue::from_static("accept-encoding"));
+        if let Ok(v) = HeaderValue::from_str(&etag) {
+            headers.insert(header::ETAG, v);
+        }
+        Ok(resp)
+    }
+}
+
+fn session_json(session_id: &str, state: &SessionState) -> String {
+    json!({
+        "session_id": session_id,
+        "document": state.document(),
+        "vector_clock": state.clock(),
+    })
+    .to_string()
+}
+
+/// The merge, run by the store under the session's lock.
+fn merge_batch(session_id: &str, stored: Option<&str>, batch: &firemode_merge::Batch) -> MergeStep {
+    let mut state = match stored {
+        None => SessionState::default(),
+        Some(text) => match serde_json::from_str::<SessionState>(text) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(session_id, error = %e, "stored session state does not load");
+                let p = Problem::internal(
+                    "the stored session is unreadable; the batch was not applied",
+                );
+                return MergeStep {
+                    new_state: None,
+                    status: 500,
+                    body: String::from_utf8_lossy(&p.to_bytes()).into_owned(),
+                    remember: false,
+                };
+            }
+        },
+    };
+    match state.apply(batch) {
+        Ok(Outcome::Applied(applied)) => {
+            if !applied.conflicts.is_empty() {
+                tracing::info!(
+                    session_id,
+                    conflicts = applied.conflicts.len(),
+                    "concurrent writes resolved"
+                );
+            }
+            let body = json!({
+                "session_id": session_id,
+                "vector_clock": state.clock(),
+                "applied": applied.applied,
+                "conflicts": applied.conflicts,
+            });
+            MergeStep {
+                new_state: Some(serde_json::to_string(&state).unwrap_or_default()),
+                status: 200,
+                body: body.to_string(),
+                remember: true,
+            }
+        }
+        Ok(Outcome::Duplicate) => MergeStep {
+            new_state: None,
+            status: 200,
+            body: json!({
+                "session_id": session_id,
+                "vector_clock": state.clock(),
+                "applied": 0,
+                "conflicts": [],
+            })
+            .to_string(),
+            remember: true,
+        },
+        Err(missing) => {
+            let p = Problem::new(
+                StatusCode::CONFLICT,
+                "missing-dependencies",
+                "Sync first",
+                "the batch's vector clock names events this session has not seen; fetch the session, merge, and send again",
+            )
+            .with("vector_clock", serde_json::to_value(&missing.session_clock).unwrap_or_default());
+            MergeStep {
+                new_state: None,
+                status: 409,
+                body: String::from_utf8_lossy(&p.to_bytes()).into_owned(),
+                // "Sync first" is not the final answer: a retry with this key must be merged.
+                remember: false,
+            }
         }
     }
 }

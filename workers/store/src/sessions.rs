@@ -1,0 +1,54 @@
+//! The sync session API of the store: one transaction per merge, holding the session's
+//! merge state and the idempotency record, so a crash leaves all of it or none of it.
+//!
+//! The merge itself is the caller's closure ([`MergeFn`]), so this crate knows nothing of
+//! CRDTs: it hands the closure the stored state (JSON text) under the session's lock and
+//! writes back what the closure decided.
+
+/// Who is asking and with which key.
+#[derive(Clone, Debug)]
+pub struct IdempotencyKey {
+    pub subject: String,
+    pub key: String,
+    /// Fingerprint of the request (method, session, body): same key + other request → reuse.
+    pub request_hash: String,
+}
+
+/// What the merge closure decided.
+#[derive(Debug)]
+pub struct MergeStep {
+    /// The new state to store, or `None` when nothing changed.
+    pub new_state: Option<String>,
+    pub status: u16,
+    pub body: String,
+    /// Remember the answer under the idempotency key (false for answers a retry should not
+    /// get again, such as "sync first").
+    pub remember: bool,
+}
+
+/// How a merge request ended.
+#[derive(Debug)]
+pub enum MergeOutcome {
+    /// The closure ran; this is its answer.
+    Ran(MergeStep),
+    /// The key was used before for the same request: its stored answer.
+    Replay { status: u16, body: String },
+    /// The key was used before for a different request.
+    KeyReused,
+}
+
+/// The merge closure: gets the stored state (`None` for a new session) and decides.
+pub type MergeFn = Box<dyn FnOnce(Option<&str>) -> MergeStep + Send + 'static>;
+
+/// A session as stored.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StoredSession {
+    pub state: String,
+    /// Bumped by every applied batch.
+    pub version: i64,
+}
+
+/// Cut-off for live idempotency records: created at or after this (ms since the epoch).
+pub(crate) fn live_since(ttl: std::time::Duration) -> i64 {
+    crate::now_ms() - ttl.as_millis().min(i64::MAX as u128) as i64
+}
