@@ -14,7 +14,7 @@ mod validate;
 
 pub use duration::HumanDuration;
 pub use model::*;
-pub use validate::ConfigErrors;
+pub use validate::{ConfigErrors, KILL_GRACE};
 
 use figment::providers::{Env, Format, Toml};
 use figment::Figment;

@@ -77,6 +77,9 @@ pub struct Supervisor {
     pub unhealthy_threshold: u32,
     /// How long a new instance may take to pass its first health check.
     pub start_timeout: HumanDuration,
+    /// The outer budget for a stop (systemd's `TimeoutStopSec`): the drain and the kill grace
+    /// must fit inside it.
+    pub stop_timeout: HumanDuration,
     pub backoff: Backoff,
 }
 
@@ -89,6 +92,7 @@ impl Default for Supervisor {
             health_timeout: HumanDuration::from_millis(500),
             unhealthy_threshold: 3,
             start_timeout: HumanDuration::from_secs(30),
+            stop_timeout: HumanDuration::from_secs(90),
             backoff: Backoff::default(),
         }
     }

@@ -3,6 +3,10 @@
 use crate::Config;
 use std::fmt;
 use std::net::SocketAddr;
+use std::time::Duration;
+
+/// After the drain deadline: time to SIGKILL and reap workers and exit.
+pub const KILL_GRACE: Duration = Duration::from_secs(5);
 
 /// One or more configuration errors, each naming the key it is about.
 #[derive(Debug, Clone, PartialEq)]
@@ -125,6 +129,20 @@ impl Config {
                 format!("{} is above supervisor.backoff.max ({})", b.initial, b.max),
             );
         }
+        let sup = &self.supervisor;
+        let needed = sup.drain_timeout.get() + KILL_GRACE;
+        if needed > sup.stop_timeout.get() {
+            err(
+                "supervisor.drain_timeout",
+                format!(
+                    "{} plus the {} kill grace is {}, over supervisor.stop_timeout ({}); lower the drain timeout or raise stop_timeout (and TimeoutStopSec= in the systemd unit with it)",
+                    sup.drain_timeout,
+                    crate::HumanDuration(KILL_GRACE),
+                    crate::HumanDuration(needed),
+                    sup.stop_timeout
+                ),
+            );
+        }
         if self.supervisor.unhealthy_threshold == 0 {
             err(
                 "supervisor.unhealthy_threshold",
@@ -223,6 +241,17 @@ mod tests {
         assert!(text.contains("server.listen"), "{text}");
         assert!(text.contains("workers.sync.instances"), "{text}");
         assert!(text.contains("supervisor.backoff.initial"), "{text}");
+    }
+
+    #[test]
+    fn the_drain_must_fit_the_stop_budget() {
+        let mut c = Config::default();
+        c.supervisor.drain_timeout = crate::HumanDuration::from_secs(88);
+        let text = c.validate().unwrap_err().to_string();
+        assert!(text.contains("supervisor.drain_timeout"), "{text}");
+        assert!(text.contains("1m 33s") && text.contains("1m 30s"), "{text}");
+        c.supervisor.stop_timeout = crate::HumanDuration::from_secs(120);
+        c.validate().unwrap();
     }
 
     #[test]

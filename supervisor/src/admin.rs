@@ -53,7 +53,7 @@ impl Admin {
                         .registry
                         .kinds()
                         .iter()
-                        .filter(|k| !k.instances.iter().any(|i| i.is_ready()))
+                        .filter(|k| k.ready_count() == 0)
                         .map(|k| k.kind.name())
                         .collect();
                     Problem::unavailable(format!("no ready instance of: {}", waiting.join(", ")))
@@ -62,7 +62,13 @@ impl Admin {
             }
             "/status" => {
                 let status = Status {
-                    instances: self.registry.all().map(|i| i.status()).collect(),
+                    instances: self
+                        .registry
+                        .members()
+                        .iter()
+                        .filter(|i| !i.is_gone())
+                        .map(|i| i.status())
+                        .collect(),
                     ready: self.registry.all_kinds_ready(),
                     note: None,
                 };

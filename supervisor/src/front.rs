@@ -9,6 +9,7 @@ use crate::auth::{AuthError, Identity, Verifier};
 use crate::instance::Kind;
 use crate::registry::Registry;
 use crate::upstream::{self, PooledBody, UpstreamError};
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use firemode_config::Config;
 use firemode_wire::{ids, Problem, IDENTITY_ORG, IDENTITY_PREFIX, IDENTITY_SUB, REQUEST_ID};
@@ -16,7 +17,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{BodyExt, Either, Full, Limited};
 use hyper::body::Incoming;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -76,15 +77,42 @@ impl Route {
     }
 }
 
-pub struct Front {
-    registry: Arc<Registry>,
+/// What a reload may change in the front, swapped atomically.
+pub struct FrontSettings {
     verifier: Verifier,
     max_body_bytes: u64,
     queue_timeout: Duration,
     request_timeout: Duration,
     slow_threshold: Duration,
+}
+
+impl FrontSettings {
+    pub fn new(config: &Config, verifier: Verifier) -> Self {
+        Self {
+            verifier,
+            max_body_bytes: config.server.max_body_bytes,
+            queue_timeout: config.server.queue_timeout.get(),
+            request_timeout: config.server.request_timeout.get(),
+            slow_threshold: config.telemetry.slow_request_threshold.get(),
+        }
+    }
+}
+
+pub struct Front {
+    registry: Arc<Registry>,
+    settings: ArcSwap<FrontSettings>,
+    /// Client requests being answered right now (for the drain's status line).
+    in_flight: AtomicUsize,
     id_prefix: u64,
     id_counter: AtomicU64,
+}
+
+struct InFlight<'a>(&'a AtomicUsize);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Headers that belong to one connection, not to the request (RFC 9110 §7.6.1).
@@ -98,17 +126,23 @@ const HOP_BY_HOP: &[HeaderName] = &[
 ];
 
 impl Front {
-    pub fn new(config: &Config, registry: Arc<Registry>, verifier: Verifier) -> Self {
+    pub fn new(registry: Arc<Registry>, settings: FrontSettings) -> Self {
         Self {
             registry,
-            verifier,
-            max_body_bytes: config.server.max_body_bytes,
-            queue_timeout: config.server.queue_timeout.get(),
-            request_timeout: config.server.request_timeout.get(),
-            slow_threshold: config.telemetry.slow_request_threshold.get(),
+            settings: ArcSwap::from_pointee(settings),
+            in_flight: AtomicUsize::new(0),
             id_prefix: rand::random(),
             id_counter: AtomicU64::new(0),
         }
+    }
+
+    /// Applies a reloaded config to requests that start from now on.
+    pub fn reconfigure(&self, settings: FrontSettings) {
+        self.settings.store(Arc::new(settings));
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
     }
 
     fn request_id(&self, headers: &HeaderMap) -> HeaderValue {
@@ -124,16 +158,22 @@ impl Front {
 
     pub async fn handle(&self, req: Request<Incoming>) -> Response<FrontBody> {
         let started = Instant::now();
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        let _in_flight = InFlight(&self.in_flight);
+        let settings = self.settings.load_full();
         let request_id = self.request_id(req.headers());
         let route = Route::of(req.uri().path());
         let method = req.method().clone();
-        let mut resp = match self.dispatch(route, req, &request_id, started).await {
+        let mut resp = match settings
+            .dispatch(&self.registry, route, req, &request_id, started)
+            .await
+        {
             Ok(r) => r.map(Either::Right),
             Err(Reply(r)) => r.map(Either::Left),
         };
         resp.headers_mut().insert(REQUEST_ID, request_id.clone());
         let elapsed = started.elapsed();
-        if elapsed >= self.slow_threshold {
+        if elapsed >= settings.slow_threshold {
             tracing::warn!(
                 request_id = request_id.to_str().unwrap_or(""),
                 route = route.template(),
@@ -145,9 +185,12 @@ impl Front {
         }
         resp
     }
+}
 
+impl FrontSettings {
     async fn dispatch(
         &self,
+        registry: &Registry,
         route: Route,
         req: Request<Incoming>,
         request_id: &HeaderValue,
@@ -205,16 +248,15 @@ impl Front {
         );
 
         let deadline = started + self.request_timeout;
-        let set = self
-            .registry
+        let set = registry
             .set(kind)
             .ok_or_else(|| Problem::internal("no such worker kind"))?;
         let queue_deadline = (Instant::now() + self.queue_timeout).min(deadline);
-        let Some((first, instance)) = set.wait_pick(None, queue_deadline).await else {
+        let Some(instance) = set.wait_pick(None, queue_deadline).await else {
             return Err(self.no_instance(set.next_start_in(), kind));
         };
         let attempt =
-            tokio::time::timeout_at(deadline, upstream::send(instance, upstream.request()));
+            tokio::time::timeout_at(deadline, upstream::send(&instance, upstream.request()));
         let err = match attempt.await {
             Ok(Ok(resp)) => return Ok(finish(resp)),
             Ok(Err(e)) => e,
@@ -224,13 +266,13 @@ impl Front {
         if !retryable {
             return Err(bad_gateway(&err));
         }
-        let Some((_, other)) = set
-            .wait_pick(Some(first), queue_deadline.max(Instant::now()))
+        let Some(other) = set
+            .wait_pick(Some(&instance), queue_deadline.max(Instant::now()))
             .await
         else {
             return Err(bad_gateway(&err));
         };
-        match tokio::time::timeout_at(deadline, upstream::send(other, upstream.request())).await {
+        match tokio::time::timeout_at(deadline, upstream::send(&other, upstream.request())).await {
             Ok(Ok(resp)) => Ok(finish(resp)),
             Ok(Err(e)) => Err(bad_gateway(&e)),
             Err(_) => Err(self.timeout()),

@@ -5,7 +5,7 @@
 use crate::upstream::UpstreamPool;
 use serde::Serialize;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU32, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -84,6 +84,8 @@ pub struct Instance {
     state: AtomicU8,
     pid: AtomicU32,
     restarts: AtomicU32,
+    /// Replaced or scaled away by a reload: once stopped it leaves `/status`.
+    retired: AtomicBool,
     /// Requests sent to this instance and not yet answered (the routing load signal).
     outstanding: AtomicUsize,
     details: Mutex<Details>,
@@ -116,6 +118,7 @@ impl Instance {
             state: AtomicU8::new(InstanceState::Starting as u8),
             pid: AtomicU32::new(0),
             restarts: AtomicU32::new(0),
+            retired: AtomicBool::new(false),
             outstanding: AtomicUsize::new(0),
             details: Mutex::new(Details::default()),
         }
@@ -127,6 +130,15 @@ impl Instance {
 
     pub fn set_state(&self, s: InstanceState) {
         self.state.store(s as u8, Ordering::Release);
+    }
+
+    pub fn retire(&self) {
+        self.retired.store(true, Ordering::Release);
+    }
+
+    /// Retired and stopped: nothing left to report.
+    pub fn is_gone(&self) -> bool {
+        self.retired.load(Ordering::Acquire) && self.state() == InstanceState::Stopped
     }
 
     pub fn is_ready(&self) -> bool {

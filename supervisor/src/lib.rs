@@ -3,7 +3,9 @@
 //! listener that routes to ready instances over Unix sockets.
 //!
 //! # Layout
-//! * [`run`]: the whole system's life — listeners, supervision tasks, the drain.
+//! * [`run`]: the whole system's life — listeners, reload, the drain.
+//! * [`fleet`]: every instance task; start, rolling replacement, scaling, drain.
+//! * [`systemd`]: sd_notify and socket activation.
 //! * Supervision: [`supervise`] (one task per instance), [`spawn`] (the process),
 //!   [`health`] (the check), [`backoff`] (when to restart; pure), [`child_log`] (worker
 //!   output into our log).
@@ -11,20 +13,24 @@
 //!   [`registry`] (instances and the ready wake-up), [`upstream`] (connections to workers).
 //! * [`admin`]: `/healthz`, `/readyz`, `/status`.
 //! * [`signals`]: what each signal means.
+//! * [`plan`]: `firemode plan`, the timeline the config implies.
 
 pub mod admin;
 pub mod auth;
 pub mod backoff;
 pub mod child_log;
 pub mod choose;
+pub mod fleet;
 pub mod front;
 pub mod health;
 pub mod instance;
 pub mod listener;
 pub mod logging;
+pub mod plan;
 pub mod registry;
 pub mod run;
 pub mod signals;
 pub mod spawn;
 pub mod supervise;
+pub mod systemd;
 pub mod upstream;

@@ -35,6 +35,8 @@ enum Command {
     Run,
     /// Print the effective config (secrets redacted); exit non-zero on any error.
     CheckConfig,
+    /// Print what the config implies: restart timeline, failure detection, stop budget.
+    Plan,
     /// Print a signed JWT for the configured key.
     Token {
         /// The `sub` claim (who the token is for).
@@ -75,6 +77,10 @@ fn main() -> ExitCode {
             print!("{}", config.redacted().to_toml());
             ExitCode::SUCCESS
         }
+        Command::Plan => {
+            print!("{}", firemode::plan::render(&config));
+            ExitCode::SUCCESS
+        }
         Command::Token { sub, org, ttl } => {
             match firemode::auth::mint(&config, &sub, org.as_deref(), ttl) {
                 Ok(token) => {
@@ -100,7 +106,11 @@ fn main() -> ExitCode {
                     return ExitCode::from(1);
                 }
             };
-            match runtime.block_on(firemode::run::run(config, style)) {
+            let source = firemode::run::ConfigSource {
+                file: file.clone(),
+                overrides,
+            };
+            match runtime.block_on(firemode::run::run(config, source, style)) {
                 Ok(true) => ExitCode::SUCCESS,
                 Ok(false) => ExitCode::from(1),
                 Err(e) => {

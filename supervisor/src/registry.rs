@@ -1,19 +1,21 @@
-//! The instances of every kind, and the wake-up for requests waiting for a ready one.
-//! Shared by the supervision tasks (which write states) and the front (which reads them).
+//! The routable instances of every kind, and the wake-up for requests waiting for a ready
+//! one. The supervision side replaces a kind's list atomically (rolling restarts, scaling);
+//! the front reads it without locks.
 
 use crate::choose::{least_outstanding, Candidate};
 use crate::instance::{Instance, Kind};
+use arc_swap::ArcSwap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-/// The instances of one kind.
+/// The instances of one kind that take requests.
 pub struct KindSet {
     pub kind: Kind,
-    pub instances: Vec<Arc<Instance>>,
-    /// Notified whenever an instance of this kind becomes ready.
+    instances: ArcSwap<Vec<Arc<Instance>>>,
+    /// Notified whenever an instance of this kind becomes ready or the list changes.
     ready: Notify,
     /// Rotates the routing scan's start.
     next: AtomicUsize,
@@ -21,21 +23,34 @@ pub struct KindSet {
 
 pub struct Registry {
     kinds: Vec<KindSet>,
+    /// Every instance with a live task, routable or not (for `/status`).
+    members: ArcSwap<Vec<Arc<Instance>>>,
 }
 
 impl Registry {
-    pub fn new(kinds: Vec<(Kind, Vec<Arc<Instance>>)>) -> Self {
+    pub fn new(kinds: impl IntoIterator<Item = Kind>) -> Self {
         Self {
             kinds: kinds
                 .into_iter()
-                .map(|(kind, instances)| KindSet {
+                .map(|kind| KindSet {
                     kind,
-                    instances,
+                    instances: ArcSwap::from_pointee(Vec::new()),
                     ready: Notify::new(),
                     next: AtomicUsize::new(0),
                 })
                 .collect(),
+            members: ArcSwap::from_pointee(Vec::new()),
         }
+    }
+
+    /// Records the instances the fleet runs (routable or draining).
+    pub fn track(&self, members: Vec<Arc<Instance>>) {
+        self.members.store(Arc::new(members));
+    }
+
+    /// Every instance the fleet runs, for `/status`.
+    pub fn members(&self) -> Arc<Vec<Arc<Instance>>> {
+        self.members.load_full()
     }
 
     pub fn kinds(&self) -> &[KindSet] {
@@ -46,15 +61,24 @@ impl Registry {
         self.kinds.iter().find(|k| k.kind == kind)
     }
 
-    pub fn all(&self) -> impl Iterator<Item = &Arc<Instance>> {
-        self.kinds.iter().flat_map(|k| k.instances.iter())
+    /// Every routable instance, kind by kind.
+    pub fn all(&self) -> Vec<Arc<Instance>> {
+        self.kinds
+            .iter()
+            .flat_map(|k| k.instances().iter().cloned().collect::<Vec<_>>())
+            .collect()
     }
 
     /// Every kind has at least one ready instance.
     pub fn all_kinds_ready(&self) -> bool {
-        self.kinds
-            .iter()
-            .all(|k| k.instances.iter().any(|i| i.is_ready()))
+        self.kinds.iter().all(|k| k.ready_count() > 0)
+    }
+
+    /// (ready, total) over every kind.
+    pub fn ready_counts(&self) -> (usize, usize) {
+        self.kinds.iter().fold((0, 0), |(r, t), k| {
+            (r + k.ready_count(), t + k.instances().len())
+        })
     }
 
     /// Wakes requests waiting for an instance of `kind`.
@@ -66,22 +90,42 @@ impl Registry {
 }
 
 impl KindSet {
-    /// A ready instance now, by the routing policy.
-    pub fn pick(&self, exclude: Option<usize>) -> Option<(usize, &Arc<Instance>)> {
+    pub fn instances(&self) -> arc_swap::Guard<Arc<Vec<Arc<Instance>>>> {
+        self.instances.load()
+    }
+
+    pub fn ready_count(&self) -> usize {
+        self.instances().iter().filter(|i| i.is_ready()).count()
+    }
+
+    /// Replaces the routable list (adds, removals, replacements).
+    pub fn update(&self, f: impl Fn(&mut Vec<Arc<Instance>>)) {
+        self.instances.rcu(|current| {
+            let mut next = Vec::clone(current);
+            f(&mut next);
+            next
+        });
+        self.ready.notify_waiters();
+    }
+
+    /// A ready instance now, by the routing policy; never `exclude`.
+    pub fn pick(&self, exclude: Option<&Arc<Instance>>) -> Option<Arc<Instance>> {
+        let list = self.instances();
         let start = self.next.fetch_add(1, Ordering::Relaxed);
-        let candidates = self.instances.iter().map(|i| Candidate {
+        let excluded = exclude.and_then(|x| list.iter().position(|i| Arc::ptr_eq(i, x)));
+        let candidates = list.iter().map(|i| Candidate {
             ready: i.is_ready(),
             outstanding: i.outstanding(),
         });
-        least_outstanding(candidates, start, exclude).map(|i| (i, &self.instances[i]))
+        least_outstanding(candidates, start, excluded).map(|i| list[i].clone())
     }
 
     /// A ready instance, waiting until `deadline` for one to become ready.
     pub async fn wait_pick(
         &self,
-        exclude: Option<usize>,
+        exclude: Option<&Arc<Instance>>,
         deadline: Instant,
-    ) -> Option<(usize, &Arc<Instance>)> {
+    ) -> Option<Arc<Instance>> {
         loop {
             let notified = self.ready.notified();
             tokio::pin!(notified);
@@ -98,7 +142,7 @@ impl KindSet {
 
     /// The soonest restart among this kind's instances in backoff: what `Retry-After` says.
     pub fn next_start_in(&self) -> Option<Duration> {
-        self.instances
+        self.instances()
             .iter()
             .filter_map(|i| i.next_start_in())
             .min()

@@ -1,45 +1,53 @@
-//! `firemode` running the whole system: prepare the runtime dir, bind the listeners, start
-//! one supervision task per instance, serve, and on SIGTERM/SIGINT drain in order — the
-//! front first (finish accepted requests), then the workers (SIGTERM, SIGKILL at the
-//! deadline) — and exit 0 when everything stopped cleanly.
+//! `firemode` running the whole system: prepare the runtime dir, bind the listeners (or take
+//! systemd's), start the fleet, serve; on SIGHUP reload with a rolling restart; on
+//! SIGTERM/SIGINT drain in order — the front first (finish accepted requests), then the
+//! workers (SIGTERM, SIGKILL at the deadline) — and exit 0 when everything stopped cleanly.
 
 use crate::admin::Admin;
 use crate::auth::Verifier;
 use crate::child_log::Style;
-use crate::front::Front;
-use crate::instance::{Instance, Kind};
+use crate::fleet::{remove_worker_configs, Fleet};
+use crate::front::{Front, FrontSettings};
+use crate::instance::Kind;
 use crate::listener;
 use crate::registry::Registry;
-use crate::signals::{next_signal, StopSignal};
-use crate::spawn::SpawnSpec;
-use crate::supervise::{supervise, Phase, SuperviseCtx};
-use anyhow::{bail, Context as _};
-use firemode_config::Config;
-use std::io::Write as _;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use crate::signals::{Signals, SupervisorSignal};
+use crate::systemd;
+use anyhow::Context as _;
+use firemode_config::{load, Config, Overrides, KILL_GRACE};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-/// Idle upstream connections kept per instance; more are opened under load and closed after.
-const MAX_IDLE_PER_INSTANCE: usize = 64;
-/// The longest Unix socket path the kernel accepts (sun_path, less the NUL).
-const MAX_SOCKET_PATH: usize = 107;
+/// Where the config came from, so a reload reads it the same way.
+#[derive(Clone, Debug, Default)]
+pub struct ConfigSource {
+    pub file: Option<PathBuf>,
+    pub overrides: Overrides,
+}
 
-pub async fn run(config: Config, log_style: Style) -> anyhow::Result<bool> {
-    let config = Arc::new(config);
-    let runtime_dir = &config.supervisor.runtime_dir;
-    prepare_runtime_dir(runtime_dir)?;
-    let config_json = write_worker_config(&config, runtime_dir)?;
+pub async fn run(config: Config, source: ConfigSource, log_style: Style) -> anyhow::Result<bool> {
+    let mut config = Arc::new(config);
+    let mut signals = Signals::install()?;
+    let runtime_dir = config.supervisor.runtime_dir.clone();
+    prepare_runtime_dir(&runtime_dir)?;
     let verifier = Verifier::new(&config)?;
 
-    let front_listener = TcpListener::bind(&config.server.listen)
-        .await
-        .with_context(|| format!("server.listen: cannot listen on {}", config.server.listen))?;
+    let front_listener = match systemd::activated_listener()? {
+        Some(std) => {
+            tracing::info!(
+                "using the socket passed by systemd for the front (server.listen ignored)"
+            );
+            TcpListener::from_std(std)?
+        }
+        None => TcpListener::bind(&config.server.listen)
+            .await
+            .with_context(|| format!("server.listen: cannot listen on {}", config.server.listen))?,
+    };
     let admin_listener = TcpListener::bind(&config.server.admin_listen)
         .await
         .with_context(|| {
@@ -51,62 +59,28 @@ pub async fn run(config: Config, log_style: Style) -> anyhow::Result<bool> {
     tracing::info!(listener = "front", addr = %front_listener.local_addr()?, "listening");
     tracing::info!(listener = "admin", addr = %admin_listener.local_addr()?, "listening");
 
-    let mut kinds = Vec::new();
-    let mut specs = Vec::new();
-    for kind in Kind::ALL {
-        let worker = config.worker(kind.name()).context("worker kind")?;
-        let mut instances = Vec::new();
-        for i in 0..worker.instances {
-            let socket = runtime_dir.join(format!("{}-{i}.sock", kind.name()));
-            if socket.as_os_str().len() > MAX_SOCKET_PATH {
-                bail!(
-                    "supervisor.runtime_dir: the socket path {} is longer than {MAX_SOCKET_PATH} bytes; choose a shorter directory",
-                    socket.display()
-                );
-            }
-            instances.push(Arc::new(Instance::new(
-                kind,
-                i,
-                socket,
-                MAX_IDLE_PER_INSTANCE,
-            )));
-        }
-        kinds.push((kind, instances));
-        specs.push(SpawnSpec::new(kind, worker, &config_json, log_style)?);
-    }
-    let registry = Arc::new(Registry::new(kinds));
+    let registry = Arc::new(Registry::new(Kind::ALL));
+    let mut fleet = Fleet::new(registry.clone(), runtime_dir.clone(), log_style);
+    fleet.start(&config)?;
 
-    let (phase_tx, phase_rx) = watch::channel(Phase::Running);
-    let mut tasks = JoinSet::new();
-    for spec in specs {
-        let ctx = Arc::new(SuperviseCtx {
-            spec: spec.clone(),
-            config: config.clone(),
-            registry: registry.clone(),
-        });
-        if let Some(set) = registry.set(spec.kind) {
-            for inst in &set.instances {
-                tasks.spawn(supervise(inst.clone(), ctx.clone(), phase_rx.clone()));
-            }
-        }
-    }
-
-    let drain_timeout = config.supervisor.drain_timeout.get();
-    let drain_started: Arc<std::sync::OnceLock<Instant>> = Arc::default();
+    let drain_started: Arc<std::sync::OnceLock<(Instant, Duration)>> = Arc::default();
     let remaining = {
         let drain_started = drain_started.clone();
-        move || {
-            let start = drain_started.get().copied().unwrap_or_else(Instant::now);
-            (start + drain_timeout).saturating_duration_since(Instant::now())
+        move || match drain_started.get() {
+            Some((start, budget)) => (*start + *budget).saturating_duration_since(Instant::now()),
+            None => Duration::ZERO,
         }
     };
 
     let (stop_front, stop_front_rx) = watch::channel(false);
-    let front = Arc::new(Front::new(&config, registry.clone(), verifier));
+    let front = Arc::new(Front::new(
+        registry.clone(),
+        FrontSettings::new(&config, verifier),
+    ));
     let front_task = tokio::spawn(listener::serve(
         "front",
         front_listener,
-        front,
+        front.clone(),
         |f: Arc<Front>, req| Box::pin(async move { f.handle(req).await }),
         stop_front_rx,
         remaining.clone(),
@@ -123,18 +97,45 @@ pub async fn run(config: Config, log_style: Style) -> anyhow::Result<bool> {
         stop_admin_rx,
         || Duration::from_secs(1),
     ));
+    let notifier = tokio::spawn(notify_systemd(registry.clone()));
 
     let signal = loop {
-        match next_signal().await? {
-            StopSignal::Reload => {
-                tracing::warn!("SIGHUP received; configuration reload is not supported yet, keeping the running config");
+        match signals.next().await {
+            SupervisorSignal::Reload => {
+                systemd::reloading();
+                tracing::info!("SIGHUP: reloading the configuration");
+                let outcome = tokio::select! {
+                    r = reload(&config, &source, &mut fleet, &front) => r,
+                    s = signals.next() => {
+                        tracing::warn!(signal = ?s, "signal during reload; stopping the reload");
+                        if s == SupervisorSignal::Reload { Ok(None) } else { break s }
+                    }
+                };
+                match outcome {
+                    Ok(Some(new)) => {
+                        config = new;
+                        tracing::info!("reload complete");
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::error!(error = %format!("{e:#}"), "reload failed; the running configuration stays")
+                    }
+                }
+                let (ready, total) = registry.ready_counts();
+                systemd::ready(&format!("{ready}/{total} instances ready"));
             }
             s => break s,
         }
     };
+    notifier.abort();
+    let drain_timeout = config.supervisor.drain_timeout.get();
     let started = Instant::now();
-    let _ = drain_started.set(started);
+    let _ = drain_started.set((started, drain_timeout));
     tracing::info!(?signal, drain_timeout = %config.supervisor.drain_timeout, "draining");
+    systemd::stopping("draining");
+    // Let systemd wait for our own deadline plus the kill grace.
+    systemd::extend_timeout(drain_timeout + KILL_GRACE, "draining");
+    let progress = tokio::spawn(report_drain(front.clone()));
 
     // 1. The front stops accepting and finishes what it accepted.
     let _ = stop_front.send(true);
@@ -144,17 +145,17 @@ pub async fn run(config: Config, log_style: Style) -> anyhow::Result<bool> {
     }
     // 2. The workers finish their in-flight requests and exit; SIGKILL at the deadline.
     let deadline = (started + drain_timeout).max(Instant::now() + Duration::from_millis(100));
-    let _ = phase_tx.send(Phase::Drain { deadline });
-    while tasks.join_next().await.is_some() {}
-    let workers_clean = registry.all().all(|i| {
+    let members = fleet.instances();
+    fleet.drain_all(deadline).await;
+    progress.abort();
+    let workers_clean = members.iter().all(|i| {
         i.status()
             .last_exit
             .as_deref()
-            .is_some_and(|e| !e.starts_with("killed"))
+            .is_none_or(|e| !e.starts_with("killed"))
     });
     let _ = stop_admin.send(true);
     let _ = admin_task.await;
-    let _ = std::fs::remove_file(&config_json);
     let clean = front_clean && workers_clean;
     if clean {
         tracing::info!(
@@ -168,6 +169,97 @@ pub async fn run(config: Config, log_style: Style) -> anyhow::Result<bool> {
         );
     }
     Ok(clean)
+}
+
+/// Re-reads the config; `Ok(None)` when the file is invalid (logged, nothing changes).
+async fn reload(
+    current: &Arc<Config>,
+    source: &ConfigSource,
+    fleet: &mut Fleet,
+    front: &Front,
+) -> anyhow::Result<Option<Arc<Config>>> {
+    let mut next = match load(source.file.as_deref(), &source.overrides) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "the new configuration is invalid; keeping the running one");
+            return Ok(None);
+        }
+    };
+    // What a running process cannot change.
+    for (key, old, new) in [
+        (
+            "server.listen",
+            &current.server.listen,
+            &mut next.server.listen,
+        ),
+        (
+            "server.admin_listen",
+            &current.server.admin_listen,
+            &mut next.server.admin_listen,
+        ),
+    ] {
+        if old != new {
+            tracing::warn!(key, old = %old, new = %new, "needs a restart to change; keeping the old value");
+            new.clone_from(old);
+        }
+    }
+    for (key, old, new) in [
+        (
+            "supervisor.runtime_dir",
+            &current.supervisor.runtime_dir,
+            &mut next.supervisor.runtime_dir,
+        ),
+        ("data_dir", &current.data_dir, &mut next.data_dir),
+    ] {
+        if old != new {
+            tracing::warn!(key, old = %old.display(), new = %new.display(), "needs a restart to change; keeping the old value");
+            new.clone_from(old);
+        }
+    }
+    let next = Arc::new(next);
+    let verifier = Verifier::new(&next)?;
+    front.reconfigure(FrontSettings::new(&next, verifier));
+    fleet.roll(&next).await?;
+    Ok(Some(next))
+}
+
+/// READY=1 once every kind has a ready instance; STATUS= whenever the counts change;
+/// WATCHDOG=1 at half of `WATCHDOG_USEC` (this task runs on the supervisor's runtime, so a
+/// wedged runtime stops the pings).
+async fn notify_systemd(registry: Arc<Registry>) {
+    let watchdog = systemd::watchdog_interval();
+    let tick = watchdog
+        .unwrap_or(Duration::from_secs(1))
+        .min(Duration::from_millis(500));
+    let mut announced_ready = false;
+    let mut last_status = String::new();
+    let mut last_ping = Instant::now();
+    loop {
+        let (ready, total) = registry.ready_counts();
+        let status = format!("{ready}/{total} instances ready");
+        if !announced_ready && registry.all_kinds_ready() {
+            systemd::ready(&status);
+            tracing::info!(%status, "all worker kinds ready");
+            announced_ready = true;
+        } else if status != last_status {
+            systemd::status(&status);
+        }
+        last_status = status;
+        if let Some(every) = watchdog {
+            if last_ping.elapsed() >= every {
+                systemd::watchdog();
+                last_ping = Instant::now();
+            }
+        }
+        tokio::time::sleep(tick).await;
+    }
+}
+
+async fn report_drain(front: Arc<Front>) {
+    loop {
+        systemd::status(&format!("draining, {} in flight", front.in_flight()));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
 }
 
 /// Creates the runtime dir with mode 0700 and removes stale sockets from an earlier run.
@@ -187,19 +279,6 @@ fn prepare_runtime_dir(dir: &Path) -> anyhow::Result<()> {
             let _ = std::fs::remove_file(&path);
         }
     }
+    remove_worker_configs(dir);
     Ok(())
-}
-
-/// The effective config for the workers, mode 0600 (it may hold the database password).
-fn write_worker_config(config: &Config, dir: &Path) -> anyhow::Result<PathBuf> {
-    let path = dir.join("worker-config.json");
-    let _ = std::fs::remove_file(&path);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&path)
-        .with_context(|| format!("writing {}", path.display()))?;
-    f.write_all(config.to_json().as_bytes())?;
-    Ok(path)
 }

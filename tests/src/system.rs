@@ -51,6 +51,9 @@ pub struct SystemOptions {
     pub env: Vec<(String, String)>,
     /// Wait for `/readyz` before returning.
     pub wait_ready: bool,
+    /// A program (and its arguments) that runs `firemode --config FILE` for us, e.g.
+    /// `systemd-socket-activate -l ADDR`.
+    pub wrapper: Vec<String>,
 }
 
 impl Default for SystemOptions {
@@ -62,6 +65,7 @@ impl Default for SystemOptions {
             set: Vec::new(),
             env: Vec::new(),
             wait_ready: true,
+            wrapper: Vec::new(),
         }
     }
 }
@@ -126,7 +130,14 @@ impl TestSystem {
         let config_path = dir.join("firemode.toml");
         std::fs::write(&config_path, toml::to_string(&config).expect("toml")).expect("config");
 
-        let mut cmd = Command::new(&bin);
+        let mut cmd = match opts.wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(&bin);
+                c
+            }
+            None => Command::new(&bin),
+        };
         cmd.arg("--config")
             .arg(&config_path)
             .stdin(Stdio::null())
@@ -205,6 +216,16 @@ impl TestSystem {
             },
         )
         .await;
+    }
+
+    /// Rewrites the config file (for a reload).
+    pub fn rewrite_config(&self, set: Vec<(&'static str, Value)>) {
+        let text = std::fs::read_to_string(&self.config_path).expect("config");
+        let mut config: toml::Table = toml::from_str(&text).expect("config parses");
+        for (k, v) in set {
+            set_path(&mut config, k, v);
+        }
+        std::fs::write(&self.config_path, toml::to_string(&config).expect("toml")).expect("config");
     }
 
     pub fn pid(&self) -> u32 {
