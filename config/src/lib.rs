@@ -7,11 +7,13 @@
 //! * [`load`]: reading, merging and validating; every error names the key it is about.
 //! * [`Config::redacted`]: the effective config with secrets hidden, for `check-config` and logs.
 
+mod bytesize;
 mod duration;
 pub mod model;
 mod redact;
 mod validate;
 
+pub use bytesize::ByteSize;
 pub use duration::HumanDuration;
 pub use model::*;
 pub use validate::{ConfigErrors, KILL_GRACE};

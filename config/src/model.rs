@@ -3,7 +3,7 @@
 //! Keys listed in the product brief (design §4) are a contract: add keys freely, rename none.
 //! Every struct denies unknown fields, so a misspelt key is an error that names it.
 
-use crate::HumanDuration;
+use crate::{ByteSize, HumanDuration};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -75,6 +75,9 @@ pub struct Supervisor {
     pub health_interval: HumanDuration,
     pub health_timeout: HumanDuration,
     pub unhealthy_threshold: u32,
+    /// Real requests failing in a row at one instance (connection errors, timeouts, 500/502/504)
+    /// before it is taken out of rotation and replaced, even if it passes `/healthz`; 0: off.
+    pub traffic_failure_threshold: u32,
     /// How long a new instance may take to pass its first health check.
     pub start_timeout: HumanDuration,
     /// The outer budget for a stop (systemd's `TimeoutStopSec`): the drain and the kill grace
@@ -91,6 +94,7 @@ impl Default for Supervisor {
             health_interval: HumanDuration::from_secs(1),
             health_timeout: HumanDuration::from_millis(500),
             unhealthy_threshold: 3,
+            traffic_failure_threshold: 5,
             start_timeout: HumanDuration::from_secs(30),
             stop_timeout: HumanDuration::from_secs(90),
             backoff: Backoff::default(),
@@ -134,6 +138,11 @@ pub struct WorkerKind {
     pub args: Vec<String>,
     /// Extra environment for the worker processes.
     pub env: BTreeMap<String, String>,
+    /// Replace an instance (rolling, never mid-request) after it served this many requests;
+    /// 0: never.
+    pub max_requests: u64,
+    /// Replace an instance whose resident memory reaches this size; 0: never.
+    pub max_rss: ByteSize,
 }
 
 impl Default for WorkerKind {
@@ -143,6 +152,8 @@ impl Default for WorkerKind {
             command: String::new(),
             args: Vec::new(),
             env: BTreeMap::new(),
+            max_requests: 0,
+            max_rss: ByteSize(0),
         }
     }
 }

@@ -14,19 +14,27 @@ use std::io::Write as _;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-/// The claims FireMode reads.
-#[derive(Debug, Serialize, Deserialize)]
+/// The claims FireMode reads. `exp`, `iss` and `aud` are checked by jsonwebtoken on the raw
+/// claims, so their shapes (a list `aud`, a fractional `exp`) never fail deserialisation here.
+#[derive(Debug, Deserialize)]
 pub struct Claims {
     pub sub: String,
-    pub exp: u64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub org: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub iss: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub aud: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub iat: Option<u64>,
+}
+
+/// The claims `firemode token` signs.
+#[derive(Debug, Serialize)]
+struct MintedClaims {
+    sub: String,
+    exp: u64,
+    iat: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    org: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    iss: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    aud: Option<String>,
 }
 
 /// The verified caller, as header values ready for the upstream request.
@@ -211,13 +219,13 @@ pub fn mint(
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
-    let claims = Claims {
+    let claims = MintedClaims {
         sub: sub.to_string(),
         exp: now + ttl.as_secs().max(1),
+        iat: now,
         org: org.map(str::to_string),
         iss: (!a.issuer.is_empty()).then(|| a.issuer.clone()),
         aud: (!a.audience.is_empty()).then(|| a.audience.clone()),
-        iat: Some(now),
     };
     let key = EncodingKey::from_secret(&hs_secret(config)?);
     Ok(jsonwebtoken::encode(

@@ -6,9 +6,9 @@
 use crate::instance::Kind;
 use serde_json::{Map, Value};
 use std::io::Write as _;
-use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, BufReader};
 
-/// Lines longer than this are cut (a runaway worker must not exhaust the supervisor).
+/// Lines longer than this are split (a runaway worker must not exhaust the supervisor).
 const MAX_LINE: usize = 64 * 1024;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -30,10 +30,14 @@ pub fn forward(
         let mut buf = Vec::with_capacity(512);
         loop {
             buf.clear();
-            match reader.read_until(b'\n', &mut buf).await {
+            // Bounded: a longer line arrives as several.
+            match (&mut reader)
+                .take(MAX_LINE as u64)
+                .read_until(b'\n', &mut buf)
+                .await
+            {
                 Ok(0) | Err(_) => break,
                 Ok(_) => {
-                    buf.truncate(MAX_LINE);
                     let line = String::from_utf8_lossy(&buf);
                     let line = line.trim_end();
                     if !line.is_empty() {

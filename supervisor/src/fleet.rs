@@ -33,21 +33,34 @@ pub struct Fleet {
     registry: Arc<Registry>,
     runtime_dir: PathBuf,
     log_style: Style,
-    /// Bumped by every reload; part of new instances' socket names.
+    /// Bumped by every reload; names the worker config file.
     generation: u64,
+    /// Bumped by every launch; makes every socket name unique.
+    launches: u64,
     members: Vec<Member>,
-    tasks: JoinSet<()>,
+    tasks: JoinSet<bool>,
+    /// How instances are started now (one per kind), for replacements.
+    contexts: Vec<Arc<SuperviseCtx>>,
+    recycle: tokio::sync::mpsc::UnboundedSender<Arc<Instance>>,
 }
 
 impl Fleet {
-    pub fn new(registry: Arc<Registry>, runtime_dir: PathBuf, log_style: Style) -> Self {
+    pub fn new(
+        registry: Arc<Registry>,
+        runtime_dir: PathBuf,
+        log_style: Style,
+        recycle: tokio::sync::mpsc::UnboundedSender<Arc<Instance>>,
+    ) -> Self {
         Self {
             registry,
             runtime_dir,
             log_style,
             generation: 0,
+            launches: 0,
             members: Vec::new(),
             tasks: JoinSet::new(),
+            contexts: Vec::new(),
+            recycle,
         }
     }
 
@@ -66,6 +79,7 @@ impl Fleet {
                     spec: SpawnSpec::new(kind, worker, &config_json, self.log_style)?,
                     config: config.clone(),
                     registry: self.registry.clone(),
+                    recycle: self.recycle.clone(),
                 }))
             })
             .collect()
@@ -73,9 +87,10 @@ impl Fleet {
 
     fn launch(&mut self, index: u32, ctx: &Arc<SuperviseCtx>) -> anyhow::Result<Arc<Instance>> {
         let kind = ctx.spec.kind;
+        self.launches += 1;
         let socket =
             self.runtime_dir
-                .join(format!("{}-{index}.g{}.sock", kind.name(), self.generation));
+                .join(format!("{}-{index}.{}.sock", kind.name(), self.launches));
         if socket.as_os_str().len() > MAX_SOCKET_PATH {
             bail!(
                 "supervisor.runtime_dir: the socket path {} is longer than {MAX_SOCKET_PATH} bytes; choose a shorter directory",
@@ -96,7 +111,8 @@ impl Fleet {
 
     /// Starts every configured instance (the first start).
     pub fn start(&mut self, config: &Arc<Config>) -> anyhow::Result<()> {
-        for ctx in self.contexts(config)? {
+        self.contexts = self.contexts(config)?;
+        for ctx in self.contexts.clone() {
             let kind = ctx.spec.kind;
             let n = config.worker(kind.name()).map(|w| w.instances).unwrap_or(0);
             for i in 0..n {
@@ -117,7 +133,8 @@ impl Fleet {
         self.forget_stopped();
         self.generation += 1;
         let drain = config.supervisor.drain_timeout.get();
-        for ctx in self.contexts(config)? {
+        self.contexts = self.contexts(config)?;
+        for ctx in self.contexts.clone() {
             let kind = ctx.spec.kind;
             let registry = self.registry.clone();
             let Some(set) = registry.set(kind) else {
@@ -159,6 +176,48 @@ impl Fleet {
         Ok(())
     }
 
+    /// Replaces one instance the rolling way (recycling): a new process for its slot, ready
+    /// before the old one drains.
+    pub async fn replace(&mut self, old: &Arc<Instance>) -> anyhow::Result<()> {
+        if old.is_gone() || !self.members.iter().any(|m| Arc::ptr_eq(&m.inst, old)) {
+            return Ok(());
+        }
+        let Some(ctx) = self
+            .contexts
+            .iter()
+            .find(|c| c.spec.kind == old.kind)
+            .cloned()
+        else {
+            return Ok(());
+        };
+        let config = ctx.config.clone();
+        let new = self.launch(old.index, &ctx)?;
+        if !wait_ready(&new, config.supervisor.start_timeout.get()).await {
+            self.retire(&new, config.supervisor.drain_timeout.get());
+            bail!(
+                "the replacement for {} instance {} did not become ready within supervisor.start_timeout; the old one keeps serving",
+                old.kind.name(),
+                old.index
+            );
+        }
+        let registry = self.registry.clone();
+        if let Some(set) = registry.set(old.kind) {
+            set.update(|list| {
+                list.retain(|x| !Arc::ptr_eq(x, old));
+                list.push(new.clone());
+                list.sort_by_key(|x| x.index);
+            });
+        }
+        self.retire(old, config.supervisor.drain_timeout.get());
+        self.forget_stopped();
+        tracing::info!(
+            kind = old.kind.name(),
+            instance = old.index,
+            "instance recycled"
+        );
+        Ok(())
+    }
+
     /// Drains one instance in the background: SIGTERM now, SIGKILL after `drain`.
     fn retire(&self, inst: &Arc<Instance>, drain: Duration) {
         inst.retire();
@@ -175,16 +234,21 @@ impl Fleet {
         self.registry.track(self.instances());
     }
 
-    /// Drains every instance (shutdown) and waits for all of their tasks.
-    pub async fn drain_all(&mut self, deadline: Instant) {
+    /// Drains every instance (shutdown) and waits for all of their tasks. Returns whether
+    /// every instance stopped without SIGKILL.
+    pub async fn drain_all(&mut self, deadline: Instant) -> bool {
         for set in self.registry.kinds() {
             set.update(|list| list.clear());
         }
         for m in &self.members {
             let _ = m.phase.send(Phase::Drain { deadline });
         }
-        while self.tasks.join_next().await.is_some() {}
+        let mut clean = true;
+        while let Some(done) = self.tasks.join_next().await {
+            clean &= done.unwrap_or(false);
+        }
         remove_worker_configs(&self.runtime_dir);
+        clean
     }
 }
 

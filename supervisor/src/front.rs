@@ -84,11 +84,13 @@ pub struct FrontSettings {
     queue_timeout: Duration,
     request_timeout: Duration,
     slow_threshold: Duration,
+    traffic_threshold: u32,
 }
 
 impl FrontSettings {
     pub fn new(config: &Config, verifier: Verifier) -> Self {
         Self {
+            traffic_threshold: config.supervisor.traffic_failure_threshold,
             verifier,
             max_body_bytes: config.server.max_body_bytes,
             queue_timeout: config.server.queue_timeout.get(),
@@ -217,10 +219,18 @@ impl FrontSettings {
                 return Err(self.too_large().into());
             }
         }
-        let body = match Limited::new(body, self.max_body_bytes as usize)
-            .collect()
-            .await
-        {
+        let deadline = started + self.request_timeout;
+        let reading = Limited::new(body, self.max_body_bytes as usize).collect();
+        let Ok(read) = tokio::time::timeout_at(deadline, reading).await else {
+            return Err(Problem::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "request-timeout",
+                "Request body too slow",
+                "the request body did not arrive within server.request_timeout",
+            )
+            .into());
+        };
+        let body = match read {
             Ok(b) => b.to_bytes(),
             Err(e)
                 if e.downcast_ref::<http_body_util::LengthLimitError>()
@@ -247,7 +257,6 @@ impl FrontSettings {
             request_id,
         );
 
-        let deadline = started + self.request_timeout;
         let set = registry
             .set(kind)
             .ok_or_else(|| Problem::internal("no such worker kind"))?;
@@ -255,27 +264,49 @@ impl FrontSettings {
         let Some(instance) = set.wait_pick(None, queue_deadline).await else {
             return Err(self.no_instance(set.next_start_in(), kind));
         };
+        let first_pid = instance.pid();
         let attempt =
             tokio::time::timeout_at(deadline, upstream::send(&instance, upstream.request()));
         let err = match attempt.await {
-            Ok(Ok(resp)) => return Ok(finish(resp)),
-            Ok(Err(e)) => e,
-            Err(_) => return Err(self.timeout()),
+            Ok(Ok(resp)) => {
+                instance.record_outcome(Some(resp.status().as_u16()), self.traffic_threshold);
+                return Ok(finish(resp));
+            }
+            Ok(Err(e)) => {
+                instance.record_outcome(None, self.traffic_threshold);
+                e
+            }
+            Err(_) => {
+                instance.record_outcome(None, self.traffic_threshold);
+                return Err(self.timeout());
+            }
         };
         tracing::warn!(kind = kind.name(), instance = instance.index, error = %err, retry = retryable, "upstream request failed");
         if !retryable {
             return Err(bad_gateway(&err));
         }
         let Some(other) = set
-            .wait_pick(Some(&instance), queue_deadline.max(Instant::now()))
+            .wait_pick(
+                Some((&instance, first_pid)),
+                queue_deadline.max(Instant::now()),
+            )
             .await
         else {
             return Err(bad_gateway(&err));
         };
         match tokio::time::timeout_at(deadline, upstream::send(&other, upstream.request())).await {
-            Ok(Ok(resp)) => Ok(finish(resp)),
-            Ok(Err(e)) => Err(bad_gateway(&e)),
-            Err(_) => Err(self.timeout()),
+            Ok(Ok(resp)) => {
+                other.record_outcome(Some(resp.status().as_u16()), self.traffic_threshold);
+                Ok(finish(resp))
+            }
+            Ok(Err(e)) => {
+                other.record_outcome(None, self.traffic_threshold);
+                Err(bad_gateway(&e))
+            }
+            Err(_) => {
+                other.record_outcome(None, self.traffic_threshold);
+                Err(self.timeout())
+            }
         }
     }
 

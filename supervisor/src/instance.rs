@@ -5,7 +5,7 @@
 use crate::upstream::UpstreamPool;
 use serde::Serialize;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -86,6 +86,16 @@ pub struct Instance {
     restarts: AtomicU32,
     /// Replaced or scaled away by a reload: once stopped it leaves `/status`.
     retired: AtomicBool,
+    /// Requests routed to the current process (for `max_requests` recycling).
+    served: AtomicU64,
+    /// Real requests that failed in a row (see `traffic`).
+    traffic_failures: AtomicU32,
+    /// Set when real traffic says the instance is broken; the supervision task acts on it.
+    traffic_verdict: AtomicBool,
+    /// A replacement was asked for (recycling); asked once per process.
+    recycling: AtomicBool,
+    /// Wakes the supervision task early (a traffic verdict).
+    pub attention: tokio::sync::Notify,
     /// Requests sent to this instance and not yet answered (the routing load signal).
     outstanding: AtomicUsize,
     details: Mutex<Details>,
@@ -119,6 +129,11 @@ impl Instance {
             pid: AtomicU32::new(0),
             restarts: AtomicU32::new(0),
             retired: AtomicBool::new(false),
+            served: AtomicU64::new(0),
+            traffic_failures: AtomicU32::new(0),
+            traffic_verdict: AtomicBool::new(false),
+            recycling: AtomicBool::new(false),
+            attention: tokio::sync::Notify::new(),
             outstanding: AtomicUsize::new(0),
             details: Mutex::new(Details::default()),
         }
@@ -155,9 +170,11 @@ impl Instance {
         OutstandingGuard(self)
     }
 
-    /// Like [`Instance::track`], owning a handle to the instance.
+    /// Like [`Instance::track`], owning a handle to the instance; also counts the request
+    /// toward `max_requests`.
     pub fn track_owned(self: &Arc<Self>) -> Outstanding {
         self.outstanding.fetch_add(1, Ordering::Relaxed);
+        self.served.fetch_add(1, Ordering::Relaxed);
         Outstanding(self.clone())
     }
 
@@ -173,8 +190,37 @@ impl Instance {
         self.details.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Requests routed to the current process.
+    pub fn served(&self) -> u64 {
+        self.served.load(Ordering::Relaxed)
+    }
+
+    /// Reports a real request's outcome (`None`: no response). Past the threshold the
+    /// instance leaves rotation at once and its supervision task replaces it.
+    pub fn record_outcome(&self, status: Option<u16>, threshold: u32) {
+        let failed = crate::traffic::is_failure(status);
+        if crate::traffic::record(&self.traffic_failures, failed, threshold) {
+            self.set_state(InstanceState::Unhealthy);
+            self.traffic_verdict.store(true, Ordering::Release);
+            self.attention.notify_one();
+        }
+    }
+
+    /// Takes the traffic verdict, if real requests condemned this process.
+    pub fn take_traffic_verdict(&self) -> bool {
+        self.traffic_verdict.swap(false, Ordering::AcqRel)
+    }
+
+    /// True the first time a recycle is asked for this process.
+    pub fn ask_recycle(&self) -> bool {
+        !self.recycling.swap(true, Ordering::AcqRel)
+    }
+
     pub fn on_spawned(&self, pid: u32) {
         self.pid.store(pid, Ordering::Release);
+        self.served.store(0, Ordering::Relaxed);
+        self.traffic_failures.store(0, Ordering::Relaxed);
+        self.traffic_verdict.store(false, Ordering::Release);
         let mut d = self.details();
         d.started_at = Some(Instant::now());
         d.next_start_at = None;

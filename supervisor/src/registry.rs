@@ -108,11 +108,15 @@ impl KindSet {
         self.ready.notify_waiters();
     }
 
-    /// A ready instance now, by the routing policy; never `exclude`.
-    pub fn pick(&self, exclude: Option<&Arc<Instance>>) -> Option<Arc<Instance>> {
+    /// A ready instance now, by the routing policy. `exclude` names an instance and the pid
+    /// it had when a request failed there: it is skipped while it still runs that process
+    /// (a restarted process is a fresh chance, which matters when it is the only one).
+    pub fn pick(&self, exclude: Option<(&Arc<Instance>, Option<u32>)>) -> Option<Arc<Instance>> {
         let list = self.instances();
         let start = self.next.fetch_add(1, Ordering::Relaxed);
-        let excluded = exclude.and_then(|x| list.iter().position(|i| Arc::ptr_eq(i, x)));
+        let excluded = exclude
+            .filter(|(x, pid)| x.pid() == *pid)
+            .and_then(|(x, _)| list.iter().position(|i| Arc::ptr_eq(i, x)));
         let candidates = list.iter().map(|i| Candidate {
             ready: i.is_ready(),
             outstanding: i.outstanding(),
@@ -123,7 +127,7 @@ impl KindSet {
     /// A ready instance, waiting until `deadline` for one to become ready.
     pub async fn wait_pick(
         &self,
-        exclude: Option<&Arc<Instance>>,
+        exclude: Option<(&Arc<Instance>, Option<u32>)>,
         deadline: Instant,
     ) -> Option<Arc<Instance>> {
         loop {

@@ -60,7 +60,8 @@ pub async fn run(config: Config, source: ConfigSource, log_style: Style) -> anyh
     tracing::info!(listener = "admin", addr = %admin_listener.local_addr()?, "listening");
 
     let registry = Arc::new(Registry::new(Kind::ALL));
-    let mut fleet = Fleet::new(registry.clone(), runtime_dir.clone(), log_style);
+    let (recycle_tx, mut recycle_rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut fleet = Fleet::new(registry.clone(), runtime_dir.clone(), log_style, recycle_tx);
     fleet.start(&config)?;
 
     let drain_started: Arc<std::sync::OnceLock<(Instant, Duration)>> = Arc::default();
@@ -99,32 +100,68 @@ pub async fn run(config: Config, source: ConfigSource, log_style: Style) -> anyh
     ));
     let notifier = tokio::spawn(notify_systemd(registry.clone()));
 
-    let signal = loop {
-        match signals.next().await {
-            SupervisorSignal::Reload => {
-                systemd::reloading();
-                tracing::info!("SIGHUP: reloading the configuration");
+    let signal = 'serve: loop {
+        let event = tokio::select! {
+            s = signals.next() => Event::Signal(s),
+            Some(inst) = recycle_rx.recv() => Event::Recycle(inst),
+        };
+        match event {
+            Event::Signal(SupervisorSignal::Reload) => {
+                // A SIGHUP that arrives during a reload asks for one more afterwards; a stop
+                // signal ends the reload (new instances already started are drained too).
+                let mut again = true;
+                while again {
+                    again = false;
+                    systemd::reloading();
+                    tracing::info!("SIGHUP: reloading the configuration");
+                    let outcome = {
+                        let reloading = reload(&config, &source, &mut fleet, &front);
+                        tokio::pin!(reloading);
+                        loop {
+                            tokio::select! {
+                                r = &mut reloading => break Ok(r),
+                                s = signals.next() => match s {
+                                    SupervisorSignal::Reload => again = true,
+                                    stop => break Err(stop),
+                                },
+                            }
+                        }
+                    };
+                    match outcome {
+                        Err(stop) => {
+                            tracing::warn!(signal = ?stop, "stop signal during reload");
+                            break 'serve stop;
+                        }
+                        Ok(Ok(Some(new))) => {
+                            config = new;
+                            tracing::info!("reload complete");
+                        }
+                        Ok(Ok(None)) => {}
+                        Ok(Err(e)) => {
+                            tracing::error!(error = %format!("{e:#}"), "reload failed; instances not yet replaced keep the old configuration")
+                        }
+                    }
+                    let (ready, total) = registry.ready_counts();
+                    systemd::ready(&format!("{ready}/{total} instances ready"));
+                }
+            }
+            Event::Signal(s) => break s,
+            Event::Recycle(inst) => {
                 let outcome = tokio::select! {
-                    r = reload(&config, &source, &mut fleet, &front) => r,
+                    r = fleet.replace(&inst) => r,
                     s = signals.next() => {
-                        tracing::warn!(signal = ?s, "signal during reload; stopping the reload");
-                        if s == SupervisorSignal::Reload { Ok(None) } else { break s }
+                        if s == SupervisorSignal::Reload {
+                            tracing::warn!("SIGHUP during a recycle is ignored; send it again");
+                            Ok(())
+                        } else {
+                            break 'serve s
+                        }
                     }
                 };
-                match outcome {
-                    Ok(Some(new)) => {
-                        config = new;
-                        tracing::info!("reload complete");
-                    }
-                    Ok(None) => {}
-                    Err(e) => {
-                        tracing::error!(error = %format!("{e:#}"), "reload failed; the running configuration stays")
-                    }
+                if let Err(e) = outcome {
+                    tracing::error!(error = %format!("{e:#}"), "recycling failed");
                 }
-                let (ready, total) = registry.ready_counts();
-                systemd::ready(&format!("{ready}/{total} instances ready"));
             }
-            s => break s,
         }
     };
     notifier.abort();
@@ -136,6 +173,16 @@ pub async fn run(config: Config, source: ConfigSource, log_style: Style) -> anyh
     // Let systemd wait for our own deadline plus the kill grace.
     systemd::extend_timeout(drain_timeout + KILL_GRACE, "draining");
     let progress = tokio::spawn(report_drain(front.clone()));
+    // A second stop signal means "now": exit at once; the workers die with us
+    // (PR_SET_PDEATHSIG).
+    let impatient = tokio::spawn(async move {
+        loop {
+            if signals.next().await != SupervisorSignal::Reload {
+                tracing::warn!("second stop signal: exiting without finishing the drain");
+                std::process::exit(1);
+            }
+        }
+    });
 
     // 1. The front stops accepting and finishes what it accepted.
     let _ = stop_front.send(true);
@@ -145,15 +192,9 @@ pub async fn run(config: Config, source: ConfigSource, log_style: Style) -> anyh
     }
     // 2. The workers finish their in-flight requests and exit; SIGKILL at the deadline.
     let deadline = (started + drain_timeout).max(Instant::now() + Duration::from_millis(100));
-    let members = fleet.instances();
-    fleet.drain_all(deadline).await;
+    let workers_clean = fleet.drain_all(deadline).await;
     progress.abort();
-    let workers_clean = members.iter().all(|i| {
-        i.status()
-            .last_exit
-            .as_deref()
-            .is_none_or(|e| !e.starts_with("killed"))
-    });
+    impatient.abort();
     let _ = stop_admin.send(true);
     let _ = admin_task.await;
     let clean = front_clean && workers_clean;
@@ -169,6 +210,11 @@ pub async fn run(config: Config, source: ConfigSource, log_style: Style) -> anyh
         );
     }
     Ok(clean)
+}
+
+enum Event {
+    Signal(SupervisorSignal),
+    Recycle(Arc<crate::instance::Instance>),
 }
 
 /// Re-reads the config; `Ok(None)` when the file is invalid (logged, nothing changes).
@@ -218,8 +264,9 @@ async fn reload(
     }
     let next = Arc::new(next);
     let verifier = Verifier::new(&next)?;
-    front.reconfigure(FrontSettings::new(&next, verifier));
     fleet.roll(&next).await?;
+    // The front switches (auth key, limits, timeouts) once every instance runs the new config.
+    front.reconfigure(FrontSettings::new(&next, verifier));
     Ok(Some(next))
 }
 

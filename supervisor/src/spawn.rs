@@ -72,6 +72,9 @@ pub fn spawn(spec: &SpawnSpec, instance: &Instance) -> std::io::Result<Child> {
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
+        // A process group of its own: Ctrl-C or a hangup on the supervisor's terminal must
+        // not reach the workers directly; the supervisor drains them in order.
+        .process_group(0)
         .kill_on_drop(true);
     for var in SUPERVISOR_ONLY_ENV {
         cmd.env_remove(var);

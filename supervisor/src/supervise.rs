@@ -34,12 +34,18 @@ pub struct SuperviseCtx {
     pub spec: SpawnSpec,
     pub config: Arc<Config>,
     pub registry: Arc<Registry>,
+    /// Where an instance past `max_requests` / `max_rss` asks for its rolling replacement.
+    pub recycle: tokio::sync::mpsc::UnboundedSender<Arc<Instance>>,
 }
 
 enum End {
     Exited(ExitStatus),
+    /// Unresponsive: killed at once.
     Unhealthy(String),
-    Drained,
+    /// Responsive but failing real requests: drained gracefully, then restarted.
+    Condemned(String),
+    /// Stopped on the drain phase; `true` when it exited without SIGKILL.
+    Drained(bool),
 }
 
 fn drain_deadline(phase: &watch::Receiver<Phase>) -> Option<Instant> {
@@ -49,12 +55,14 @@ fn drain_deadline(phase: &watch::Receiver<Phase>) -> Option<Instant> {
     }
 }
 
-/// Supervises `inst` until the drain phase has stopped it.
+/// Supervises `inst` until the drain phase has stopped it. Returns whether the final stop
+/// was clean (no SIGKILL needed).
 pub async fn supervise(
     inst: Arc<Instance>,
     ctx: Arc<SuperviseCtx>,
     mut phase: watch::Receiver<Phase>,
-) {
+) -> bool {
+    let mut clean = true;
     let kind = inst.kind.name();
     let index = inst.index;
     let mut policy = RestartPolicy::new(ctx.config.supervisor.backoff);
@@ -72,7 +80,16 @@ pub async fn supervise(
                 let end = run_child(&inst, &mut child, &ctx, &mut policy, &mut phase).await;
                 inst.pool.clear();
                 match end {
-                    End::Drained => break,
+                    End::Drained(c) => {
+                        clean = c;
+                        break;
+                    }
+                    End::Condemned(reason) => {
+                        let grace = sup_grace(&ctx);
+                        let clean_stop = drain(&inst, &mut child, Instant::now() + grace).await;
+                        tracing::warn!(kind, instance = index, pid, reason = %reason, clean_stop, "instance failing real requests; replaced it");
+                        inst.on_exited(format!("replaced: {reason}"));
+                    }
                     End::Exited(status) => {
                         let how = describe_exit(status);
                         tracing::warn!(kind, instance = index, pid, exit = %how, "instance exited");
@@ -132,6 +149,16 @@ pub async fn supervise(
         }
     }
     inst.set_state(InstanceState::Stopped);
+    clean
+}
+
+/// How long a condemned instance gets to finish what it has in flight.
+fn sup_grace(ctx: &SuperviseCtx) -> Duration {
+    ctx.config
+        .supervisor
+        .drain_timeout
+        .get()
+        .min(Duration::from_secs(10))
 }
 
 async fn run_child(
@@ -145,6 +172,8 @@ async fn run_child(
     let started = Instant::now();
     let mut failures = 0u32;
     let mut ever_ready = false;
+    // Answered a health check at all (ready or not): past the start_timeout's reach.
+    let mut alive = false;
     let mut next_check = Instant::now();
     loop {
         tokio::select! {
@@ -154,18 +183,25 @@ async fn run_child(
                     Err(e) => End::Unhealthy(format!("cannot wait for the process: {e}")),
                 };
             }
+            _ = inst.attention.notified() => {
+                if inst.take_traffic_verdict() {
+                    return End::Condemned(format!(
+                        "{} real requests failed in a row (supervisor.traffic_failure_threshold)",
+                        sup.traffic_failure_threshold
+                    ));
+                }
+            }
             changed = phase.changed() => {
                 let deadline = match (changed, drain_deadline(phase)) {
                     (Ok(()), Some(d)) => d,
                     (Err(_), _) => Instant::now(),
                     _ => continue,
                 };
-                drain(inst, child, deadline).await;
-                return End::Drained;
+                return End::Drained(drain(inst, child, deadline).await);
             }
             _ = tokio::time::sleep_until(next_check) => {
                 let result = probe(&inst.socket, sup.health_timeout.get()).await;
-                let starting = !ever_ready;
+                let starting = !alive;
                 match result {
                     Probe::Ready => {
                         failures = 0;
@@ -177,15 +213,16 @@ async fn run_child(
                             tracing::info!(kind = inst.kind.name(), instance = inst.index, startup_ms = started.elapsed().as_millis() as u64, "instance ready");
                         }
                         ever_ready = true;
+                        alive = true;
                     }
                     Probe::NotReady => {
+                        // Alive, but cannot serve (its store?): out of rotation, no restart.
                         failures = 0;
-                        if inst.is_ready() {
+                        if inst.is_ready() || starting {
                             tracing::warn!(kind = inst.kind.name(), instance = inst.index, "instance reports not ready (its store?)");
                         }
-                        if !starting {
-                            inst.set_state(InstanceState::Unhealthy);
-                        }
+                        inst.set_state(InstanceState::Unhealthy);
+                        alive = true;
                     }
                     Probe::NoSocket if starting => {}
                     Probe::NoSocket | Probe::Failed(_) => {
@@ -203,23 +240,69 @@ async fn run_child(
                         }
                     }
                 }
-                if starting && !ever_ready && started.elapsed() > sup.start_timeout.get() {
+                if ever_ready {
+                    check_recycle(inst, ctx);
+                }
+                if !alive && started.elapsed() > sup.start_timeout.get() {
                     return End::Unhealthy(format!(
                         "not ready within supervisor.start_timeout ({})",
                         sup.start_timeout
                     ));
                 }
                 next_check = Instant::now()
-                    + if ever_ready { sup.health_interval.get() } else { STARTUP_PROBE_INTERVAL };
+                    + if alive { sup.health_interval.get() } else { STARTUP_PROBE_INTERVAL };
             }
         }
     }
 }
 
-/// SIGTERM, then wait for the worker to finish its in-flight requests; SIGKILL at `deadline`.
-async fn drain(inst: &Instance, child: &mut Child, deadline: Instant) {
+/// Asks for a rolling replacement once the process has served `max_requests` or grown to
+/// `max_rss` (after gunicorn's `max_requests` and Passenger's memory limit).
+fn check_recycle(inst: &Arc<Instance>, ctx: &SuperviseCtx) {
+    let Some(worker) = ctx.config.worker(inst.kind.name()) else {
+        return;
+    };
+    let reason = if worker.max_requests > 0 && inst.served() >= worker.max_requests {
+        format!(
+            "served {} requests (max_requests {})",
+            inst.served(),
+            worker.max_requests
+        )
+    } else if worker.max_rss.0 > 0 {
+        match inst.pid().and_then(rss_bytes) {
+            Some(rss) if rss >= worker.max_rss.0 => format!(
+                "resident memory {} reached max_rss {}",
+                firemode_config::ByteSize(rss),
+                worker.max_rss
+            ),
+            _ => return,
+        }
+    } else {
+        return;
+    };
+    if inst.ask_recycle() {
+        tracing::info!(kind = inst.kind.name(), instance = inst.index, %reason, "recycling instance");
+        let _ = ctx.recycle.send(inst.clone());
+    }
+}
+
+/// Resident memory of a process, from `/proc/<pid>/status`.
+pub fn rss_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Stops a worker gracefully: out of rotation, let the front finish what it has in flight
+/// at it (including response bodies), SIGTERM so the worker finishes its own, and SIGKILL at
+/// `deadline`. Returns whether it exited without SIGKILL.
+async fn drain(inst: &Instance, child: &mut Child, deadline: Instant) -> bool {
     inst.set_state(InstanceState::Draining);
     let kind = inst.kind.name();
+    while inst.outstanding() > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     if let Some(pid) = child.id() {
         let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
     }
@@ -228,12 +311,14 @@ async fn drain(inst: &Instance, child: &mut Child, deadline: Instant) {
             let how = status.map(describe_exit).unwrap_or_else(|e| e.to_string());
             tracing::info!(kind, instance = inst.index, exit = %how, "instance drained");
             inst.on_exited(how);
+            true
         }
         _ = tokio::time::sleep_until(deadline) => {
             tracing::warn!(kind, instance = inst.index, "drain timeout; killing instance");
             let _ = child.start_kill();
             let _ = child.wait().await;
             inst.on_exited("killed: drain timeout".into());
+            false
         }
     }
 }

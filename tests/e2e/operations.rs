@@ -300,7 +300,11 @@ async fn the_front_serves_on_a_socket_passed_by_systemd() {
             "RUST_LOG=info".into(),
         ],
         // An address this host cannot bind: serving at all proves the passed socket is used.
-        set: vec![("server.listen", "192.0.2.1:80".into())],
+        // The early request waits for the workers' cold start.
+        set: vec![
+            ("server.listen", "192.0.2.1:80".into()),
+            ("server.queue_timeout", "30s".into()),
+        ],
         ..SystemOptions::default()
     })
     .await;
@@ -411,4 +415,93 @@ fn plan_prints_the_timeline_and_refuses_a_budget_that_does_not_fit() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("supervisor.stop_timeout"));
     let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test]
+async fn an_instance_that_fails_real_requests_is_replaced_though_healthz_passes() {
+    let fixture =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/fixture_worker.py");
+    let sys = TestSystem::start(SystemOptions {
+        classify_instances: 1,
+        set: vec![
+            ("workers.classify.command", "python3".into()),
+            (
+                "workers.classify.args",
+                toml::Value::Array(vec![
+                    fixture.display().to_string().into(),
+                    "--status".into(),
+                    "500".into(),
+                ]),
+            ),
+            ("supervisor.traffic_failure_threshold", 3.into()),
+        ],
+        ..SystemOptions::default()
+    })
+    .await;
+    let first = sys.instances("classify").await[0]["pid"].as_u64().unwrap();
+    let t = token("t", None);
+    for _ in 0..3 {
+        let r = sys.post("/v1/classify", &t, BODY).await.unwrap();
+        assert_eq!(r.status, 500, "the worker's own answer passes through");
+    }
+    let inst = eventually(
+        "the failing instance to be replaced",
+        Duration::from_secs(10),
+        || async {
+            let i = sys.instances("classify").await[0].clone();
+            (i["restarts"] == 1 && i["pid"].as_u64().is_some_and(|p| p != first)).then_some(i)
+        },
+    )
+    .await;
+    assert!(
+        inst["last_exit"]
+            .as_str()
+            .unwrap()
+            .contains("real requests failed"),
+        "{inst}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_are_recycled_after_max_requests_without_a_failed_request() {
+    let sys = TestSystem::start(SystemOptions {
+        set: vec![("workers.classify.max_requests", 20.into())],
+        ..SystemOptions::default()
+    })
+    .await;
+    let before = pids(&sys.instances("classify").await);
+    let t = token("t", None);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut sent = 0;
+    // Traffic until every instance that served at the start has been replaced.
+    loop {
+        let now = sys.instances("classify").await;
+        let serving: HashSet<u64> = now
+            .iter()
+            .filter(|i| i["state"] == "ready")
+            .filter_map(|i| i["pid"].as_u64())
+            .collect();
+        if serving.len() == 2 && serving.is_disjoint(&before) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not recycled after {sent} requests: {now:?}"
+        );
+        for _ in 0..10 {
+            let r = sys.post("/v1/classify", &t, BODY).await.unwrap();
+            assert_eq!(
+                r.status,
+                200,
+                "request {sent} failed: {}",
+                String::from_utf8_lossy(&r.body)
+            );
+            sent += 1;
+        }
+    }
+    assert!(sys.logs().contains("\"instance recycled\""));
+    assert!(
+        sys.logs().contains("(max_requests 20)"),
+        "the reason is logged"
+    );
 }

@@ -11,6 +11,7 @@ fn options(url: &str, dir: &std::path::Path) -> StoreOptions {
         pool_size: 4,
         data_dir: dir.to_path_buf(),
         connect_timeout: Duration::from_secs(5),
+        lock_timeout: Duration::from_secs(5),
     }
 }
 

@@ -205,6 +205,77 @@ async fn sigterm_drains_and_exits_zero_with_no_worker_left() {
     assert!(left.is_empty(), "{left:?}");
 }
 
+/// A request in flight when SIGTERM arrives gets its real answer; then the process exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_finishes_a_request_in_flight() {
+    let fixture =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/fixture_worker.py");
+    let dir = std::env::temp_dir().join(format!("fm-mark-{:08x}", rand::random::<u32>()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mark = dir.join("in-flight");
+    let mut sys = TestSystem::start(SystemOptions {
+        classify_instances: 1,
+        set: vec![
+            ("workers.classify.command", "python3".into()),
+            (
+                "workers.classify.args",
+                toml::Value::Array(vec![
+                    fixture.display().to_string().into(),
+                    "--status".into(),
+                    "200".into(),
+                    "--delay-ms".into(),
+                    "1500".into(),
+                    "--mark".into(),
+                    mark.display().to_string().into(),
+                ]),
+            ),
+        ],
+        ..SystemOptions::default()
+    })
+    .await;
+    let front = sys.front;
+    let auth = format!("Bearer {}", token("t", None));
+    let slow = tokio::spawn(async move {
+        firemode_tests::request(
+            front,
+            http::Method::POST,
+            "/v1/classify",
+            &[("authorization", &auth)],
+            BODY,
+        )
+        .await
+    });
+    let m = mark.clone();
+    eventually(
+        "the request to reach the worker",
+        Duration::from_secs(10),
+        || {
+            let there = m.exists();
+            async move { there.then_some(()) }
+        },
+    )
+    .await;
+    sys.signal(Signal::SIGTERM);
+    let reply = slow
+        .await
+        .unwrap()
+        .expect("the accepted request is answered, not dropped");
+    assert_eq!(
+        reply.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    assert_eq!(reply.json()["fixture"], true);
+    assert_eq!(
+        sys.wait_exit(Duration::from_secs(15)).await.code(),
+        Some(0),
+        "{}",
+        sys.logs()
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 #[tokio::test]
 async fn workers_die_with_a_sigkilled_supervisor() {
     let mut sys = TestSystem::start(SystemOptions::default()).await;
@@ -230,8 +301,9 @@ async fn runtime_dir_is_private_and_stale_sockets_are_replaced() {
     let run = dir.join("run");
     std::fs::create_dir_all(&run).unwrap();
     std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o755)).unwrap();
-    // A stale socket file from a crashed run.
-    let stale = std::os::unix::net::UnixListener::bind(run.join("classify-0.sock")).unwrap();
+    // A stale socket file from a crashed run, under a name no new instance uses.
+    let stale_path = run.join("classify-7.999.sock");
+    let stale = std::os::unix::net::UnixListener::bind(&stale_path).unwrap();
     drop(stale);
     let sys = TestSystem::start(SystemOptions {
         set: vec![("supervisor.runtime_dir", run.display().to_string().into())],
@@ -240,6 +312,10 @@ async fn runtime_dir_is_private_and_stale_sockets_are_replaced() {
     .await;
     let mode = std::fs::metadata(&run).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o700);
+    assert!(
+        !stale_path.exists(),
+        "the stale socket was removed at start"
+    );
     assert_eq!(sys.instances("classify").await[0]["state"], "ready");
     drop(sys);
     let _ = std::fs::remove_dir_all(dir);

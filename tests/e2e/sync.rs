@@ -562,7 +562,7 @@ async fn concurrent_duplicates_apply_once_on_postgres() {
 #[tokio::test]
 async fn idempotency_keys_expire_after_the_ttl() {
     let sys = TestSystem::start(SystemOptions {
-        set: vec![("sync.idempotency_ttl", "300ms".into())],
+        set: vec![("sync.idempotency_ttl", "2s".into())],
         ..SystemOptions::default()
     })
     .await;
@@ -580,7 +580,7 @@ async fn idempotency_keys_expire_after_the_ttl() {
     let replay = post(sys.front, &t, "TTL", Some("k"), &body).await;
     assert_eq!(replay.header("idempotent-replayed"), Some("true"));
     // The TTL is the behaviour under test: wait past it.
-    tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
     let later = post(sys.front, &t, "TTL", Some("k"), &body).await;
     assert_eq!(later.status, 200);
     assert_eq!(later.header("idempotent-replayed"), None, "the key expired");
@@ -596,7 +596,7 @@ async fn idempotency_keys_expire_after_the_ttl() {
         2_000,
         json!([set("/a", json!(2))]),
     );
-    tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
     assert_eq!(
         post(sys.front, &t, "TTL", Some("k"), &other).await.status,
         200

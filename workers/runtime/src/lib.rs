@@ -104,6 +104,8 @@ where
         pool_size: config.database.pool_size,
         data_dir: config.data_dir.clone(),
         connect_timeout: Duration::from_secs(2),
+        // Give up on a busy session well before the front's request_timeout.
+        lock_timeout: config.server.request_timeout.get().mul_f64(0.8),
     })?;
     let readiness = Readiness::default();
     health::spawn_store_probe(store.clone(), readiness.clone());

@@ -40,7 +40,9 @@ pub async fn serve<A: App>(socket: &Path, app: Arc<A>, readiness: Readiness) -> 
                 let (stream, _) = match accepted {
                     Ok(s) => s,
                     Err(e) => {
+                        // EMFILE and friends: back off briefly instead of spinning.
                         tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                         continue;
                     }
                 };

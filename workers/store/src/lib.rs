@@ -33,6 +33,9 @@ pub struct StoreOptions {
     pub data_dir: PathBuf,
     /// How long a request waits for a pooled connection before the store counts as unavailable.
     pub connect_timeout: Duration,
+    /// How long a merge waits for its session's lock (another merge of the same session, or
+    /// a duplicate in flight) before giving up with [`StoreError::Busy`].
+    pub lock_timeout: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +43,9 @@ pub enum StoreError {
     /// The database cannot be reached (down, pool exhausted, timed out). Retry later.
     #[error("store unavailable: {0}")]
     Unavailable(String),
+    /// The session is locked by another merge for longer than the lock timeout.
+    #[error("busy: {0}")]
+    Busy(String),
     /// The request contradicts what is stored.
     #[error("{0}")]
     Conflict(String),

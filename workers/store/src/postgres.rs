@@ -16,6 +16,7 @@ type Pool = bb8::Pool<PostgresConnectionManager<NoTls>>;
 #[derive(Clone)]
 pub struct PgStore {
     pool: Pool,
+    lock_timeout_ms: u64,
 }
 
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
@@ -26,6 +27,15 @@ fn pool_error(e: bb8::RunError<tokio_postgres::Error>) -> StoreError {
     match e {
         bb8::RunError::User(e) => unavailable(e),
         bb8::RunError::TimedOut => unavailable("timed out waiting for a PostgreSQL connection"),
+    }
+}
+
+/// A lock wait past `lock_timeout` is [`StoreError::Busy`]; anything else is unavailability.
+fn lock_error(e: tokio_postgres::Error) -> StoreError {
+    if e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE) {
+        StoreError::Busy("the session is being merged by another request".into())
+    } else {
+        unavailable(e)
     }
 }
 
@@ -42,8 +52,14 @@ impl PgStore {
         let pool = bb8::Pool::builder()
             .max_size(opts.pool_size.max(1))
             .connection_timeout(opts.connect_timeout)
+            // A failed connect is an error now (the store is down), not a wait until the
+            // timeout; a timeout then means every connection is busy.
+            .retry_connection(false)
             .build_unchecked(manager);
-        Ok(Self { pool })
+        Ok(Self {
+            pool,
+            lock_timeout_ms: opts.lock_timeout.as_millis().max(1) as u64,
+        })
     }
 
     pub async fn migrate(&self) -> Result<(), StoreError> {
@@ -75,7 +91,14 @@ impl PgStore {
     }
 
     pub async fn ping(&self) -> Result<(), StoreError> {
-        let conn = self.pool.get().await.map_err(pool_error)?;
+        let conn = match self.pool.get().await {
+            Ok(c) => c,
+            // Connections exist and all are busy with requests: the database answers, it is
+            // just loaded. (bb8 reports a failing connect as a timeout too: no connection
+            // at all means unreachable.)
+            Err(bb8::RunError::TimedOut) if self.pool.state().connections > 0 => return Ok(()),
+            Err(e) => return Err(pool_error(e)),
+        };
         conn.simple_query("SELECT 1").await.map_err(unavailable)?;
         Ok(())
     }
@@ -144,6 +167,12 @@ impl PgStore {
     ) -> Result<MergeOutcome, StoreError> {
         let mut conn = self.pool.get().await.map_err(pool_error)?;
         let tx = conn.transaction().await.map_err(unavailable)?;
+        tx.batch_execute(&format!(
+            "SET LOCAL lock_timeout = {}",
+            self.lock_timeout_ms
+        ))
+        .await
+        .map_err(unavailable)?;
         let now = now_ms();
         // The session's row lock serialises merges of one session across every host; a
         // placeholder row (version 0) makes the lock exist before the first batch.
@@ -161,7 +190,7 @@ impl PgStore {
                 &[&tenant, &session_id],
             )
             .await
-            .map_err(unavailable)?;
+            .map_err(lock_error)?;
         let (state, version): (String, i64) = (row.get(0), row.get(1));
         tx.execute(
             "DELETE FROM sync_idempotency

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 pub struct SqliteManager {
     path: PathBuf,
+    busy_timeout: Duration,
 }
 
 impl bb8::ManageConnection for SqliteManager {
@@ -18,13 +19,12 @@ impl bb8::ManageConnection for SqliteManager {
     type Error = StoreError;
 
     async fn connect(&self) -> Result<Connection, StoreError> {
-        let path = self.path.clone();
+        let (path, busy_timeout) = (self.path.clone(), self.busy_timeout);
         tokio::task::spawn_blocking(move || {
             let conn = Connection::open(&path).map_err(|e| {
                 StoreError::Unavailable(format!("cannot open {}: {e}", path.display()))
             })?;
-            conn.busy_timeout(std::time::Duration::from_secs(5))
-                .map_err(unavailable)?;
+            conn.busy_timeout(busy_timeout).map_err(unavailable)?;
             conn.pragma_update(None, "journal_mode", "WAL")
                 .map_err(unavailable)?;
             conn.pragma_update(None, "synchronous", "NORMAL")
@@ -67,7 +67,13 @@ impl SqliteStore {
         let pool = bb8::Pool::builder()
             .max_size(opts.pool_size.clamp(1, 64))
             .connection_timeout(opts.connect_timeout)
-            .build_unchecked(SqliteManager { path });
+            // A failed connect is an error now (the store is down), not a wait until the
+            // timeout; a timeout then means every connection is busy.
+            .retry_connection(false)
+            .build_unchecked(SqliteManager {
+                path,
+                busy_timeout: opts.lock_timeout,
+            });
         Ok(Self { pool })
     }
 
@@ -79,7 +85,10 @@ impl SqliteStore {
     {
         let mut conn = self.pool.get_owned().await.map_err(|e| match e {
             bb8::RunError::User(e) => e,
-            bb8::RunError::TimedOut => unavailable("timed out waiting for a SQLite connection"),
+            bb8::RunError::TimedOut if self.pool.state().connections > 0 => {
+                StoreError::Busy("every SQLite connection is in use".into())
+            }
+            bb8::RunError::TimedOut => unavailable("cannot open the SQLite database"),
         })?;
         tokio::task::spawn_blocking(move || f(&mut conn))
             .await
@@ -116,11 +125,17 @@ impl SqliteStore {
     }
 
     pub async fn ping(&self) -> Result<(), StoreError> {
-        self.with_conn(|conn| {
-            conn.query_row("SELECT 1", [], |_| Ok(()))
-                .map_err(unavailable)
-        })
-        .await
+        let result = self
+            .with_conn(|conn| {
+                conn.query_row("SELECT 1", [], |_| Ok(()))
+                    .map_err(unavailable)
+            })
+            .await;
+        match result {
+            // Every connection busy with requests: the store works, it is just loaded.
+            Err(StoreError::Busy(_)) => Ok(()),
+            other => other,
+        }
     }
 
     pub async fn install_catalog(&self, version: &str, body: String) -> Result<(), StoreError> {
@@ -196,10 +211,16 @@ impl SqliteStore {
     ) -> Result<MergeOutcome, StoreError> {
         let (tenant, session_id) = (tenant.to_string(), session_id.to_string());
         self.with_conn(move |conn| {
-            // IMMEDIATE: the write lock is taken now, so concurrent merges queue here.
+            // IMMEDIATE: the write lock is taken now, so concurrent merges queue here (up to
+            // the busy timeout, the merge's lock timeout).
             let tx = conn
                 .transaction_with_behavior(TransactionBehavior::Immediate)
-                .map_err(unavailable)?;
+                .map_err(|e| match e.sqlite_error_code() {
+                    Some(
+                        rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked,
+                    ) => StoreError::Busy("the session is being merged by another request".into()),
+                    _ => unavailable(e),
+                })?;
             tx.execute(
                 "DELETE FROM sync_idempotency
                  WHERE tenant = ?1 AND subject = ?2 AND idem_key = ?3 AND created_at < ?4",

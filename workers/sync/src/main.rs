@@ -162,8 +162,26 @@ fn caller(req: &Parts) -> Result<Caller, Problem> {
     })
 }
 
+/// A merge that could not get its session's lock in time is a 409 "still in flight"; any
+/// other busy store is a 503.
+fn merge_problem(e: StoreError) -> Problem {
+    match e {
+        StoreError::Busy(detail) => Problem::new(
+            StatusCode::CONFLICT,
+            "in-flight",
+            "Still in flight",
+            format!("{detail}; a request with this session (or this Idempotency-Key) is still being applied — retry shortly"),
+        ),
+        other => store_problem(other),
+    }
+}
+
 fn store_problem(e: StoreError) -> Problem {
     match e {
+        StoreError::Busy(detail) => {
+            tracing::warn!(error = %detail, "store busy");
+            Problem::unavailable("the store is busy; retry shortly")
+        }
         StoreError::Unavailable(detail) => {
             tracing::warn!(error = %detail, "store unavailable");
             Problem::unavailable("the store is unavailable; retry shortly")
@@ -260,7 +278,7 @@ impl SyncApp {
                 merge,
             )
             .await
-            .map_err(store_problem)?;
+            .map_err(merge_problem)?;
         Ok(match outcome {
             MergeOutcome::Ran(step) => answer(step.status, step.body, false),
             MergeOutcome::Replay { status, body } => answer(status, body, true),
