@@ -505,3 +505,29 @@ async fn instances_are_recycled_after_max_requests_without_a_failed_request() {
         "the reason is logged"
     );
 }
+
+#[test]
+fn the_replit_config_builds_and_runs_the_release_binary_on_port() {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../.replit")).unwrap();
+    let replit: toml::Table = toml::from_str(&text).expect(".replit is TOML");
+    let run = replit["run"].as_str().unwrap();
+    assert!(run.contains("cargo build --release") && run.contains("./target/release/firemode"));
+    let deploy = replit["deployment"]["run"].as_array().unwrap();
+    assert!(deploy.iter().any(|a| a
+        .as_str()
+        .is_some_and(|s| s.contains("target/release/firemode"))));
+    // Its environment is valid FireMode config.
+    let env = replit["env"].as_table().unwrap();
+    let mut cmd = std::process::Command::new(bin_dir().join("firemode"));
+    cmd.arg("check-config").env("PORT", "3000");
+    for (k, v) in env {
+        cmd.env(k, v.as_str().unwrap());
+    }
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("listen = \"0.0.0.0:3000\""));
+}
