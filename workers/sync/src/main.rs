@@ -9,20 +9,18 @@
 //! Sessions belong to a tenant: the token's `org` (`org:<org>`), or for a token without one
 //! its subject alone (`sub:<sub>`). No request can name another tenant's session.
 
-mod bundle;
-mod request;
-
 use arc_swap::ArcSwapOption;
 use bytes::Bytes;
 use firemode_config::Config;
 use firemode_merge::{Outcome, SessionState};
 use firemode_store::{IdempotencyKey, MergeOutcome, MergeStep, Store, StoreError};
+use firemode_sync::bundle;
+use firemode_sync::request::{parse_batch, RequestContext};
 use firemode_wire::{ids, Problem, IDENTITY_ORG, IDENTITY_SUB, PROBLEM_JSON};
 use firemode_worker::{json_response, App, WorkerContext};
 use http::request::Parts;
 use http::{header, HeaderValue, Method, Response, StatusCode};
 use http_body_util::Full;
-use request::{parse_batch, RequestContext};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 use std::process::ExitCode;

@@ -1,0 +1,6 @@
+//! The sync worker's pure parts, as a library so they are tested and fuzzed directly:
+//! reading a sync request ([`request`]) and building the offline bundle ([`bundle`]).
+//! The binary (`main.rs`) holds the routes and the store calls.
+
+pub mod bundle;
+pub mod request;
