@@ -1,14 +1,19 @@
 //! The admin listener (default 127.0.0.1:9090): `/healthz` (the supervisor is alive),
-//! `/readyz` (every kind has a ready instance), `/status` (every instance as JSON).
+//! `/readyz` (every kind has a ready instance), `/status` (every instance as JSON),
+//! `/metrics` (Prometheus: the supervisor's series and every worker's, one scrape).
 
+use crate::health::fetch;
+use crate::instance::InstanceState;
 use crate::registry::Registry;
 use bytes::Bytes;
+use firemode_telemetry::scrape::Merged;
 use firemode_wire::Problem;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use serde::Serialize;
 use std::sync::Arc;
+use std::time::Duration;
 
 pub struct Admin {
     pub registry: Arc<Registry>,
@@ -32,7 +37,71 @@ fn json(status: StatusCode, body: Vec<u8>) -> Response<Full<Bytes>> {
     resp
 }
 
+/// How long the scrape waits for one worker's `/metrics`.
+const WORKER_SCRAPE_TIMEOUT: Duration = Duration::from_secs(1);
+
 impl Admin {
+    /// One scrape of the whole system: the supervisor's series, then every running
+    /// worker's, fetched over its socket and labelled with `kind` and `instance`.
+    async fn metrics(&self) -> String {
+        let members = self.registry.members();
+        for set in self.registry.kinds() {
+            for inst in set.instances().iter() {
+                let labels = [
+                    ("kind", inst.kind.name().to_string()),
+                    ("instance", inst.index.to_string()),
+                ];
+                metrics::gauge!("firemode_worker_up", &labels).set(if inst.is_ready() {
+                    1.0
+                } else {
+                    0.0
+                });
+                metrics::gauge!("firemode_worker_backoff", &labels).set(
+                    if inst.state() == InstanceState::Backoff {
+                        1.0
+                    } else {
+                        0.0
+                    },
+                );
+            }
+        }
+        let mut merged = Merged::default();
+        if let Some(handle) = firemode_telemetry::metrics_handle() {
+            merged.add(&handle.render(), &[]);
+        }
+        let mut scrapes = tokio::task::JoinSet::new();
+        for inst in members.iter().filter(|i| !i.is_gone() && i.pid().is_some()) {
+            let inst = inst.clone();
+            scrapes.spawn(async move {
+                let got = fetch(&inst.socket, "/metrics", WORKER_SCRAPE_TIMEOUT).await;
+                (inst, got)
+            });
+        }
+        let mut results = Vec::new();
+        while let Some(Ok(r)) = scrapes.join_next().await {
+            results.push(r);
+        }
+        results.sort_by_key(|(i, _)| (i.kind.name(), i.index));
+        for (inst, got) in results {
+            match got {
+                Ok((status, body)) if status == StatusCode::OK => {
+                    let index = inst.index.to_string();
+                    merged.add(
+                        &String::from_utf8_lossy(&body),
+                        &[("kind", inst.kind.name()), ("instance", &index)],
+                    );
+                }
+                Ok((status, _)) => {
+                    tracing::debug!(kind = inst.kind.name(), instance = inst.index, %status, "worker metrics unavailable")
+                }
+                Err(e) => {
+                    tracing::debug!(kind = inst.kind.name(), instance = inst.index, error = %e, "worker metrics unavailable")
+                }
+            }
+        }
+        merged.render()
+    }
+
     pub async fn handle(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
         if req.method() != Method::GET {
             return Problem::new(
@@ -59,6 +128,14 @@ impl Admin {
                     Problem::unavailable(format!("no ready instance of: {}", waiting.join(", ")))
                         .into_response()
                 }
+            }
+            "/metrics" => {
+                let mut resp = Response::new(Full::new(Bytes::from(self.metrics().await)));
+                resp.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+                );
+                resp
             }
             "/status" => {
                 let status = Status {

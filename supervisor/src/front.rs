@@ -175,6 +175,13 @@ impl Front {
         };
         resp.headers_mut().insert(REQUEST_ID, request_id.clone());
         let elapsed = started.elapsed();
+        metrics::histogram!(
+            "http_request_duration_seconds",
+            "method" => method_label(&method),
+            "endpoint" => route.template(),
+            "status" => status_label(resp.status()),
+        )
+        .record(elapsed.as_secs_f64());
         if elapsed >= settings.slow_threshold {
             tracing::warn!(
                 request_id = request_id.to_str().unwrap_or(""),
@@ -261,7 +268,18 @@ impl FrontSettings {
             .set(kind)
             .ok_or_else(|| Problem::internal("no such worker kind"))?;
         let queue_deadline = (Instant::now() + self.queue_timeout).min(deadline);
-        let Some(instance) = set.wait_pick(None, queue_deadline).await else {
+        let picked = match set.pick(None) {
+            Some(i) => Some(i),
+            None => {
+                // No ready instance: queue (the wait is what this histogram shows).
+                let waited = Instant::now();
+                let found = set.wait_pick(None, queue_deadline).await;
+                metrics::histogram!("firemode_queue_wait_seconds", "kind" => kind.name())
+                    .record(waited.elapsed().as_secs_f64());
+                found
+            }
+        };
+        let Some(instance) = picked else {
             return Err(self.no_instance(set.next_start_in(), kind));
         };
         let first_pid = instance.pid();
@@ -285,6 +303,7 @@ impl FrontSettings {
         if !retryable {
             return Err(bad_gateway(&err));
         }
+        metrics::counter!("firemode_upstream_retries_total", "kind" => kind.name()).increment(1);
         let Some(other) = set
             .wait_pick(
                 Some((&instance, first_pid)),
@@ -351,6 +370,42 @@ impl FrontSettings {
             .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         Reply(resp)
     }
+}
+
+/// Bounded label values: the method names HTTP defines, else "other".
+fn method_label(m: &Method) -> &'static str {
+    match *m {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::HEAD => "HEAD",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::PATCH => "PATCH",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    }
+}
+
+/// The status as a label without allocating for the codes FireMode answers.
+fn status_label(s: StatusCode) -> metrics::SharedString {
+    let fixed = match s.as_u16() {
+        200 => "200",
+        304 => "304",
+        400 => "400",
+        401 => "401",
+        404 => "404",
+        405 => "405",
+        408 => "408",
+        409 => "409",
+        413 => "413",
+        422 => "422",
+        500 => "500",
+        502 => "502",
+        503 => "503",
+        504 => "504",
+        other => return metrics::SharedString::from(other.to_string()),
+    };
+    metrics::SharedString::const_str(fixed)
 }
 
 /// An error answer, already a response.

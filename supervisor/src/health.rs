@@ -21,6 +21,53 @@ pub enum Probe {
     Failed(String),
 }
 
+/// `GET path` on a worker's socket over a fresh connection, within `timeout`: the status
+/// and the whole body. Used for the worker's `/metrics` too.
+pub async fn fetch(
+    socket: &Path,
+    path: &str,
+    timeout: Duration,
+) -> Result<(StatusCode, Bytes), String> {
+    let exchange = async {
+        let stream = UnixStream::connect(socket)
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| format!("handshake: {e}"))?;
+        let conn = tokio::spawn(conn);
+        let req = Request::get(path)
+            .header(http::header::HOST, "worker")
+            .body(Empty::<Bytes>::new())
+            .map_err(|e| e.to_string())?;
+        let result = async {
+            let resp = sender
+                .send_request(req)
+                .await
+                .map_err(|e| format!("request: {e}"))?;
+            let status = resp.status();
+            let body = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| format!("reading the answer: {e}"))?
+                .to_bytes();
+            Ok((status, body))
+        }
+        .await;
+        conn.abort();
+        result
+    };
+    tokio::time::timeout(timeout, exchange)
+        .await
+        .unwrap_or_else(|_| {
+            Err(format!(
+                "no answer within {}",
+                humantime::format_duration(timeout)
+            ))
+        })
+}
+
 pub async fn probe(socket: &Path, timeout: Duration) -> Probe {
     match tokio::time::timeout(timeout, exchange(socket)).await {
         Ok(p) => p,

@@ -54,6 +54,8 @@ where
                     }
                 };
                 let _ = stream.set_nodelay(true);
+                let gauge = metrics::gauge!("active_connections", "listener" => name);
+                gauge.increment(1.0);
                 let handler = handler.clone();
                 let service = service_fn(move |req| {
                     let fut = call(handler.clone(), req);
@@ -64,6 +66,7 @@ where
                     if let Err(e) = conn.await {
                         tracing::debug!(error = %e, "client connection ended with an error");
                     }
+                    gauge.decrement(1.0);
                 });
             }
             changed = stop.changed() => {

@@ -33,6 +33,8 @@ pub struct ConfigSource {
 pub async fn run(config: Config, source: ConfigSource, log_style: Style) -> anyhow::Result<bool> {
     let mut config = Arc::new(config);
     let mut signals = Signals::install()?;
+    firemode_telemetry::install_metrics();
+    describe_metrics();
     let runtime_dir = config.supervisor.runtime_dir.clone();
     prepare_runtime_dir(&runtime_dir)?;
     let verifier = Verifier::new(&config)?;
@@ -210,6 +212,54 @@ pub async fn run(config: Config, source: ConfigSource, log_style: Style) -> anyh
         );
     }
     Ok(clean)
+}
+
+/// Names and explains the supervisor's series, and makes the counters visible at zero.
+fn describe_metrics() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_histogram!(
+        "http_request_duration_seconds",
+        Unit::Seconds,
+        "Front requests by method, route template and status"
+    );
+    describe_gauge!("active_connections", "Open client connections per listener");
+    describe_gauge!(
+        "firemode_worker_up",
+        "1 when the instance is ready and routable"
+    );
+    describe_gauge!(
+        "firemode_worker_backoff",
+        "1 while the instance waits out its restart delay"
+    );
+    describe_counter!(
+        "firemode_worker_restarts_total",
+        "Instance restarts (exits, failed health, traffic verdicts)"
+    );
+    describe_counter!(
+        "firemode_health_check_failures_total",
+        "Failed health checks"
+    );
+    describe_counter!(
+        "firemode_traffic_replacements_total",
+        "Instances replaced because real requests failed"
+    );
+    describe_counter!(
+        "firemode_upstream_retries_total",
+        "Requests retried on another instance"
+    );
+    describe_histogram!(
+        "firemode_queue_wait_seconds",
+        Unit::Seconds,
+        "Time requests waited for a ready instance"
+    );
+    for kind in Kind::ALL {
+        let k = kind.name();
+        metrics::counter!("firemode_worker_restarts_total", "kind" => k).absolute(0);
+        metrics::counter!("firemode_health_check_failures_total", "kind" => k).absolute(0);
+        metrics::counter!("firemode_traffic_replacements_total", "kind" => k).absolute(0);
+        metrics::counter!("firemode_upstream_retries_total", "kind" => k).absolute(0);
+    }
+    metrics::gauge!("active_connections", "listener" => "front").set(0.0);
 }
 
 enum Event {

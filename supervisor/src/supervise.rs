@@ -118,6 +118,7 @@ pub async fn supervise(
                 ));
             }
         }
+        metrics::counter!("firemode_worker_restarts_total", "kind" => kind).increment(1);
         let delay = policy.on_stop(Instant::now(), rand::random::<f64>());
         inst.on_backoff(delay, policy.is_degraded());
         if policy.is_degraded() {
@@ -185,6 +186,7 @@ async fn run_child(
             }
             _ = inst.attention.notified() => {
                 if inst.take_traffic_verdict() {
+                    metrics::counter!("firemode_traffic_replacements_total", "kind" => inst.kind.name()).increment(1);
                     return End::Condemned(format!(
                         "{} real requests failed in a row (supervisor.traffic_failure_threshold)",
                         sup.traffic_failure_threshold
@@ -232,6 +234,7 @@ async fn run_child(
                         };
                         if !starting {
                             failures += 1;
+                            metrics::counter!("firemode_health_check_failures_total", "kind" => inst.kind.name()).increment(1);
                             inst.set_state(InstanceState::Unhealthy);
                             tracing::warn!(kind = inst.kind.name(), instance = inst.index, failures, reason = %reason, "health check failed");
                             if failures >= sup.unhealthy_threshold {

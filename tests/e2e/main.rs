@@ -4,6 +4,7 @@
 mod auth;
 mod classify;
 mod config;
+mod observability;
 mod operations;
 mod store_contract;
 mod supervision;

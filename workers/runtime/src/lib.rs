@@ -99,6 +99,7 @@ where
     let text = std::fs::read_to_string(&args.config_json)
         .with_context(|| format!("reading {}", args.config_json.display()))?;
     let config = Arc::new(Config::from_json(&text)?);
+    firemode_telemetry::install_metrics();
     let store = Store::open(&StoreOptions {
         url: config.database.url.clone(),
         pool_size: config.database.pool_size,

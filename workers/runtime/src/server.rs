@@ -87,6 +87,17 @@ async fn route<A: App>(
             };
             json_response(StatusCode::OK, Bytes::from_static(body.as_bytes()))
         }
+        (&Method::GET, "/metrics") => {
+            let text = firemode_telemetry::metrics_handle()
+                .map(|h| h.render())
+                .unwrap_or_default();
+            let mut resp = Response::new(Full::new(Bytes::from(text)));
+            resp.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            resp
+        }
         (&Method::GET, "/readyz") => {
             if readiness.is_ready() {
                 json_response(StatusCode::OK, Bytes::from_static(br#"{"ready":true}"#))

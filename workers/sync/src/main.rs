@@ -67,6 +67,22 @@ fn route(path: &str) -> Option<Route<'_>> {
 
 impl SyncApp {
     async fn start(ctx: WorkerContext) -> anyhow::Result<SyncApp> {
+        use metrics::{describe_counter, describe_histogram, Unit};
+        describe_counter!(
+            "crdt_conflicts_total",
+            "Concurrent writes resolved by the merge"
+        );
+        describe_histogram!(
+            "sync_latency_seconds",
+            Unit::Seconds,
+            "Sync merge requests, by client type"
+        );
+        describe_histogram!(
+            "offline_bundle_bytes",
+            Unit::Bytes,
+            "Offline bundle sizes before compression"
+        );
+        metrics::counter!("crdt_conflicts_total").absolute(0);
         // Ready once the catalog the bundle embeds is loaded.
         let configured = firemode_worker::catalog::configured_catalog(&ctx.config.catalog.file)?;
         let catalog: Arc<ArcSwapOption<RenderedCatalog>> = Arc::default();
@@ -209,6 +225,18 @@ fn fingerprint(method: &Method, session_id: &str, body: &[u8]) -> String {
     h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// The `client_type` label of `sync_latency_seconds`: the `x-client-type` header when it is
+/// one of a few known kinds, else "other" (labels stay bounded whatever clients send).
+fn client_type(req: &Parts) -> &'static str {
+    match req.headers.get("x-client-type").map(|v| v.as_bytes()) {
+        Some(b"tablet") => "tablet",
+        Some(b"web") => "web",
+        Some(b"mobile") => "mobile",
+        Some(b"cli") => "cli",
+        _ => "other",
+    }
+}
+
 /// Idempotency keys: 1-255 visible ASCII characters.
 fn idempotency_key(req: &Parts) -> Result<String, Problem> {
     let value = req.headers.get("idempotency-key").ok_or_else(|| {
@@ -249,6 +277,8 @@ impl SyncApp {
     ) -> Result<Response<Full<Bytes>>, Problem> {
         let key = idempotency_key(req)?;
         let sync = &self.config.sync;
+        let started = std::time::Instant::now();
+        let client_type = client_type(req);
         let batch = parse_batch(
             body,
             &RequestContext {
@@ -277,6 +307,8 @@ impl SyncApp {
             )
             .await
             .map_err(merge_problem)?;
+        metrics::histogram!("sync_latency_seconds", "client_type" => client_type)
+            .record(started.elapsed().as_secs_f64());
         Ok(match outcome {
             MergeOutcome::Ran(step) => answer(step.status, step.body, false),
             MergeOutcome::Replay { status, body } => answer(status, body, true),
@@ -349,6 +381,7 @@ impl SyncApp {
             session_json(session_id, &state).as_bytes(),
             &catalog.json,
         );
+        metrics::histogram!("offline_bundle_bytes").record(body.len() as f64);
         let limit = self.config.sync.max_bundle_bytes;
         if body.len() as u64 > limit {
             return Err(Problem::new(
@@ -414,6 +447,7 @@ fn merge_batch(session_id: &str, stored: Option<&str>, batch: &firemode_merge::B
     };
     match state.apply(batch) {
         Ok(Outcome::Applied(applied)) => {
+            metrics::counter!("crdt_conflicts_total").increment(applied.conflicts.len() as u64);
             if !applied.conflicts.is_empty() {
                 tracing::info!(
                     session_id,

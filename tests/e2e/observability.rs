@@ -1,0 +1,142 @@
+//! Observability: one Prometheus scrape shows the whole system with bounded labels.
+
+use firemode_tests::{request, token, SystemOptions, TestSystem};
+use http::Method;
+
+#[tokio::test]
+async fn one_scrape_shows_front_supervisor_and_workers_with_route_templates() {
+    let sys = TestSystem::start(SystemOptions {
+        sync_instances: 2,
+        ..SystemOptions::default()
+    })
+    .await;
+    let t = token("tablet-1", Some("acme"));
+    let auth = format!("Bearer {t}");
+    let classify = r#"{"item_code":"FE-DCP","observed_condition":"pressure_low"}"#;
+    assert_eq!(
+        sys.post("/v1/classify", &t, classify).await.unwrap().status,
+        200
+    );
+    // Many sessions: none of their ids may become a label.
+    for i in 0..30 {
+        let body = format!(
+            r#"{{"changes":[{{"op":"set","path":"/a","value":{i}}}],"_sync_meta":{{"vector_clock":{{"t-{i}":1}},"replica_id":"t-{i}"}}}}"#
+        );
+        let r = request(
+            sys.front,
+            Method::POST,
+            &format!("/v1/tests/sessions/secret-session-{i}/results"),
+            &[
+                ("authorization", &auth),
+                ("idempotency-key", &format!("k{i}")),
+                ("x-client-type", "tablet"),
+            ],
+            body,
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.status, 200);
+        let g = request(
+            sys.front,
+            Method::GET,
+            &format!("/v1/tests/sessions/secret-session-{i}/offline_bundle"),
+            &[("authorization", &auth)],
+            "",
+        )
+        .await
+        .unwrap();
+        assert_eq!(g.status, 200);
+    }
+    // A conflict, so crdt_conflicts_total moves.
+    for (replica, ts) in [("c-1", 1000), ("c-2", 2000)] {
+        let body = format!(
+            r#"{{"changes":[{{"op":"set","path":"/x","value":"{replica}"}}],"_sync_meta":{{"vector_clock":{{"{replica}":1}},"replica_id":"{replica}","timestamp":{ts}}}}}"#
+        );
+        request(
+            sys.front,
+            Method::POST,
+            "/v1/tests/sessions/C/results",
+            &[("authorization", &auth), ("idempotency-key", replica)],
+            body,
+        )
+        .await
+        .unwrap();
+    }
+    // And a 404 through the front.
+    request(
+        sys.front,
+        Method::GET,
+        "/v1/unknown/route/12345",
+        &[("authorization", &auth)],
+        "",
+    )
+    .await
+    .unwrap();
+
+    let scrape = sys.admin_get("/metrics").await;
+    assert_eq!(scrape.status, 200);
+    assert!(scrape
+        .header("content-type")
+        .unwrap()
+        .starts_with("text/plain"));
+    let text = String::from_utf8(scrape.body.to_vec()).unwrap();
+    for series in [
+        "http_request_duration_seconds_bucket",
+        "crdt_conflicts_total",
+        "sync_latency_seconds_bucket",
+        "offline_bundle_bytes_bucket",
+        "active_connections",
+        "firemode_worker_up",
+        "firemode_worker_restarts_total",
+        "firemode_worker_backoff",
+        "firemode_health_check_failures_total",
+        "firemode_upstream_retries_total",
+    ] {
+        assert!(text.contains(series), "missing {series} in:\n{text}");
+    }
+    assert!(
+        text.contains(r#"endpoint="/v1/tests/sessions/{id}/results""#),
+        "{text}"
+    );
+    assert!(text.contains(r#"endpoint="/v1/tests/sessions/{id}/offline_bundle""#));
+    assert!(text.contains(r#"endpoint="/v1/classify""#));
+    assert!(text.contains(r#"endpoint="unmatched""#));
+    assert!(
+        !text.contains("secret-session"),
+        "a raw session id leaked into a label"
+    );
+    assert!(!text.contains("12345"), "a raw path leaked into a label");
+    for (kind, instance) in [
+        ("classify", "0"),
+        ("classify", "1"),
+        ("sync", "0"),
+        ("sync", "1"),
+    ] {
+        assert!(
+            text.contains(&format!(
+                r#"firemode_worker_up{{kind="{kind}",instance="{instance}"}} 1"#
+            )),
+            "{kind}/{instance} not up in:\n{text}"
+        );
+    }
+    // Worker series carry the worker's kind and instance.
+    assert!(
+        text.contains(r#"sync_latency_seconds_count{kind="sync",instance="#),
+        "{text}"
+    );
+    assert!(text.contains(r#"client_type="tablet""#));
+    let conflicts: f64 = text
+        .lines()
+        .filter(|l| l.starts_with("crdt_conflicts_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(conflicts, 1.0, "{text}");
+    // Sub-millisecond buckets exist.
+    assert!(text.contains(r#"le="0.0005""#));
+    // One TYPE line per family, even with two sync workers.
+    assert_eq!(
+        text.matches("# TYPE sync_latency_seconds histogram")
+            .count(),
+        1
+    );
+}
