@@ -21,6 +21,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
+use tracing::Instrument;
 
 pub type FrontBody = Either<Full<Bytes>, PooledBody>;
 
@@ -166,8 +167,19 @@ impl Front {
         let request_id = self.request_id(req.headers());
         let route = Route::of(req.uri().path());
         let method = req.method().clone();
+        // One span per request: continues the client's W3C trace, and its context goes to
+        // the worker (see `Upstream::new`); request_id is on every log line inside it.
+        let span = tracing::info_span!(
+            "front",
+            otel.name = route.template(),
+            otel.kind = "server",
+            http.request.method = method_label(&method),
+            request_id = request_id.to_str().unwrap_or(""),
+        );
+        firemode_telemetry::traces::continue_trace(&span, req.headers());
         let mut resp = match settings
             .dispatch(&self.registry, route, req, &request_id, started)
+            .instrument(span)
             .await
         {
             Ok(r) => r.map(Either::Right),
@@ -494,6 +506,7 @@ impl Upstream {
             headers.insert(IDENTITY_ORG, org);
         }
         headers.insert(REQUEST_ID, request_id.clone());
+        firemode_telemetry::traces::inject_trace(&tracing::Span::current(), &mut headers);
         if !body.is_empty() || matches!(method, Method::POST | Method::PUT | Method::PATCH) {
             headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
         }

@@ -1,8 +1,10 @@
 //! The supervisor's own log output: pretty on a terminal, JSON otherwise (or as
-//! `telemetry.log_format` says). Worker lines join the same stream via `child_log`.
+//! `telemetry.log_format` says). Worker lines join the same stream via `child_log`; the
+//! subscriber itself (and span export) is set up by `firemode_telemetry::traces`.
 
 use crate::child_log::Style;
 use firemode_config::LogFormat;
+use firemode_telemetry::traces::LogStyle;
 use std::io::IsTerminal;
 
 pub fn style(format: LogFormat) -> Style {
@@ -14,18 +16,9 @@ pub fn style(format: LogFormat) -> Style {
     }
 }
 
-pub fn init(style: Style) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = match style {
-        Style::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .try_init(),
-        Style::Pretty => builder.try_init(),
-    };
+pub fn log_style(style: Style) -> LogStyle {
+    match style {
+        Style::Json => LogStyle::Json,
+        Style::Pretty => LogStyle::Pretty,
+    }
 }

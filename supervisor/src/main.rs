@@ -95,7 +95,6 @@ fn main() -> ExitCode {
         }
         Command::Run => {
             let style = firemode::logging::style(config.telemetry.log_format);
-            firemode::logging::init(style);
             let runtime = match tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
@@ -110,13 +109,25 @@ fn main() -> ExitCode {
                 file: file.clone(),
                 overrides,
             };
-            match runtime.block_on(firemode::run::run(config, source, style)) {
+            let outcome = runtime.block_on(async {
+                let _telemetry = firemode_telemetry::traces::init(
+                    firemode::logging::log_style(style),
+                    &config.telemetry.otlp_endpoint,
+                    firemode_telemetry::traces::ServiceIdentity {
+                        kind: "",
+                        instance_id: format!("supervisor-{}", std::process::id()),
+                    },
+                );
+                let outcome = firemode::run::run(config, source, style).await;
+                if let Err(e) = &outcome {
+                    tracing::error!(error = %format!("{e:#}"), "firemode failed");
+                }
+                outcome
+            });
+            match outcome {
                 Ok(true) => ExitCode::SUCCESS,
                 Ok(false) => ExitCode::from(1),
-                Err(e) => {
-                    tracing::error!(error = %format!("{e:#}"), "firemode failed");
-                    ExitCode::from(1)
-                }
+                Err(_) => ExitCode::from(1),
             }
         }
     }

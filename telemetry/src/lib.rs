@@ -5,8 +5,11 @@
 //!   histogram buckets that resolve sub-millisecond latencies.
 //! * [`scrape`]: merging several Prometheus text scrapes into one, with extra labels, so
 //!   the supervisor's `/metrics` shows every worker's series labelled by kind and instance.
+//! * [`traces`]: logging and OpenTelemetry span export, and W3C trace context across the
+//!   process hop.
 
 pub mod scrape;
+pub mod traces;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use std::sync::OnceLock;

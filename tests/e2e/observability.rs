@@ -140,3 +140,144 @@ async fn one_scrape_shows_front_supervisor_and_workers_with_route_templates() {
         1
     );
 }
+
+/// A known W3C trace context sent by the "client".
+const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+const CLIENT_SPAN: &str = "00f067aa0ba902b7";
+
+fn otel_env(url: &str) -> Vec<(String, String)> {
+    vec![
+        ("OTEL_EXPORTER_OTLP_ENDPOINT".into(), url.to_string()),
+        ("OTEL_EXPORTER_OTLP_PROTOCOL".into(), "http/protobuf".into()),
+        // Export promptly so the test does not wait for the default 5 s batch delay.
+        ("OTEL_BSP_SCHEDULE_DELAY".into(), "100".into()),
+    ]
+}
+
+async fn spans_of(
+    receiver: &firemode_tests::OtlpReceiver,
+    trace: &str,
+    want: impl Fn(&[firemode_tests::ReceivedSpan]) -> bool,
+) -> Vec<firemode_tests::ReceivedSpan> {
+    firemode_tests::eventually(
+        "the spans of the trace to arrive",
+        std::time::Duration::from_secs(20),
+        || {
+            let spans = receiver.trace(trace);
+            let ok = want(&spans);
+            async move { ok.then_some(spans) }
+        },
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_trace_spans_the_front_the_worker_and_the_store() {
+    let (receiver, url) = firemode_tests::OtlpReceiver::start().await;
+    let sys = TestSystem::start(SystemOptions {
+        env: otel_env(&url),
+        ..SystemOptions::default()
+    })
+    .await;
+    let t = token("tablet-1", Some("acme"));
+    let auth = format!("Bearer {t}");
+    let traceparent = format!("00-{TRACE_ID}-{CLIENT_SPAN}-01");
+
+    // Classify: front → classify worker.
+    let r = request(
+        sys.front,
+        Method::POST,
+        "/v1/classify",
+        &[
+            ("authorization", &auth),
+            ("traceparent", &traceparent),
+            ("x-request-id", "trace-req-1"),
+        ],
+        r#"{"item_code":"FE-DCP","observed_condition":"pressure_low"}"#,
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200);
+    let spans = spans_of(&receiver, TRACE_ID, |s| {
+        s.iter().any(|x| x.service == "firemode")
+            && s.iter().any(|x| x.service == "firemode-classify")
+    })
+    .await;
+    let front = spans.iter().find(|s| s.service == "firemode").unwrap();
+    let worker = spans
+        .iter()
+        .find(|s| s.service == "firemode-classify")
+        .unwrap();
+    assert_eq!(
+        front.parent_span_id, CLIENT_SPAN,
+        "the front continues the client's trace"
+    );
+    assert_eq!(
+        worker.parent_span_id, front.span_id,
+        "the worker's span is the front span's child"
+    );
+    assert_eq!(front.name, "/v1/classify");
+    assert_eq!(front.attribute("request_id"), Some("trace-req-1"));
+    assert_eq!(worker.attribute("request_id"), Some("trace-req-1"));
+
+    // Sync: front → sync worker → store.
+    let trace2 = "0af7651916cd43dd8448eb211c80319c";
+    let traceparent = format!("00-{trace2}-{CLIENT_SPAN}-01");
+    let r = request(
+        sys.front,
+        Method::POST,
+        "/v1/tests/sessions/T1/results",
+        &[
+            ("authorization", &auth),
+            ("traceparent", &traceparent),
+            ("idempotency-key", "trace-1"),
+        ],
+        r#"{"changes":[{"op":"set","path":"/a","value":1}],"_sync_meta":{"vector_clock":{}}}"#,
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200);
+    let spans = spans_of(&receiver, trace2, |s| {
+        s.iter().any(|x| x.name == "store.merge_session")
+    })
+    .await;
+    let front = spans.iter().find(|s| s.service == "firemode").unwrap();
+    let worker = spans
+        .iter()
+        .find(|s| s.service == "firemode-sync" && s.name == "sync")
+        .unwrap();
+    let store = spans
+        .iter()
+        .find(|s| s.name == "store.merge_session")
+        .unwrap();
+    assert_eq!(front.parent_span_id, CLIENT_SPAN);
+    assert_eq!(worker.parent_span_id, front.span_id);
+    assert_eq!(
+        store.parent_span_id, worker.span_id,
+        "store spans sit inside the worker's"
+    );
+    assert_eq!(store.service, "firemode-sync");
+    assert_eq!(store.attribute("db.system"), Some("sqlite"));
+}
+
+#[tokio::test]
+async fn a_dead_collector_costs_no_errors() {
+    // Nothing listens on port 1 of loopback.
+    let sys = TestSystem::start(SystemOptions {
+        env: otel_env("http://127.0.0.1:1"),
+        ..SystemOptions::default()
+    })
+    .await;
+    let t = token("t", None);
+    for _ in 0..50 {
+        let r = sys
+            .post(
+                "/v1/classify",
+                &t,
+                r#"{"item_code":"FE-DCP","observed_condition":"pressure_low"}"#,
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200);
+    }
+}

@@ -11,10 +11,12 @@
 //! when `CI` is set, and skip with a loud message otherwise.
 
 mod http;
+mod otlp;
 mod pg;
 mod system;
 
 pub use http::{request, Reply};
+pub use otlp::{OtlpReceiver, ReceivedSpan};
 pub use pg::{pg_database, PgDatabase};
 pub use system::{bin_dir, SystemOptions, TestSystem};
 

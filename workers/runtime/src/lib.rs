@@ -69,7 +69,6 @@ where
     Fut: Future<Output = anyhow::Result<A>>,
 {
     let args = WorkerArgs::parse();
-    init_logging();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -83,7 +82,9 @@ where
     match runtime.block_on(serve(kind, args, make_app)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!(error = %format!("{e:#}"), "worker failed");
+            // Logging may not be set up yet: one JSON line the supervisor can re-emit.
+            let line = serde_json::json!({"level": "ERROR", "message": "worker failed", "error": format!("{e:#}")});
+            eprintln!("{line}");
             ExitCode::from(1)
         }
     }
@@ -99,6 +100,15 @@ where
     let text = std::fs::read_to_string(&args.config_json)
         .with_context(|| format!("reading {}", args.config_json.display()))?;
     let config = Arc::new(Config::from_json(&text)?);
+    // JSON lines on stderr: the supervisor re-emits them tagged with kind and instance.
+    let _telemetry = firemode_telemetry::traces::init(
+        firemode_telemetry::traces::LogStyle::Json,
+        &config.telemetry.otlp_endpoint,
+        firemode_telemetry::traces::ServiceIdentity {
+            kind,
+            instance_id: format!("{kind}-{}-{}", args.instance, std::process::id()),
+        },
+    );
     firemode_telemetry::install_metrics();
     let store = Store::open(&StoreOptions {
         url: config.database.url.clone(),
@@ -118,21 +128,7 @@ where
     };
     let app = Arc::new(make_app(ctx).await?);
     tracing::info!(kind, instance = args.instance, socket = %args.socket.display(), "worker starting");
-    server::serve(&args.socket, app, readiness).await
-}
-
-fn init_logging() {
-    // The supervisor reads these JSON lines from stderr and re-emits them tagged with the
-    // worker's kind and instance.
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .json()
-        .flatten_event(true)
-        .with_current_span(false)
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    server::serve(kind, &args.socket, app, readiness).await
 }
 
 /// A plain JSON 200.

@@ -15,12 +15,18 @@ use std::path::Path;
 use std::sync::Arc;
 use tokio::net::UnixListener;
 use tokio::signal::unix::{signal, SignalKind};
+use tracing::Instrument;
 
 /// Upper bound on a request body a worker will read; the front enforces the configured
 /// `max_body_bytes` first, this only protects a worker reached directly.
 const MAX_BODY: usize = 64 * 1024 * 1024;
 
-pub async fn serve<A: App>(socket: &Path, app: Arc<A>, readiness: Readiness) -> anyhow::Result<()> {
+pub async fn serve<A: App>(
+    kind: &'static str,
+    socket: &Path,
+    app: Arc<A>,
+    readiness: Readiness,
+) -> anyhow::Result<()> {
     use anyhow::Context as _;
     match std::fs::remove_file(socket) {
         Ok(()) => {}
@@ -51,7 +57,7 @@ pub async fn serve<A: App>(socket: &Path, app: Arc<A>, readiness: Readiness) -> 
                 let service = service_fn(move |req| {
                     let app = app.clone();
                     let readiness = readiness.clone();
-                    async move { Ok::<_, std::convert::Infallible>(route(&*app, &readiness, req).await) }
+                    async move { Ok::<_, std::convert::Infallible>(route(kind, &*app, &readiness, req).await) }
                 });
                 let conn = builder.serve_connection(TokioIo::new(stream), service);
                 let conn = graceful.watch(conn);
@@ -74,6 +80,7 @@ pub async fn serve<A: App>(socket: &Path, app: Arc<A>, readiness: Readiness) -> 
 }
 
 async fn route<A: App>(
+    kind: &'static str,
     app: &A,
     readiness: &Readiness,
     req: Request<Incoming>,
@@ -107,6 +114,24 @@ async fn route<A: App>(
             }
         }
         _ => {
+            // One span per request, continuing the front's trace; its request_id field is on
+            // every log line of the request.
+            let request_id = req
+                .headers()
+                .get(firemode_wire::REQUEST_ID)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_string();
+            let span = tracing::info_span!("worker", otel.name = kind, otel.kind = "server", request_id = %request_id);
+            firemode_telemetry::traces::continue_trace(&span, req.headers());
+            handle_app(app, req).instrument(span).await
+        }
+    }
+}
+
+async fn handle_app<A: App>(app: &A, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    {
+        {
             let (parts, body) = req.into_parts();
             match Limited::new(body, MAX_BODY).collect().await {
                 Ok(collected) => app.handle(parts, collected.to_bytes()).await,

@@ -95,6 +95,13 @@ impl Store {
         Ok(Store { inner })
     }
 
+    fn db_system(&self) -> &'static str {
+        match self.inner {
+            Inner::Sqlite(_) => "sqlite",
+            Inner::Postgres(_) => "postgresql",
+        }
+    }
+
     pub fn backend(&self) -> Backend {
         match self.inner {
             Inner::Sqlite(_) => Backend::Sqlite,
@@ -154,6 +161,7 @@ impl Store {
 impl Store {
     /// Runs one sync merge in one transaction: the session's lock, the idempotency check,
     /// `merge` on the stored state, the new state and the idempotency record.
+    #[tracing::instrument(name = "store.merge_session", skip_all, fields(db.system = self.db_system()))]
     pub async fn merge_session(
         &self,
         tenant: &str,
@@ -169,6 +177,7 @@ impl Store {
     }
 
     /// A session's stored state, `None` when it has no applied batch yet.
+    #[tracing::instrument(name = "store.session", skip_all, fields(db.system = self.db_system()))]
     pub async fn session(
         &self,
         tenant: &str,
