@@ -58,6 +58,47 @@ impl Drop for TelemetryGuard {
     }
 }
 
+/// Wraps the OTLP exporter: failed exports (collector down or slow) are counted in
+/// `firemode_span_export_failures_total` (spans lost) and warned about at most once a minute.
+#[derive(Debug)]
+struct CountingExporter<E> {
+    inner: E,
+    last_warning: std::sync::Mutex<Option<std::time::Instant>>,
+}
+
+impl<E: opentelemetry_sdk::trace::SpanExporter> opentelemetry_sdk::trace::SpanExporter
+    for CountingExporter<E>
+{
+    async fn export(
+        &self,
+        batch: Vec<opentelemetry_sdk::trace::SpanData>,
+    ) -> opentelemetry_sdk::error::OTelSdkResult {
+        let spans = batch.len() as u64;
+        let result = self.inner.export(batch).await;
+        if let Err(e) = &result {
+            metrics::counter!("firemode_span_export_failures_total").increment(spans);
+            let mut last = self.last_warning.lock().unwrap_or_else(|p| p.into_inner());
+            if last.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+                *last = Some(std::time::Instant::now());
+                tracing::warn!(error = %e, spans, "span export failed; spans are dropped (collector down or slow?)");
+            }
+        }
+        result
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> opentelemetry_sdk::error::OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn force_flush(&self) -> opentelemetry_sdk::error::OTelSdkResult {
+        self.inner.force_flush()
+    }
+
+    fn set_resource(&mut self, resource: &Resource) {
+        self.inner.set_resource(resource);
+    }
+}
+
 /// The OTLP endpoint in force: the environment's, else the config's, else none.
 fn endpoint(configured: &str) -> Option<(String, bool)> {
     for var in [
@@ -131,7 +172,10 @@ fn build_provider(
         .build();
     Ok(Some(
         SdkTracerProvider::builder()
-            .with_batch_exporter(exporter)
+            .with_batch_exporter(CountingExporter {
+                inner: exporter,
+                last_warning: std::sync::Mutex::new(None),
+            })
             .with_resource(resource)
             .build(),
     ))

@@ -280,4 +280,23 @@ async fn a_dead_collector_costs_no_errors() {
             .unwrap();
         assert_eq!(r.status, 200);
     }
+    // The lost spans are counted, and said once in the log.
+    let admin = sys.admin;
+    firemode_tests::eventually(
+        "export failures to be counted",
+        std::time::Duration::from_secs(20),
+        || async move {
+            let scrape = request(admin, Method::GET, "/metrics", &[], "")
+                .await
+                .ok()?;
+            let text = String::from_utf8_lossy(&scrape.body).into_owned();
+            text.lines()
+                .filter(|l| l.starts_with("firemode_span_export_failures_total"))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .any(|n| n > 0.0)
+                .then_some(())
+        },
+    )
+    .await;
+    assert!(sys.logs().contains("span export failed"));
 }
