@@ -52,6 +52,11 @@ pub struct Server {
     pub queue_timeout: HumanDuration,
     /// Budget for one request through the front, until the response head.
     pub request_timeout: HumanDuration,
+    /// How long a client may take to send a request's headers (slowloris guard).
+    pub header_read_timeout: HumanDuration,
+    /// Workers dying with the same request in flight this many times (within 10 minutes)
+    /// make the front refuse that request; 0: off.
+    pub poison_threshold: u32,
 }
 
 impl Default for Server {
@@ -62,6 +67,8 @@ impl Default for Server {
             max_body_bytes: 1_048_576,
             queue_timeout: HumanDuration::from_secs(5),
             request_timeout: HumanDuration::from_secs(30),
+            header_read_timeout: HumanDuration::from_secs(10),
+            poison_threshold: 3,
         }
     }
 }

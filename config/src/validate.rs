@@ -106,6 +106,10 @@ impl Config {
             ("server.queue_timeout", self.server.queue_timeout),
             ("server.request_timeout", self.server.request_timeout),
             (
+                "server.header_read_timeout",
+                self.server.header_read_timeout,
+            ),
+            (
                 "supervisor.health_interval",
                 self.supervisor.health_interval,
             ),

@@ -7,6 +7,7 @@
 
 use crate::auth::{AuthError, Identity, Verifier};
 use crate::instance::Kind;
+use crate::poison::PoisonList;
 use crate::registry::Registry;
 use crate::upstream::{self, PooledBody, UpstreamError};
 use arc_swap::ArcSwap;
@@ -103,6 +104,7 @@ impl FrontSettings {
 
 pub struct Front {
     registry: Arc<Registry>,
+    poison: PoisonList,
     settings: ArcSwap<FrontSettings>,
     /// Client requests being answered right now (for the drain's status line).
     in_flight: AtomicUsize,
@@ -129,9 +131,10 @@ const HOP_BY_HOP: &[HeaderName] = &[
 ];
 
 impl Front {
-    pub fn new(registry: Arc<Registry>, settings: FrontSettings) -> Self {
+    pub fn new(registry: Arc<Registry>, settings: FrontSettings, poison_threshold: u32) -> Self {
         Self {
             registry,
+            poison: PoisonList::new(poison_threshold),
             settings: ArcSwap::from_pointee(settings),
             in_flight: AtomicUsize::new(0),
             id_prefix: rand::random(),
@@ -178,7 +181,14 @@ impl Front {
         );
         firemode_telemetry::traces::continue_trace(&span, req.headers());
         let mut resp = match settings
-            .dispatch(&self.registry, route, req, &request_id, started)
+            .dispatch(
+                &self.registry,
+                &self.poison,
+                route,
+                req,
+                &request_id,
+                started,
+            )
             .instrument(span)
             .await
         {
@@ -209,9 +219,11 @@ impl Front {
 }
 
 impl FrontSettings {
+    #[allow(clippy::too_many_arguments)]
     async fn dispatch(
         &self,
         registry: &Registry,
+        poison: &PoisonList,
         route: Route,
         req: Request<Incoming>,
         request_id: &HeaderValue,
@@ -275,6 +287,25 @@ impl FrontSettings {
             identity,
             request_id,
         );
+        let fingerprint =
+            || poison.fingerprint(route.template(), upstream.method.as_str(), &upstream.body);
+        if poison.active() && poison.is_poison(fingerprint(), Instant::now().into_std()) {
+            return Err(poisoned(fingerprint()));
+        }
+        // A worker connection that died under this request: one strike; at the threshold
+        // the request is refused from now on instead of being retried.
+        let strike = |err: &UpstreamError| -> Option<Reply> {
+            if !matches!(err, UpstreamError::Exchange(_)) {
+                return None;
+            }
+            let fp = fingerprint();
+            let n = poison.strike(fp, Instant::now().into_std());
+            (n >= poison.threshold() && poison.threshold() > 0).then(|| {
+                metrics::counter!("firemode_poison_requests_total", "kind" => kind.name()).increment(1);
+                tracing::error!(kind = kind.name(), route = route.template(), fingerprint = %format!("{fp:016x}"), strikes = n, "poison request: workers died under it; refusing it");
+                poisoned(fp)
+            })
+        };
 
         let set = registry
             .set(kind)
@@ -312,6 +343,9 @@ impl FrontSettings {
             }
         };
         tracing::warn!(kind = kind.name(), instance = instance.index, error = %err, retry = retryable, "upstream request failed");
+        if let Some(refused) = strike(&err) {
+            return Err(refused);
+        }
         if !retryable {
             return Err(bad_gateway(&err));
         }
@@ -332,7 +366,7 @@ impl FrontSettings {
             }
             Ok(Err(e)) => {
                 other.record_outcome(None, self.traffic_threshold);
-                Err(bad_gateway(&e))
+                Err(strike(&e).unwrap_or_else(|| bad_gateway(&e)))
             }
             Err(_) => {
                 other.record_outcome(None, self.traffic_threshold);
@@ -440,6 +474,19 @@ fn unauthorized(e: AuthError) -> Reply {
     resp.headers_mut()
         .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
     Reply(resp)
+}
+
+fn poisoned(fp: u64) -> Reply {
+    Problem::new(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "poison-request",
+        "Request refused: it crashes workers",
+        format!(
+            "workers stopped while handling this exact request several times; it is refused for the next 10 minutes (fingerprint {fp:016x}). Operators can find it in the log by that fingerprint"
+        ),
+    )
+    .with("fingerprint", format!("{fp:016x}"))
+    .into()
 }
 
 fn bad_gateway(e: &UpstreamError) -> Reply {

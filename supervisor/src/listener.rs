@@ -12,9 +12,6 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-/// How long a client may take to send its request head.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
-
 /// Serves `listener` until `stop` turns true, then waits up to `grace` for open requests.
 /// Returns whether every connection closed within the grace period.
 pub async fn serve<S, F, B>(
@@ -24,6 +21,7 @@ pub async fn serve<S, F, B>(
     call: F,
     mut stop: watch::Receiver<bool>,
     grace: impl Fn() -> Duration,
+    header_read_timeout: Duration,
 ) -> bool
 where
     S: Send + Sync + 'static,
@@ -40,7 +38,7 @@ where
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT);
+        .header_read_timeout(header_read_timeout);
     loop {
         tokio::select! {
             accepted = listener.accept() => {

@@ -79,6 +79,7 @@ pub async fn run(config: Config, source: ConfigSource, log_style: Style) -> anyh
     let front = Arc::new(Front::new(
         registry.clone(),
         FrontSettings::new(&config, verifier),
+        config.server.poison_threshold,
     ));
     let front_task = tokio::spawn(listener::serve(
         "front",
@@ -87,6 +88,7 @@ pub async fn run(config: Config, source: ConfigSource, log_style: Style) -> anyh
         |f: Arc<Front>, req| Box::pin(async move { f.handle(req).await }),
         stop_front_rx,
         remaining.clone(),
+        config.server.header_read_timeout.get(),
     ));
     let (stop_admin, stop_admin_rx) = watch::channel(false);
     let admin = Arc::new(Admin {
@@ -99,6 +101,7 @@ pub async fn run(config: Config, source: ConfigSource, log_style: Style) -> anyh
         |a: Arc<Admin>, req| Box::pin(async move { a.handle(req).await }),
         stop_admin_rx,
         || Duration::from_secs(1),
+        Duration::from_secs(10),
     ));
     let notifier = tokio::spawn(notify_systemd(registry.clone()));
 

@@ -4,6 +4,7 @@
 mod auth;
 mod classify;
 mod config;
+mod hostile;
 mod observability;
 mod operations;
 mod store_contract;
