@@ -313,6 +313,15 @@ impl FrontSettings {
         let queue_deadline = (Instant::now() + self.queue_timeout).min(deadline);
         let picked = match set.pick(None) {
             Some(i) => Some(i),
+            // Every instance is up but says it cannot serve (its store is down): nothing is
+            // restarting, so waiting would only delay the answer.
+            None if set.all_report_not_ready() => {
+                return Err(Problem::unavailable(format!(
+                    "every {} worker reports it cannot serve right now (its store is unreachable); retry shortly",
+                    kind.name()
+                ))
+                .into());
+            }
             None => {
                 // No ready instance: queue (the wait is what this histogram shows).
                 let waited = Instant::now();
@@ -331,6 +340,9 @@ impl FrontSettings {
         let err = match attempt.await {
             Ok(Ok(resp)) => {
                 instance.record_outcome(Some(resp.status().as_u16()), self.traffic_threshold);
+                if poison.active() {
+                    poison.forgive(fingerprint());
+                }
                 return Ok(finish(resp));
             }
             Ok(Err(e)) => {
@@ -362,6 +374,9 @@ impl FrontSettings {
         match tokio::time::timeout_at(deadline, upstream::send(&other, upstream.request())).await {
             Ok(Ok(resp)) => {
                 other.record_outcome(Some(resp.status().as_u16()), self.traffic_threshold);
+                if poison.active() {
+                    poison.forgive(fingerprint());
+                }
                 Ok(finish(resp))
             }
             Ok(Err(e)) => {

@@ -92,6 +92,8 @@ pub struct Instance {
     traffic_failures: AtomicU32,
     /// Set when real traffic says the instance is broken; the supervision task acts on it.
     traffic_verdict: AtomicBool,
+    /// The last health check said "alive, not ready" (store down).
+    not_ready: AtomicBool,
     /// A replacement was asked for (recycling); asked once per process.
     recycling: AtomicBool,
     /// Wakes the supervision task early (a traffic verdict).
@@ -133,6 +135,7 @@ impl Instance {
             traffic_failures: AtomicU32::new(0),
             traffic_verdict: AtomicBool::new(false),
             recycling: AtomicBool::new(false),
+            not_ready: AtomicBool::new(false),
             attention: tokio::sync::Notify::new(),
             outstanding: AtomicUsize::new(0),
             details: Mutex::new(Details::default()),
@@ -204,6 +207,14 @@ impl Instance {
             self.traffic_verdict.store(true, Ordering::Release);
             self.attention.notify_one();
         }
+    }
+
+    pub fn set_reports_not_ready(&self, v: bool) {
+        self.not_ready.store(v, Ordering::Relaxed);
+    }
+
+    pub fn reports_not_ready(&self) -> bool {
+        self.not_ready.load(Ordering::Relaxed) && self.state() == InstanceState::Unhealthy
     }
 
     /// Takes the traffic verdict, if real requests condemned this process.

@@ -81,6 +81,15 @@ impl PoisonList {
         n
     }
 
+    /// The request succeeded: it is not poison (a busy request caught in unrelated crashes,
+    /// say a SIGKILL storm, must not be refused). Only called while the list is active.
+    pub fn forgive(&self, fp: u64) {
+        let mut map = self.map();
+        if map.remove(&fp).is_some() {
+            self.tracked.store(map.len(), Ordering::Relaxed);
+        }
+    }
+
     pub fn threshold(&self) -> u32 {
         self.threshold
     }
@@ -107,6 +116,17 @@ mod tests {
         assert!(!p.is_poison(fp, now + WINDOW), "forgiven after the window");
         let other = p.fingerprint("/v1/classify", "POST", b"other");
         assert!(!p.is_poison(other, now));
+    }
+
+    #[test]
+    fn a_success_clears_the_strikes() {
+        let p = PoisonList::new(2);
+        let now = Instant::now();
+        p.strike(7, now);
+        p.forgive(7);
+        assert!(!p.active());
+        p.strike(7, now);
+        assert!(!p.is_poison(7, now), "one strike after forgiveness");
     }
 
     #[test]

@@ -144,6 +144,13 @@ impl KindSet {
         }
     }
 
+    /// Every instance of the kind is running and answers its health check with
+    /// "not ready" (e.g. its store is down).
+    pub fn all_report_not_ready(&self) -> bool {
+        let list = self.instances();
+        !list.is_empty() && list.iter().all(|i| i.reports_not_ready())
+    }
+
     /// The soonest restart among this kind's instances in backoff: what `Retry-After` says.
     pub fn next_start_in(&self) -> Option<Duration> {
         self.instances()

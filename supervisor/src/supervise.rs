@@ -203,6 +203,7 @@ async fn run_child(
             }
             _ = tokio::time::sleep_until(next_check) => {
                 let result = probe(&inst.socket, sup.health_timeout.get()).await;
+                inst.set_reports_not_ready(result == Probe::NotReady);
                 let starting = !alive;
                 match result {
                     Probe::Ready => {
@@ -219,11 +220,15 @@ async fn run_child(
                     }
                     Probe::NotReady => {
                         // Alive, but cannot serve (its store?): out of rotation, no restart.
+                        // Before its first ready answer it is still starting (and now safe
+                        // from start_timeout); after, it is unhealthy.
                         failures = 0;
-                        if inst.is_ready() || starting {
+                        if inst.is_ready() {
                             tracing::warn!(kind = inst.kind.name(), instance = inst.index, "instance reports not ready (its store?)");
                         }
-                        inst.set_state(InstanceState::Unhealthy);
+                        if ever_ready {
+                            inst.set_state(InstanceState::Unhealthy);
+                        }
                         alive = true;
                     }
                     Probe::NoSocket if starting => {}

@@ -4,6 +4,7 @@
 mod auth;
 mod classify;
 mod config;
+mod faults;
 mod hostile;
 mod observability;
 mod operations;

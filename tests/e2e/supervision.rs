@@ -316,7 +316,10 @@ async fn runtime_dir_is_private_and_stale_sockets_are_replaced() {
         !stale_path.exists(),
         "the stale socket was removed at start"
     );
-    assert_eq!(sys.instances("classify").await[0]["state"], "ready");
+    eventually("classify 0 ready", Duration::from_secs(10), || async {
+        (sys.instances("classify").await[0]["state"] == "ready").then_some(())
+    })
+    .await;
     drop(sys);
     let _ = std::fs::remove_dir_all(dir);
 }

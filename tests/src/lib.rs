@@ -10,11 +10,13 @@
 //! is the server to create per-test databases on. Unreachable: the PostgreSQL tests fail
 //! when `CI` is set, and skip with a loud message otherwise.
 
+mod cluster;
 mod http;
 mod otlp;
 mod pg;
 mod system;
 
+pub use cluster::ThrowawayCluster;
 pub use http::{request, Reply};
 pub use otlp::{OtlpReceiver, ReceivedSpan};
 pub use pg::{pg_database, PgDatabase};

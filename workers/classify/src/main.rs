@@ -41,6 +41,9 @@ impl ClassifyApp {
         let catalog = configured_catalog(&ctx.config.catalog.file)?;
         let index: Arc<ArcSwapOption<CatalogIndex>> = Arc::default();
         let (slot, readiness) = (index.clone(), ctx.readiness.clone());
+        // Once the catalog is in memory, classify needs no database: it stays ready through
+        // a store outage.
+        ctx.readiness.set_store_optional();
         tokio::spawn(install_and_follow(
             ctx.store.clone(),
             catalog,

@@ -18,6 +18,8 @@ struct Flags {
     store: AtomicBool,
     /// The kind's own readiness (e.g. the catalog is loaded). Starts false.
     app: AtomicBool,
+    /// Serving needs the store right now (false for a kind that answers from memory).
+    store_optional: AtomicBool,
 }
 
 impl Readiness {
@@ -27,8 +29,15 @@ impl Readiness {
     pub fn store_ready(&self) -> bool {
         self.inner.store.load(Ordering::Acquire)
     }
+    /// Declares that this kind serves without the store once it is app-ready (classify
+    /// answers from its in-memory catalog during a database outage).
+    pub fn set_store_optional(&self) {
+        self.inner.store_optional.store(true, Ordering::Release);
+    }
+
     pub fn is_ready(&self) -> bool {
-        self.store_ready() && self.inner.app.load(Ordering::Acquire)
+        let app = self.inner.app.load(Ordering::Acquire);
+        app && (self.store_ready() || self.inner.store_optional.load(Ordering::Acquire))
     }
 }
 
