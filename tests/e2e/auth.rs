@@ -107,3 +107,111 @@ async fn token_command_mints_with_the_generated_secret() {
         .unwrap();
     r.problem(401);
 }
+
+/// Algorithm confusion: with RS256 configured, a token "signed" HS256 using the RSA public
+/// key as the HMAC secret must be refused; a real RS256 token passes.
+#[tokio::test]
+async fn an_rs256_public_key_presented_as_an_hs256_secret_is_refused() {
+    let dir = std::env::temp_dir().join(format!("fm-rsa-{:08x}", rand::random::<u32>()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let private = dir.join("private.pem");
+    let public = dir.join("public.pem");
+    let gen = std::process::Command::new("openssl")
+        .args([
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:2048",
+            "-out",
+        ])
+        .arg(&private)
+        .output();
+    let Ok(gen) = gen else {
+        assert!(std::env::var_os("CI").is_none(), "openssl is needed in CI");
+        eprintln!("\n!!! SKIPPING: openssl not installed\n");
+        return;
+    };
+    assert!(
+        gen.status.success(),
+        "{}",
+        String::from_utf8_lossy(&gen.stderr)
+    );
+    let out = std::process::Command::new("openssl")
+        .args(["rsa", "-pubout", "-in"])
+        .arg(&private)
+        .arg("-out")
+        .arg(&public)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let sys = TestSystem::start(SystemOptions {
+        set: vec![
+            ("auth.algorithm", "RS256".into()),
+            ("auth.jwt_secret", "".into()),
+            ("auth.public_key_file", public.display().to_string().into()),
+        ],
+        ..SystemOptions::default()
+    })
+    .await;
+    let claims = serde_json::json!({"sub": "mallory", "exp": 4102444800u64});
+    let public_pem = std::fs::read(&public).unwrap();
+    let confused = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(&public_pem),
+    )
+    .unwrap();
+    sys.post("/v1/classify", &confused, BODY)
+        .await
+        .unwrap()
+        .problem(401);
+    let genuine = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256),
+        &serde_json::json!({"sub": "tech-1", "exp": 4102444800u64}),
+        &jsonwebtoken::EncodingKey::from_rsa_pem(&std::fs::read(&private).unwrap()).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        sys.post("/v1/classify", &genuine, BODY)
+            .await
+            .unwrap()
+            .status,
+        200
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Secrets stay secret: not in any log line, and the files that hold them are private.
+#[tokio::test]
+async fn secrets_never_reach_the_logs_and_their_files_are_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let sys = TestSystem::start(SystemOptions::default()).await;
+    for _ in 0..3 {
+        sys.post("/v1/classify", &token("t", None), BODY)
+            .await
+            .unwrap();
+        sys.post("/v1/classify", "not-a-token", BODY).await.unwrap();
+    }
+    let logs = sys.logs();
+    assert!(
+        !logs.contains(TEST_SECRET),
+        "the JWT secret appeared in the log"
+    );
+    // The effective config handed to workers (it may hold a database password) is 0600,
+    // and the runtime directory holding it and the sockets is 0700.
+    let run = sys.dir.join("run");
+    assert_eq!(
+        std::fs::metadata(&run).unwrap().permissions().mode() & 0o777,
+        0o700
+    );
+    let configs: Vec<_> = std::fs::read_dir(&run)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("worker-config"))
+        .collect();
+    assert!(!configs.is_empty());
+    for c in configs {
+        assert_eq!(c.metadata().unwrap().permissions().mode() & 0o777, 0o600);
+    }
+}
