@@ -1,0 +1,31 @@
+-- wrk script: sync merges with a fresh Idempotency-Key per request (the seeds' payload).
+-- SESSIONS=1 (env) puts every merge on one hot session; the default spreads them over 500.
+local counter = 0
+local sessions = tonumber(os.getenv("SESSIONS") or "500")
+local token = os.getenv("TOKEN")
+local thread_id = 0
+
+function setup(thread)
+  thread:set("tid", thread_id)
+  thread_id = thread_id + 1
+end
+
+function request()
+  counter = counter + 1
+  local session = "bench-" .. (counter % sessions)
+  local body = '{"changes":[{"op":"set","path":"/extinguishers/FE-' .. (counter % 50) ..
+      '/pressure","value":"low"}],"_sync_meta":{"vector_clock":{}}}'
+  local headers = {
+    ["Authorization"] = "Bearer " .. token,
+    ["Content-Type"] = "application/json",
+    ["Idempotency-Key"] = "k-" .. tid .. "-" .. counter .. "-" .. math.random(1, 1e9),
+  }
+  return wrk.format("POST", "/v1/tests/sessions/" .. session .. "/results", headers, body)
+end
+
+function done(summary, latency, requests)
+  io.write(string.format("RESULT requests=%d errors=%d p50_us=%d p95_us=%d p99_us=%d seconds=%.2f non2xx=%d\n",
+    summary.requests, summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout,
+    latency:percentile(50), latency:percentile(95), latency:percentile(99), summary.duration / 1e6,
+    summary.errors.status))
+end
