@@ -5,6 +5,7 @@ mod auth;
 mod classify;
 mod config;
 mod faults;
+mod fuzz_corpus;
 mod hostile;
 mod observability;
 mod operations;
