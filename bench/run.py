@@ -4,7 +4,8 @@
 Measures classify (a) directly on one worker socket, (b) through the FireMode front (with
 JWT), (c) through nginx proxying to the same worker sockets with keep-alive; at 64 and 500
 connections, in interleaved rounds; then classify at a fixed 5,000 requests/s; sync merges
-against PostgreSQL (many sessions, then one hot session); restart-to-ready of a SIGKILLed
+against PostgreSQL at the rate of 500 Locust users and closed loop (many sessions, one hot
+session); restart-to-ready of a SIGKILLed
 instance; RSS of every process; CPU each process spent per request.
 
     bench/run.py [--rounds 4] [--duration 10] [--quick]
@@ -217,10 +218,17 @@ def main():
 
         fixed = oha(cases["front"]["target"], 500, a.duration, auth, rate=5000)
 
+        # Sync at the rate 500 Locust users offer (the load test's mix: 5 of every 17 tasks
+        # are merges, one task per user per ~1 s): 500 connections, each a user waiting
+        # 0.5-1.5 x 3.4 s between merges, ~147 merges/s; then the same connections back to
+        # back (closed loop) for the capacity.
         env = dict(os.environ, TOKEN=token)
         sync = {}
-        for label, sessions in (("many sessions", "500"), ("hot session", "1")):
-            env["SESSIONS"] = sessions
+        for label, sessions, think in (("500 users, many sessions", "500", "3400"),
+                                       ("500 users, one hot session", "1", "3400"),
+                                       ("closed loop, many sessions", "500", "0"),
+                                       ("closed loop, one hot session", "1", "0")):
+            env["SESSIONS"], env["THINK_MS"] = sessions, think
             out = subprocess.run(["wrk", "-t2", "-c500", f"-d{a.duration * 2}s", "-s", f"{ROOT}/bench/sync.lua",
                                   f"http://{FRONT}"], capture_output=True, text=True, env=env, check=True).stdout
             m = re.search(r"RESULT (.*)", out)

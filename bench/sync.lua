@@ -1,8 +1,12 @@
 -- wrk script: sync merges with a fresh Idempotency-Key per request (the seeds' payload).
 -- SESSIONS=1 (env) puts every merge on one hot session; the default spreads them over 500.
+-- THINK_MS (env) makes each connection a Locust-style user: it waits a random 0.5-1.5 x
+-- THINK_MS between its requests (wrk's latency figures leave the wait out). Without it, the
+-- connections send back to back (closed loop: the merge capacity).
 local counter = 0
 local sessions = tonumber(os.getenv("SESSIONS") or "500")
 local token = os.getenv("TOKEN")
+local think_ms = tonumber(os.getenv("THINK_MS") or "0")
 local thread_id = 0
 
 function setup(thread)
@@ -21,6 +25,13 @@ function request()
     ["Idempotency-Key"] = "k-" .. tid .. "-" .. counter .. "-" .. math.random(1, 1e9),
   }
   return wrk.format("POST", "/v1/tests/sessions/" .. session .. "/results", headers, body)
+end
+
+function delay()
+  if think_ms <= 0 then
+    return 0
+  end
+  return math.floor(think_ms * (0.5 + math.random()))
 end
 
 function done(summary, latency, requests)

@@ -10,6 +10,25 @@ use std::path::Path;
 use std::time::Duration;
 use tokio::net::UnixStream;
 
+/// The first health check of a new instance comes this soon after its start.
+pub const FIRST_PROBE_AFTER: Duration = Duration::from_millis(10);
+
+/// The pause before the next health check. Until an instance's first ready answer the checks
+/// start at [`FIRST_PROBE_AFTER`] and double up to `health_interval`: a restarted worker that
+/// is ready within a few milliseconds is routed to within a few more, and one that waits for
+/// its store is not asked a hundred times a second. Once it has been ready: `health_interval`.
+pub fn next_probe_after(
+    ever_ready: bool,
+    previous: Duration,
+    health_interval: Duration,
+) -> Duration {
+    if ever_ready {
+        health_interval
+    } else {
+        previous.saturating_mul(2).min(health_interval)
+    }
+}
+
 #[derive(Debug, PartialEq, Eq)]
 pub enum Probe {
     Ready,
@@ -124,4 +143,35 @@ async fn exchange(socket: &Path) -> Probe {
     };
     conn.abort();
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn startup_probes_double_up_to_the_health_interval() {
+        let interval = Duration::from_secs(1);
+        let mut pause = FIRST_PROBE_AFTER;
+        let mut pauses = vec![pause];
+        for _ in 0..8 {
+            pause = next_probe_after(false, pause, interval);
+            pauses.push(pause);
+        }
+        let ms: Vec<u128> = pauses.iter().map(Duration::as_millis).collect();
+        assert_eq!(ms, [10, 20, 40, 80, 160, 320, 640, 1000, 1000]);
+    }
+
+    #[test]
+    fn a_ready_instance_is_checked_every_health_interval() {
+        let interval = Duration::from_millis(500);
+        assert_eq!(
+            next_probe_after(true, FIRST_PROBE_AFTER, interval),
+            interval
+        );
+        assert_eq!(
+            next_probe_after(false, Duration::from_millis(5), Duration::from_millis(3)),
+            Duration::from_millis(3)
+        );
+    }
 }

@@ -3,7 +3,7 @@
 //! deadline. The state machine is [`InstanceState`]; the restart timing is [`RestartPolicy`].
 
 use crate::backoff::RestartPolicy;
-use crate::health::{probe, Probe};
+use crate::health::{next_probe_after, probe, Probe, FIRST_PROBE_AFTER};
 use crate::instance::{Instance, InstanceState};
 use crate::registry::Registry;
 use crate::spawn::{describe_exit, spawn, SpawnSpec};
@@ -16,9 +16,6 @@ use std::time::Duration;
 use tokio::process::Child;
 use tokio::sync::watch;
 use tokio::time::Instant;
-
-/// Health checks while an instance starts: often, so a restart is back in service fast.
-const STARTUP_PROBE_INTERVAL: Duration = Duration::from_millis(10);
 
 /// What the supervisor as a whole is doing; instance tasks watch it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -176,6 +173,7 @@ async fn run_child(
     // Answered a health check at all (ready or not): past the start_timeout's reach.
     let mut alive = false;
     let mut next_check = Instant::now();
+    let mut probe_pause = FIRST_PROBE_AFTER;
     loop {
         tokio::select! {
             status = child.wait() => {
@@ -257,8 +255,8 @@ async fn run_child(
                         sup.start_timeout
                     ));
                 }
-                next_check = Instant::now()
-                    + if alive { sup.health_interval.get() } else { STARTUP_PROBE_INTERVAL };
+                probe_pause = next_probe_after(ever_ready, probe_pause, sup.health_interval.get());
+                next_check = Instant::now() + probe_pause;
             }
         }
     }

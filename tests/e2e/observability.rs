@@ -237,8 +237,12 @@ async fn one_trace_spans_the_front_the_worker_and_the_store() {
     .await
     .unwrap();
     assert_eq!(r.status, 200);
+    // Each process exports on its own schedule: wait for all three spans.
     let spans = spans_of(&receiver, trace2, |s| {
         s.iter().any(|x| x.name == "store.merge_session")
+            && s.iter().any(|x| x.service == "firemode")
+            && s.iter()
+                .any(|x| x.service == "firemode-sync" && x.name == "sync")
     })
     .await;
     let front = spans.iter().find(|s| s.service == "firemode").unwrap();

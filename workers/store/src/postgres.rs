@@ -6,6 +6,7 @@ use crate::sessions::{live_since, IdempotencyKey, MergeFn, MergeOutcome, StoredS
 use crate::{catalog_conflict, now_ms, StoreError, StoreOptions};
 use bb8_postgres::PostgresConnectionManager;
 use std::time::Duration;
+use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::NoTls;
 
 /// Key of the advisory lock that serialises migrations ("AS1851" in spirit).
@@ -157,6 +158,11 @@ impl PgStore {
         Ok(row.map(|r| (r.get(0), r.get(1))))
     }
 
+    /// One merge in one transaction, in four round trips: `BEGIN`; then, pipelined, the lock
+    /// timeout, the placeholder row, the row lock and the key's live record (statements of a
+    /// transaction run in order, so the record is read under the lock); then, pipelined, the
+    /// new state and the idempotency record; then `COMMIT`. Statements go out with their
+    /// parameter types (`query_typed`), so none costs a separate prepare round trip.
     pub async fn merge_session(
         &self,
         tenant: &str,
@@ -167,46 +173,47 @@ impl PgStore {
     ) -> Result<MergeOutcome, StoreError> {
         let mut conn = self.pool.get().await.map_err(pool_error)?;
         let tx = conn.transaction().await.map_err(unavailable)?;
-        tx.batch_execute(&format!(
-            "SET LOCAL lock_timeout = {}",
-            self.lock_timeout_ms
-        ))
-        .await
-        .map_err(unavailable)?;
         let now = now_ms();
-        // The session's row lock serialises merges of one session across every host; a
-        // placeholder row (version 0) makes the lock exist before the first batch.
-        tx.execute(
-            "INSERT INTO sync_sessions (tenant, session_id, state, version, updated_at)
-             VALUES ($1, $2, '', 0, $3) ON CONFLICT DO NOTHING",
-            &[&tenant, &session_id, &now],
-        )
-        .await
-        .map_err(unavailable)?;
-        let row = tx
-            .query_one(
+        let live = live_since(ttl);
+        let set_lock_timeout = format!("SET LOCAL lock_timeout = {}", self.lock_timeout_ms);
+        let placeholder_params: [(&(dyn ToSql + Sync), Type); 3] = [
+            (&tenant, Type::TEXT),
+            (&session_id, Type::TEXT),
+            (&now, Type::INT8),
+        ];
+        let record_params: [(&(dyn ToSql + Sync), Type); 4] = [
+            (&tenant, Type::TEXT),
+            (&idem.subject, Type::TEXT),
+            (&idem.key, Type::TEXT),
+            (&live, Type::INT8),
+        ];
+        let (timeout_set, placeholder, locked, record) = tokio::join!(
+            tx.batch_execute(&set_lock_timeout),
+            // The session's row lock serialises merges of one session across every host; a
+            // placeholder row (version 0) makes the lock exist before the first batch.
+            tx.query_typed(
+                "INSERT INTO sync_sessions (tenant, session_id, state, version, updated_at)
+                 VALUES ($1, $2, '', 0, $3) ON CONFLICT DO NOTHING",
+                &placeholder_params,
+            ),
+            tx.query_typed_one(
                 "SELECT state, version FROM sync_sessions
                  WHERE tenant = $1 AND session_id = $2 FOR UPDATE",
-                &[&tenant, &session_id],
-            )
-            .await
-            .map_err(lock_error)?;
-        let (state, version): (String, i64) = (row.get(0), row.get(1));
-        tx.execute(
-            "DELETE FROM sync_idempotency
-             WHERE tenant = $1 AND subject = $2 AND idem_key = $3 AND created_at < $4",
-            &[&tenant, &idem.subject, &idem.key, &live_since(ttl)],
-        )
-        .await
-        .map_err(unavailable)?;
-        let record = tx
-            .query_opt(
+                &placeholder_params[..2],
+            ),
+            tx.query_typed_opt(
                 "SELECT request_hash, status, body FROM sync_idempotency
-                 WHERE tenant = $1 AND subject = $2 AND idem_key = $3",
-                &[&tenant, &idem.subject, &idem.key],
-            )
-            .await
-            .map_err(unavailable)?;
+                 WHERE tenant = $1 AND subject = $2 AND idem_key = $3 AND created_at >= $4",
+                &record_params,
+            ),
+        );
+        // The first failure is the cause; the statements after it only report the aborted
+        // transaction.
+        timeout_set.map_err(unavailable)?;
+        placeholder.map_err(unavailable)?;
+        let row = locked.map_err(lock_error)?;
+        let record = record.map_err(unavailable)?;
+        let (state, version): (String, i64) = (row.get(0), row.get(1));
         if let Some(r) = record {
             let (hash, status, body): (String, i32, String) = (r.get(0), r.get(1), r.get(2));
             tx.commit().await.map_err(unavailable)?;
@@ -220,38 +227,59 @@ impl PgStore {
             });
         }
         let step = merge((version > 0).then_some(state.as_str()));
-        if let Some(new_state) = &step.new_state {
-            tx.execute(
-                "UPDATE sync_sessions SET state = $3, version = version + 1, updated_at = $4
-                 WHERE tenant = $1 AND session_id = $2",
-                &[&tenant, &session_id, new_state, &now],
+        let status = i32::from(step.status);
+        let save_state = async {
+            match &step.new_state {
+                Some(new_state) => tx
+                    .query_typed(
+                        "UPDATE sync_sessions SET state = $3, version = version + 1, updated_at = $4
+                         WHERE tenant = $1 AND session_id = $2",
+                        &[
+                            (&tenant, Type::TEXT),
+                            (&session_id, Type::TEXT),
+                            (new_state, Type::TEXT),
+                            (&now, Type::INT8),
+                        ],
+                    )
+                    .await
+                    .map(drop),
+                None => Ok(()),
+            }
+        };
+        // An expired record of the same key is replaced; a live one (the same key, at the
+        // same moment, for another session) is kept and nothing of this merge is.
+        let remember = async {
+            if !step.remember {
+                return Ok(None);
+            }
+            tx.query_typed(
+                "INSERT INTO sync_idempotency
+                 (tenant, subject, idem_key, request_hash, status, body, created_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)
+                 ON CONFLICT (tenant, subject, idem_key) DO UPDATE
+                 SET request_hash = EXCLUDED.request_hash, status = EXCLUDED.status,
+                     body = EXCLUDED.body, created_at = EXCLUDED.created_at
+                 WHERE sync_idempotency.created_at < $8
+                 RETURNING 1",
+                &[
+                    (&tenant, Type::TEXT),
+                    (&idem.subject, Type::TEXT),
+                    (&idem.key, Type::TEXT),
+                    (&idem.request_hash, Type::TEXT),
+                    (&status, Type::INT4),
+                    (&step.body, Type::TEXT),
+                    (&now, Type::INT8),
+                    (&live, Type::INT8),
+                ],
             )
             .await
-            .map_err(unavailable)?;
-        }
-        if step.remember {
-            let inserted = tx
-                .execute(
-                    "INSERT INTO sync_idempotency
-                     (tenant, subject, idem_key, request_hash, status, body, created_at)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING",
-                    &[
-                        &tenant,
-                        &idem.subject,
-                        &idem.key,
-                        &idem.request_hash,
-                        &(step.status as i32),
-                        &step.body,
-                        &now,
-                    ],
-                )
-                .await
-                .map_err(unavailable)?;
-            if inserted == 0 {
-                // The same key, at the same moment, for another session: nothing of this
-                // merge is kept (the transaction rolls back on drop).
-                return Ok(MergeOutcome::KeyReused);
-            }
+            .map(|rows| Some(rows.len()))
+        };
+        let (saved, remembered) = tokio::join!(save_state, remember);
+        saved.map_err(unavailable)?;
+        if remembered.map_err(unavailable)? == Some(0) {
+            // The transaction rolls back on drop.
+            return Ok(MergeOutcome::KeyReused);
         }
         tx.commit().await.map_err(unavailable)?;
         Ok(MergeOutcome::Ran(step))
