@@ -228,7 +228,7 @@ def main():
                                        ("500 users, one hot session", "1", "3400"),
                                        ("closed loop, many sessions", "500", "0"),
                                        ("closed loop, one hot session", "1", "0")):
-            env["SESSIONS"], env["THINK_MS"] = sessions, think
+            env["SESSIONS"], env["THINK_MS"], env["RUN_ID"] = sessions, think, f"r{time.time_ns()}"
             out = subprocess.run(["wrk", "-t2", "-c500", f"-d{a.duration * 2}s", "-s", f"{ROOT}/bench/sync.lua",
                                   f"http://{FRONT}"], capture_output=True, text=True, env=env, check=True).stdout
             m = re.search(r"RESULT (.*)", out)

@@ -7,6 +7,9 @@ local counter = 0
 local sessions = tonumber(os.getenv("SESSIONS") or "500")
 local token = os.getenv("TOKEN")
 local think_ms = tonumber(os.getenv("THINK_MS") or "0")
+-- Keys must differ between runs against one database: the same key with another body is a
+-- 422 by design (and wrk's math.random repeats its sequence in every run).
+local run_id = os.getenv("RUN_ID") or tostring(os.time())
 local thread_id = 0
 
 function setup(thread)
@@ -22,7 +25,7 @@ function request()
   local headers = {
     ["Authorization"] = "Bearer " .. token,
     ["Content-Type"] = "application/json",
-    ["Idempotency-Key"] = "k-" .. tid .. "-" .. counter .. "-" .. math.random(1, 1e9),
+    ["Idempotency-Key"] = "k-" .. run_id .. "-" .. tid .. "-" .. counter,
   }
   return wrk.format("POST", "/v1/tests/sessions/" .. session .. "/results", headers, body)
 end

@@ -5,6 +5,7 @@
 //! Without a configured key, a random secret is generated into `data_dir/jwt_secret`
 //! (mode 0600) on first use and read from there afterwards.
 
+use crate::token_cache::VerifiedTokens;
 use anyhow::{bail, Context as _};
 use firemode_config::{Algorithm, Config};
 use http::HeaderValue;
@@ -21,6 +22,9 @@ pub struct Claims {
     pub sub: String,
     #[serde(default)]
     pub org: Option<String>,
+    /// Read only to know how long a verified token may be served from [`VerifiedTokens`].
+    #[serde(default)]
+    exp: Option<serde_json::Value>,
 }
 
 /// The claims `firemode token` signs.
@@ -38,6 +42,7 @@ struct MintedClaims {
 }
 
 /// The verified caller, as header values ready for the upstream request.
+#[derive(Clone, Debug)]
 pub struct Identity {
     pub sub: HeaderValue,
     pub org: Option<HeaderValue>,
@@ -57,6 +62,7 @@ pub enum AuthError {
 pub struct Verifier {
     key: DecodingKey,
     validation: Validation,
+    verified: VerifiedTokens,
 }
 
 fn jwt_algorithm(a: Algorithm) -> jsonwebtoken::Algorithm {
@@ -102,12 +108,21 @@ impl Verifier {
         } else {
             validation.set_audience(&[&a.audience]);
         }
-        Ok(Self { key, validation })
+        Ok(Self {
+            key,
+            validation,
+            verified: VerifiedTokens::default(),
+        })
     }
 
-    /// Checks an `Authorization` header value.
+    /// Checks an `Authorization` header value: served from the table of verified tokens
+    /// when this very token passed before and has not expired, else checked in full.
     pub fn verify(&self, authorization: Option<&HeaderValue>) -> Result<Identity, AuthError> {
         let value = authorization.ok_or(AuthError::Missing)?;
+        let now = unix_now();
+        if let Some(identity) = self.verified.get(value, now) {
+            return Ok(identity);
+        }
         let text = value.to_str().map_err(|_| AuthError::NotBearer)?;
         let token = text
             .strip_prefix("Bearer ")
@@ -125,7 +140,7 @@ impl Verifier {
             HeaderValue::from_str(v)
                 .map_err(|_| AuthError::Invalid(format!("claim `{name}` must be printable ASCII")))
         };
-        Ok(Identity {
+        let identity = Identity {
             sub: header("sub", &data.claims.sub)?,
             org: data
                 .claims
@@ -133,8 +148,19 @@ impl Verifier {
                 .as_deref()
                 .map(|o| header("org", o))
                 .transpose()?,
-        })
+        };
+        if let Some(exp) = data.claims.exp.as_ref().and_then(serde_json::Value::as_u64) {
+            self.verified.insert(value, &identity, exp);
+        }
+        Ok(identity)
     }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 fn describe(e: &jsonwebtoken::errors::Error) -> String {
@@ -215,10 +241,7 @@ pub fn mint(
             a.algorithm
         );
     }
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let now = unix_now();
     let claims = MintedClaims {
         sub: sub.to_string(),
         exp: now + ttl.as_secs().max(1),
@@ -273,6 +296,50 @@ mod tests {
             .unwrap();
         assert_eq!(id.sub, "tech-1");
         assert_eq!(id.org.unwrap(), "acme");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn a_forged_payload_under_a_cached_tokens_signature_is_refused() {
+        let dir = std::env::temp_dir().join(format!("fm-auth-forge-{}", std::process::id()));
+        let c = config(&dir);
+        let verifier = Verifier::new(&c).unwrap();
+        let token = mint(
+            &c,
+            "tech-1",
+            Some("acme"),
+            std::time::Duration::from_secs(600),
+        )
+        .unwrap();
+        let bearer = |t: &str| HeaderValue::from_str(&format!("Bearer {t}")).unwrap();
+        for _ in 0..2 {
+            // Twice: the second answer comes from the table of verified tokens.
+            let id = verifier.verify(Some(&bearer(&token))).unwrap();
+            assert_eq!(id.sub, "tech-1");
+        }
+        // Another subject and org under the cached token's signature: the same table slot,
+        // other bytes.
+        let other = Config {
+            auth: firemode_config::Auth {
+                jwt_secret: "another-secret-another-secret-another-secret".into(),
+                ..c.auth.clone()
+            },
+            ..c.clone()
+        };
+        let admin = mint(
+            &other,
+            "admin",
+            Some("other"),
+            std::time::Duration::from_secs(600),
+        )
+        .unwrap();
+        let signature = token.rsplit('.').next().unwrap();
+        let unsigned = admin.rsplit_once('.').unwrap().0;
+        let forged = format!("{unsigned}.{signature}");
+        assert!(matches!(
+            verifier.verify(Some(&bearer(&forged))),
+            Err(AuthError::Invalid(_))
+        ));
         let _ = std::fs::remove_dir_all(dir);
     }
 }

@@ -9,7 +9,7 @@
 //! * Supervision: [`supervise`] (one task per instance), [`spawn`] (the process),
 //!   [`health`] (the check), [`backoff`] (when to restart; pure), [`child_log`] (worker
 //!   output into our log).
-//! * Front: [`front`] (the request path), [`poison`] (requests that crash workers), [`traffic`] (real requests as a health signal; pure), [`auth`] (JWT), [`choose`] (which instance; pure),
+//! * Front: [`front`] (the request path), [`poison`] (requests that crash workers), [`traffic`] (real requests as a health signal; pure), [`auth`] (JWT), [`token_cache`] (tokens already verified), [`choose`] (which instance; pure),
 //!   [`registry`] (instances and the ready wake-up), [`upstream`] (connections to workers).
 //! * [`admin`]: `/healthz`, `/readyz`, `/status`.
 //! * [`signals`]: what each signal means.
@@ -34,5 +34,6 @@ pub mod signals;
 pub mod spawn;
 pub mod supervise;
 pub mod systemd;
+pub mod token_cache;
 pub mod traffic;
 pub mod upstream;

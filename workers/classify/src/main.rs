@@ -20,6 +20,10 @@ use std::borrow::Cow;
 use std::process::ExitCode;
 use std::sync::Arc;
 
+/// mimalloc rather than glibc malloc: the request path allocates per request (BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     firemode_worker::run("classify", ClassifyApp::start)
 }
