@@ -2,7 +2,8 @@
 """FireMode benchmark: one run, one machine, figures as ratios.
 
 Measures classify (a) directly on one worker socket, (b) through the FireMode front (with
-JWT), (c) through nginx proxying to the same worker sockets with keep-alive; at 64 and 500
+JWT), (c) through nginx proxying to the same worker sockets with keep-alive, (d) through a
+bare hyper proxy (supervisor/examples/bare_proxy.rs: the floor for any hyper front); at 64 and 500
 connections, in interleaved rounds; then classify at a fixed 5,000 requests/s; sync merges
 against PostgreSQL at the rate of 500 Locust users and closed loop (many sessions, one hot
 session); restart-to-ready of a SIGKILLed
@@ -30,6 +31,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FRONT = "127.0.0.1:28080"
 ADMIN = "127.0.0.1:29090"
 NGINX = "127.0.0.1:28081"
+BARE = "127.0.0.1:28082"
 SECRET = "bench-secret-0123456789abcdef0123456789"
 BODY = '{"item_code":"FE-DCP","observed_condition":"pressure_low"}'
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -181,6 +183,7 @@ def main():
         if not shutil.which(tool):
             raise SystemExit(f"{tool} is required: cargo install oha; apt-get install wrk nginx")
     sh("cargo", "build", "--release", "--quiet", cwd=ROOT)
+    sh("cargo", "build", "--release", "--quiet", "--example", "bare_proxy", cwd=ROOT)
     work = tempfile.mkdtemp(prefix="fm-bench-")
     server = os.environ.get("TEST_DATABASE_URL", "host=127.0.0.1 user=postgres dbname=postgres")
     db = f"fm_bench_{os.getpid()}"
@@ -188,20 +191,26 @@ def main():
     db_url = re.sub(r"dbname=\S+", f"dbname={db}", server)
     fm, token = start_firemode(work, db_url)
     nginx_master = None
+    bare = None
     try:
         sockets = sorted(os.path.join(work, "run", s) for s in os.listdir(os.path.join(work, "run"))
                          if s.startswith("classify-") and s.endswith(".sock"))
         nginx_master = start_nginx(work, sockets)
+        # The floor: a bare hyper proxy (supervisor/examples/bare_proxy.rs) to the same sockets.
+        bare = subprocess.Popen([f"{ROOT}/target/release/examples/bare_proxy", BARE, *sockets])
+        time.sleep(0.3)
         workers = children(fm.pid)
         auth = ["-H", f"Authorization: Bearer {token}"]
         cases = {
             "direct": dict(target="http://localhost/v1/classify", unix=sockets[0]),
             "front": dict(target=f"http://{FRONT}/v1/classify", extra=auth),
             "nginx": dict(target=f"http://{NGINX}/v1/classify"),
+            "bare": dict(target=f"http://{BARE}/v1/classify"),
         }
-        procs = {"front": [fm.pid], "nginx": [nginx_master] + children(nginx_master), "direct": []}
+        procs = {"front": [fm.pid], "nginx": [nginx_master] + children(nginx_master), "direct": [],
+                 "bare": [bare.pid]}
         results = {}
-        cpu = {"front": [], "nginx": []}
+        cpu = {"front": [], "nginx": [], "bare": []}
         for conns in (64, 500):
             for rnd in range(a.rounds):
                 for name, case in cases.items():
@@ -233,6 +242,8 @@ def main():
                                   f"http://{FRONT}"], capture_output=True, text=True, env=env, check=True).stdout
             m = re.search(r"RESULT (.*)", out)
             kv = dict(x.split("=") for x in m.group(1).split()) if m else {}
+            st = re.search(r"STATUSES (\S*)", out)
+            kv["statuses"] = st.group(1) if st else "?"
             sync[label] = kv
             print(f"sync {label}: {kv}", flush=True)
 
@@ -252,6 +263,8 @@ def main():
     finally:
         if nginx_master:
             subprocess.run(["nginx", "-c", os.path.join(work, "nginx.conf"), "-p", work, "-s", "stop"])
+        if bare:
+            bare.kill()
         fm.send_signal(signal.SIGTERM)
         fm.wait(timeout=60)
         subprocess.run(["psql", server, "-qc", f"DROP DATABASE IF EXISTS {db} WITH (FORCE)"])
@@ -270,13 +283,16 @@ def main():
     for conns in (64, 500):
         print(f"front/nginx at {conns}: {med('front', conns, 'rps') / med('nginx', conns, 'rps'):.2f}x throughput; "
               f"front/direct: {med('front', conns, 'rps') / med('direct', conns, 'rps'):.2f}x")
-    print(f"\nCPU per proxied request: front {median(cpu['front']):.1f} µs, nginx {median(cpu['nginx']):.1f} µs (medians)")
+    print(f"front/bare hyper proxy at 64: {med('front', 64, 'rps') / med('bare', 64, 'rps'):.2f}x throughput; "
+          f"at 500: {med('front', 500, 'rps') / med('bare', 500, 'rps'):.2f}x")
+    print(f"\nCPU per proxied request: front {median(cpu['front']):.1f} µs, nginx {median(cpu['nginx']):.1f} µs, "
+          f"bare hyper proxy {median(cpu['bare']):.1f} µs (medians); front/bare {median(cpu['front']) / median(cpu['bare']):.2f}x")
     print(f"fixed 5,000 req/s over 500 connections, through the front: achieved {fixed['rps']:.0f} req/s, p99 {fixed['p99_ms']:.2f} ms, failed {fixed['failed']}")
     for label, kv in sync.items():
         if kv:
             rps = int(kv["requests"]) / float(kv["seconds"])
             print(f"sync merges on PostgreSQL, {label}: {rps:.0f} merges/s, p50 {int(kv['p50_us']) / 1000:.1f} ms, "
-                  f"p95 {int(kv['p95_us']) / 1000:.1f} ms, p99 {int(kv['p99_us']) / 1000:.1f} ms, errors {kv['errors']}, non-2xx {kv['non2xx']}")
+                  f"p95 {int(kv['p95_us']) / 1000:.1f} ms, p99 {int(kv['p99_us']) / 1000:.1f} ms, errors {kv['errors']}, non-2xx {kv['non2xx']}, statuses {kv['statuses']}")
     print(f"restart-to-ready after SIGKILL: median {median(restarts):.0f} ms, max {max(restarts):.0f} ms (10 kills)")
     print("RSS after the 500-connection runs: " + ", ".join(f"{k} {v:.1f} MiB" for k, v in rss.items()))
 

@@ -12,9 +12,19 @@ local think_ms = tonumber(os.getenv("THINK_MS") or "0")
 local run_id = os.getenv("RUN_ID") or tostring(os.time())
 local thread_id = 0
 
+local threads = {}
+
 function setup(thread)
   thread:set("tid", thread_id)
   thread_id = thread_id + 1
+  table.insert(threads, thread)
+end
+
+-- Answers by status, per thread (summed in done()), so a failure says what it was.
+statuses = {}
+
+function response(status, headers, body)
+  statuses[status] = (statuses[status] or 0) + 1
 end
 
 function request()
@@ -38,6 +48,18 @@ function delay()
 end
 
 function done(summary, latency, requests)
+  local total = {}
+  for _, thread in ipairs(threads) do
+    for status, n in pairs(thread:get("statuses")) do
+      total[status] = (total[status] or 0) + n
+    end
+  end
+  local parts = {}
+  for status, n in pairs(total) do
+    table.insert(parts, status .. ":" .. n)
+  end
+  table.sort(parts)
+  io.write("STATUSES " .. table.concat(parts, ",") .. "\n")
   io.write(string.format("RESULT requests=%d errors=%d p50_us=%d p95_us=%d p99_us=%d seconds=%.2f non2xx=%d\n",
     summary.requests, summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout,
     latency:percentile(50), latency:percentile(95), latency:percentile(99), summary.duration / 1e6,
