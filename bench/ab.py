@@ -2,8 +2,8 @@
 """A/B of two FireMode builds: classify through the front, interleaved rounds, one run.
 
 Starts both builds side by side (embedded store, 2 classify instances each, JWT on) and
-alternates oha runs between them, so machine noise hits both alike. Prints req/s, p99 and the
-front's CPU per request of each, and the ratios B/A. How BENCHMARKS.md's before/after
+alternates oha runs between them, so machine noise hits both alike. Prints req/s, p99, the
+front's CPU per request and its RSS of each, and the ratios B/A. How BENCHMARKS.md's before/after
 figures were measured.
 
     bench/ab.py DIR_A DIR_B [--rounds 4] [--duration 8] [--conns 64,500]
@@ -21,7 +21,7 @@ import time
 import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from run import BODY, SECRET, cpu_seconds, median, oha  # noqa: E402
+from run import SECRET, cpu_seconds, median, oha, rss_mib  # noqa: E402
 
 
 def start(bin_dir, work, front, admin):
@@ -83,18 +83,19 @@ def main():
                     r = oha(f"http://{b['front']}/v1/classify", conns, args.duration,
                             ["-H", f"Authorization: Bearer {b['token']}"])
                     r["cpu_us"] = (cpu_seconds(b["proc"].pid) - before) / max(r["ok"], 1) * 1e6
+                    r["rss"] = rss_mib(b["proc"].pid)
                     results.setdefault((name, conns), []).append(r)
                     print(f"round {rnd + 1} c={conns:>3} {name}: {r['rps']:>8.0f} req/s  p99 {r['p99_ms']:.2f} ms  "
-                          f"front CPU {r['cpu_us']:.1f} µs/req  failed {r['failed']}", flush=True)
+                          f"front CPU {r['cpu_us']:.1f} µs/req  RSS {r['rss']:.1f} MiB  failed {r['failed']}", flush=True)
     finally:
         for b in builds.values():
             b["proc"].send_signal(signal.SIGTERM)
             b["proc"].wait(timeout=60)
 
-    print("\n| conns | build | req/s | p99 ms | front CPU µs/req |\n|---|---|---|---|---|")
+    print("\n| conns | build | req/s | p99 ms | front CPU µs/req | front RSS MiB (max) |\n|---|---|---|---|---|---|")
     for (name, conns), rs in sorted(results.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         print(f"| {conns} | {name} | {median([r['rps'] for r in rs]):.0f} | {median([r['p99_ms'] for r in rs]):.2f} "
-              f"| {median([r['cpu_us'] for r in rs]):.1f} |")
+              f"| {median([r['cpu_us'] for r in rs]):.1f} | {max(r['rss'] for r in rs):.1f} |")
     for conns in sorted({c for _, c in results}):
         m = {n: {k: median([r[k] for r in results[(n, conns)]]) for k in ("rps", "p99_ms", "cpu_us")} for n in "AB"}
         print(f"c={conns}: B/A throughput {m['B']['rps'] / m['A']['rps']:.2f}x, "

@@ -19,8 +19,9 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-/// Idle upstream connections kept per instance; more are opened under load and closed after.
-const MAX_IDLE_PER_INSTANCE: usize = 64;
+/// Connections the front keeps to one instance at most (requests beyond wait for one). A
+/// worker serves them on two cores; more would only queue inside it, costing memory.
+const UPSTREAM_CONNECTIONS_PER_INSTANCE: usize = 64;
 /// The longest Unix socket path the kernel accepts (sun_path, less the NUL).
 const MAX_SOCKET_PATH: usize = 107;
 
@@ -97,7 +98,12 @@ impl Fleet {
                 socket.display()
             );
         }
-        let inst = Arc::new(Instance::new(kind, index, socket, MAX_IDLE_PER_INSTANCE));
+        let inst = Arc::new(Instance::new(
+            kind,
+            index,
+            socket,
+            UPSTREAM_CONNECTIONS_PER_INSTANCE,
+        ));
         let (phase, phase_rx) = watch::channel(Phase::Running);
         self.tasks
             .spawn(supervise(inst.clone(), ctx.clone(), phase_rx));

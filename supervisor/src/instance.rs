@@ -121,11 +121,11 @@ pub struct InstanceStatus {
 }
 
 impl Instance {
-    pub fn new(kind: Kind, index: u32, socket: PathBuf, max_idle: usize) -> Self {
+    pub fn new(kind: Kind, index: u32, socket: PathBuf, upstream_limit: usize) -> Self {
         Self {
             kind,
             index,
-            pool: UpstreamPool::new(socket.clone(), max_idle),
+            pool: UpstreamPool::new(socket.clone(), upstream_limit),
             socket,
             state: AtomicU8::new(InstanceState::Starting as u8),
             pid: AtomicU32::new(0),

@@ -1,6 +1,9 @@
-//! The hop to a worker: HTTP/1.1 over the instance's Unix socket, with a bounded stack of
-//! idle keep-alive connections per instance. A connection goes back on the stack when its
-//! response body has been read to the end; one that is closed, or busy, is dropped.
+//! The hop to a worker: HTTP/1.1 over the instance's Unix socket, with at most `limit`
+//! connections per instance, kept alive on a stack while idle. A request takes a permit
+//! first (waiting, within its deadline, while all are in use), so 500 client connections
+//! make at most `limit` worker connections instead of opening and closing hundreds: memory
+//! stays bounded and no CPU goes to connection churn. A connection goes back on the stack
+//! when its response body has been read to the end; one that is closed is dropped.
 
 use crate::instance::{Instance, Outstanding};
 use bytes::Bytes;
@@ -15,13 +18,15 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use tokio::net::UnixStream;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 type Sender = SendRequest<Full<Bytes>>;
 
 pub struct UpstreamPool {
     socket: PathBuf,
     idle: Mutex<Vec<Sender>>,
-    max_idle: usize,
+    /// One permit per connection that may exist (idle or in use).
+    permits: Arc<Semaphore>,
 }
 
 /// Why a request did not get a response head from the worker. In every case no byte of a
@@ -37,11 +42,11 @@ pub enum UpstreamError {
 }
 
 impl UpstreamPool {
-    pub fn new(socket: PathBuf, max_idle: usize) -> Self {
+    pub fn new(socket: PathBuf, limit: usize) -> Self {
         Self {
             socket,
-            idle: Mutex::new(Vec::new()),
-            max_idle,
+            idle: Mutex::new(Vec::with_capacity(limit)),
+            permits: Arc::new(Semaphore::new(limit.max(1))),
         }
     }
 
@@ -59,13 +64,10 @@ impl UpstreamPool {
         None
     }
 
+    /// Called while the request's permit is still held: the stack never outgrows the permits.
     fn put_back(&self, sender: Sender) {
-        if sender.is_closed() {
-            return;
-        }
-        let mut idle = self.idle();
-        if idle.len() < self.max_idle {
-            idle.push(sender);
+        if !sender.is_closed() {
+            self.idle().push(sender);
         }
     }
 
@@ -99,12 +101,17 @@ pub async fn send(
 ) -> Result<Response<PooledBody>, UpstreamError> {
     let guard = instance.track_owned();
     let pool = &instance.pool;
+    // The semaphore is never closed; the error arm only keeps this free of panics.
+    let permit = pool.permits.clone().acquire_owned().await.map_err(|_| {
+        UpstreamError::Connect(std::io::Error::other("the upstream pool is closed"))
+    })?;
+    let release = (guard, permit);
     while let Some(mut sender) = pool.take_idle() {
         if sender.ready().await.is_err() {
             continue;
         }
         match sender.try_send_request(req).await {
-            Ok(resp) => return Ok(wrap(resp, sender, guard)),
+            Ok(resp) => return Ok(wrap(resp, sender, release)),
             Err(mut e) => match e.take_message() {
                 Some(unsent) => req = unsent,
                 None => return Err(UpstreamError::Exchange(e.into_error())),
@@ -113,15 +120,19 @@ pub async fn send(
     }
     let mut sender = pool.connect().await?;
     match sender.try_send_request(req).await {
-        Ok(resp) => Ok(wrap(resp, sender, guard)),
+        Ok(resp) => Ok(wrap(resp, sender, release)),
         Err(e) => Err(UpstreamError::Exchange(e.into_error())),
     }
 }
 
-fn wrap(resp: Response<Incoming>, sender: Sender, guard: Outstanding) -> Response<PooledBody> {
+fn wrap(
+    resp: Response<Incoming>,
+    sender: Sender,
+    (guard, permit): (Outstanding, OwnedSemaphorePermit),
+) -> Response<PooledBody> {
     resp.map(|body| PooledBody {
         body,
-        release: Some((sender, guard)),
+        release: Some((sender, guard, permit)),
     })
 }
 
@@ -130,13 +141,14 @@ fn wrap(resp: Response<Incoming>, sender: Sender, guard: Outstanding) -> Respons
 /// against the instance's load.
 pub struct PooledBody {
     body: Incoming,
-    release: Option<(Sender, Outstanding)>,
+    release: Option<(Sender, Outstanding, OwnedSemaphorePermit)>,
 }
 
 impl PooledBody {
     fn release(&mut self) {
-        if let Some((sender, guard)) = self.release.take() {
+        if let Some((sender, guard, permit)) = self.release.take() {
             guard.instance().pool.put_back(sender);
+            drop(permit);
         }
     }
 }
