@@ -37,5 +37,9 @@ for _ in $(seq 1 100); do
 done
 curl -fs http://127.0.0.1:19090/readyz >/dev/null
 export FM_BIN=./target/release/firemode FM_CONFIG="$work/firemode.toml"
+status=0
 "$work/venv/bin/locust" -f tests/load/locustfile.py --headless -u "$USERS" -r "$SPAWN_RATE" \
-    --run-time "$RUN_TIME" --host http://127.0.0.1:18080 --only-summary
+    --run-time "$RUN_TIME" --host http://127.0.0.1:18080 --only-summary || status=$?
+# The same run as FireMode measured it, without the load generator's own delays.
+curl -fs http://127.0.0.1:19090/metrics | python3 tests/load/server_latency.py || true
+exit "$status"
