@@ -323,3 +323,76 @@ async fn runtime_dir_is_private_and_stale_sockets_are_replaced() {
     drop(sys);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// Many concurrent requests to one instance: the front opens at most 64 connections to it
+/// and queues the rest, so every request is answered and the worker never has more than 64
+/// in flight (bounded memory in the front, no connection churn).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_front_keeps_at_most_64_connections_per_instance_and_queues_the_rest() {
+    let fixture =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/fixture_worker.py");
+    let dir = std::env::temp_dir().join(format!("fm-peak-{:08x}", rand::random::<u32>()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let peak_file = dir.join("peak");
+    let sys = TestSystem::start(SystemOptions {
+        classify_instances: 1,
+        set: vec![
+            ("workers.classify.command", "python3".into()),
+            (
+                "workers.classify.args",
+                toml::Value::Array(vec![
+                    fixture.display().to_string().into(),
+                    "--status".into(),
+                    "200".into(),
+                    "--delay-ms".into(),
+                    "300".into(),
+                    "--peak-file".into(),
+                    peak_file.display().to_string().into(),
+                ]),
+            ),
+        ],
+        ..SystemOptions::default()
+    })
+    .await;
+    let auth = format!("Bearer {}", token("t", None));
+    let requests: Vec<_> = (0..150)
+        .map(|_| {
+            let (front, auth) = (sys.front, auth.clone());
+            tokio::spawn(async move {
+                firemode_tests::request(
+                    front,
+                    http::Method::POST,
+                    "/v1/classify",
+                    &[("authorization", &auth)],
+                    BODY,
+                )
+                .await
+                .map(|r| r.status.as_u16())
+            })
+        })
+        .collect();
+    let mut statuses = std::collections::BTreeMap::new();
+    for r in requests {
+        let status = r.await.unwrap().unwrap_or(0);
+        *statuses.entry(status).or_insert(0) += 1;
+    }
+    assert_eq!(
+        statuses,
+        [(200, 150)].into(),
+        "every request is answered, the ones beyond the limit after a wait"
+    );
+    let peak: u32 = std::fs::read_to_string(&peak_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        peak <= 64,
+        "the worker had {peak} requests in flight at once: the front opened more than 64 connections"
+    );
+    assert!(
+        peak >= 32,
+        "only {peak} in flight at once: requests are serialised, not spread over the connections"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
