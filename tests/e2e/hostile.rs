@@ -9,19 +9,6 @@ use tokio::net::TcpStream;
 
 const BODY: &str = r#"{"item_code":"FE-DCP","observed_condition":"pressure_low"}"#;
 
-fn fixture() -> String {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("fixtures/fixture_worker.py")
-        .display()
-        .to_string()
-}
-
-fn fixture_args(extra: &[&str]) -> toml::Value {
-    let mut v = vec![toml::Value::from(fixture())];
-    v.extend(extra.iter().map(|s| toml::Value::from(*s)));
-    toml::Value::Array(v)
-}
-
 /// Writes raw bytes and reads what comes back until the server closes or goes quiet.
 async fn raw(addr: std::net::SocketAddr, bytes: &[u8]) -> String {
     let mut s = TcpStream::connect(addr).await.unwrap();
@@ -209,7 +196,10 @@ async fn forged_identity_headers_never_reach_a_worker() {
     let sys = TestSystem::start(SystemOptions {
         set: vec![
             ("workers.sync.command", "python3".into()),
-            ("workers.sync.args", fixture_args(&["--echo-headers"])),
+            (
+                "workers.sync.args",
+                firemode_tests::fixture_worker_args(&["--echo-headers"]),
+            ),
         ],
         ..SystemOptions::default()
     })
@@ -260,7 +250,7 @@ async fn a_request_that_keeps_crashing_workers_is_refused() {
             ("workers.classify.command", "python3".into()),
             (
                 "workers.classify.args",
-                fixture_args(&["--status", "200", "--crash-on", "POISON"]),
+                firemode_tests::fixture_worker_args(&["--status", "200", "--crash-on", "POISON"]),
             ),
             ("server.poison_threshold", 3.into()),
         ],

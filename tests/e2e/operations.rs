@@ -419,19 +419,13 @@ fn plan_prints_the_timeline_and_refuses_a_budget_that_does_not_fit() {
 
 #[tokio::test]
 async fn an_instance_that_fails_real_requests_is_replaced_though_healthz_passes() {
-    let fixture =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/fixture_worker.py");
     let sys = TestSystem::start(SystemOptions {
         classify_instances: 1,
         set: vec![
             ("workers.classify.command", "python3".into()),
             (
                 "workers.classify.args",
-                toml::Value::Array(vec![
-                    fixture.display().to_string().into(),
-                    "--status".into(),
-                    "500".into(),
-                ]),
+                firemode_tests::fixture_worker_args(&["--status", "500"]),
             ),
             ("supervisor.traffic_failure_threshold", 3.into()),
         ],

@@ -208,8 +208,6 @@ async fn sigterm_drains_and_exits_zero_with_no_worker_left() {
 /// A request in flight when SIGTERM arrives gets its real answer; then the process exits 0.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_finishes_a_request_in_flight() {
-    let fixture =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/fixture_worker.py");
     let dir = std::env::temp_dir().join(format!("fm-mark-{:08x}", rand::random::<u32>()));
     std::fs::create_dir_all(&dir).unwrap();
     let mark = dir.join("in-flight");
@@ -219,14 +217,13 @@ async fn sigterm_finishes_a_request_in_flight() {
             ("workers.classify.command", "python3".into()),
             (
                 "workers.classify.args",
-                toml::Value::Array(vec![
-                    fixture.display().to_string().into(),
-                    "--status".into(),
-                    "200".into(),
-                    "--delay-ms".into(),
-                    "1500".into(),
-                    "--mark".into(),
-                    mark.display().to_string().into(),
+                firemode_tests::fixture_worker_args(&[
+                    "--status",
+                    "200",
+                    "--delay-ms",
+                    "1500",
+                    "--mark",
+                    &mark.display().to_string(),
                 ]),
             ),
         ],
@@ -329,8 +326,6 @@ async fn runtime_dir_is_private_and_stale_sockets_are_replaced() {
 /// in flight (bounded memory in the front, no connection churn).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_front_keeps_at_most_64_connections_per_instance_and_queues_the_rest() {
-    let fixture =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/fixture_worker.py");
     let dir = std::env::temp_dir().join(format!("fm-peak-{:08x}", rand::random::<u32>()));
     std::fs::create_dir_all(&dir).unwrap();
     let peak_file = dir.join("peak");
@@ -340,14 +335,13 @@ async fn the_front_keeps_at_most_64_connections_per_instance_and_queues_the_rest
             ("workers.classify.command", "python3".into()),
             (
                 "workers.classify.args",
-                toml::Value::Array(vec![
-                    fixture.display().to_string().into(),
-                    "--status".into(),
-                    "200".into(),
-                    "--delay-ms".into(),
-                    "300".into(),
-                    "--peak-file".into(),
-                    peak_file.display().to_string().into(),
+                firemode_tests::fixture_worker_args(&[
+                    "--status",
+                    "200",
+                    "--delay-ms",
+                    "300",
+                    "--peak-file",
+                    &peak_file.display().to_string(),
                 ]),
             ),
         ],

@@ -66,6 +66,16 @@ where
     }
 }
 
+/// `workers.<kind>.args` that run the test fixture worker (`tests/fixtures/fixture_worker.py`,
+/// started with `python3`) with `extra` flags.
+pub fn fixture_worker_args(extra: &[&str]) -> toml::Value {
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/fixture_worker.py");
+    let mut args = vec![toml::Value::from(script.display().to_string())];
+    args.extend(extra.iter().map(|s| toml::Value::from(*s)));
+    toml::Value::Array(args)
+}
+
 /// Whether a process is gone (no such pid, or a zombie waiting for its reaper).
 pub fn process_gone(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
