@@ -194,13 +194,7 @@ async fn hostile_input_never_gets_a_5xx_and_never_crashes_a_worker() {
 #[tokio::test]
 async fn forged_identity_headers_never_reach_a_worker() {
     let sys = TestSystem::start(SystemOptions {
-        set: vec![
-            ("workers.sync.command", "python3".into()),
-            (
-                "workers.sync.args",
-                firemode_tests::fixture_worker_args(&["--echo-headers"]),
-            ),
-        ],
+        set: firemode_tests::fixture_worker("sync", &["--echo-headers"]),
         ..SystemOptions::default()
     })
     .await;
@@ -246,14 +240,14 @@ async fn forged_identity_headers_never_reach_a_worker() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_that_keeps_crashing_workers_is_refused() {
     let sys = TestSystem::start(SystemOptions {
-        set: vec![
-            ("workers.classify.command", "python3".into()),
-            (
-                "workers.classify.args",
-                firemode_tests::fixture_worker_args(&["--status", "200", "--crash-on", "POISON"]),
+        set: [
+            firemode_tests::fixture_worker(
+                "classify",
+                &["--status", "200", "--crash-on", "POISON"],
             ),
-            ("server.poison_threshold", 3.into()),
-        ],
+            vec![("server.poison_threshold", 3.into())],
+        ]
+        .concat(),
         ..SystemOptions::default()
     })
     .await;

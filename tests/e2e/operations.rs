@@ -421,14 +421,11 @@ fn plan_prints_the_timeline_and_refuses_a_budget_that_does_not_fit() {
 async fn an_instance_that_fails_real_requests_is_replaced_though_healthz_passes() {
     let sys = TestSystem::start(SystemOptions {
         classify_instances: 1,
-        set: vec![
-            ("workers.classify.command", "python3".into()),
-            (
-                "workers.classify.args",
-                firemode_tests::fixture_worker_args(&["--status", "500"]),
-            ),
-            ("supervisor.traffic_failure_threshold", 3.into()),
-        ],
+        set: [
+            firemode_tests::fixture_worker("classify", &["--status", "500"]),
+            vec![("supervisor.traffic_failure_threshold", 3.into())],
+        ]
+        .concat(),
         ..SystemOptions::default()
     })
     .await;

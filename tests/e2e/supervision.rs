@@ -213,20 +213,17 @@ async fn sigterm_finishes_a_request_in_flight() {
     let mark = dir.join("in-flight");
     let mut sys = TestSystem::start(SystemOptions {
         classify_instances: 1,
-        set: vec![
-            ("workers.classify.command", "python3".into()),
-            (
-                "workers.classify.args",
-                firemode_tests::fixture_worker_args(&[
-                    "--status",
-                    "200",
-                    "--delay-ms",
-                    "1500",
-                    "--mark",
-                    &mark.display().to_string(),
-                ]),
-            ),
-        ],
+        set: firemode_tests::fixture_worker(
+            "classify",
+            &[
+                "--status",
+                "200",
+                "--delay-ms",
+                "1500",
+                "--mark",
+                &mark.display().to_string(),
+            ],
+        ),
         ..SystemOptions::default()
     })
     .await;
@@ -331,20 +328,17 @@ async fn the_front_keeps_at_most_64_connections_per_instance_and_queues_the_rest
     let peak_file = dir.join("peak");
     let sys = TestSystem::start(SystemOptions {
         classify_instances: 1,
-        set: vec![
-            ("workers.classify.command", "python3".into()),
-            (
-                "workers.classify.args",
-                firemode_tests::fixture_worker_args(&[
-                    "--status",
-                    "200",
-                    "--delay-ms",
-                    "300",
-                    "--peak-file",
-                    &peak_file.display().to_string(),
-                ]),
-            ),
-        ],
+        set: firemode_tests::fixture_worker(
+            "classify",
+            &[
+                "--status",
+                "200",
+                "--delay-ms",
+                "300",
+                "--peak-file",
+                &peak_file.display().to_string(),
+            ],
+        ),
         ..SystemOptions::default()
     })
     .await;

@@ -66,14 +66,23 @@ where
     }
 }
 
-/// `workers.<kind>.args` that run the test fixture worker (`tests/fixtures/fixture_worker.py`,
-/// started with `python3`) with `extra` flags.
-pub fn fixture_worker_args(extra: &[&str]) -> toml::Value {
+/// The settings that make `kind`'s workers the test fixture worker
+/// (`tests/fixtures/fixture_worker.py`, run by `python3`) with `extra` flags: its
+/// `workers.<kind>.command` and `workers.<kind>.args`.
+pub fn fixture_worker(kind: &str, extra: &[&str]) -> Vec<(&'static str, toml::Value)> {
+    let (command, args) = match kind {
+        "classify" => ("workers.classify.command", "workers.classify.args"),
+        "sync" => ("workers.sync.command", "workers.sync.args"),
+        other => panic!("no worker kind {other:?}"),
+    };
     let script =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/fixture_worker.py");
-    let mut args = vec![toml::Value::from(script.display().to_string())];
-    args.extend(extra.iter().map(|s| toml::Value::from(*s)));
-    toml::Value::Array(args)
+    let mut argv = vec![toml::Value::from(script.display().to_string())];
+    argv.extend(extra.iter().map(|s| toml::Value::from(*s)));
+    vec![
+        (command, "python3".into()),
+        (args, toml::Value::Array(argv)),
+    ]
 }
 
 /// Whether a process is gone (no such pid, or a zombie waiting for its reaper).

@@ -5,6 +5,7 @@ use crate::migrations::{MIGRATIONS, SCHEMA_TABLE};
 use crate::sessions::{live_since, IdempotencyKey, MergeFn, MergeOutcome, StoredSession};
 use crate::{catalog_conflict, now_ms, StoreError, StoreOptions};
 use bb8_postgres::PostgresConnectionManager;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::NoTls;
@@ -17,7 +18,8 @@ type Pool = bb8::Pool<PostgresConnectionManager<NoTls>>;
 #[derive(Clone)]
 pub struct PgStore {
     pool: Pool,
-    lock_timeout_ms: u64,
+    /// `SET LOCAL lock_timeout = …`, run at the start of every merge.
+    set_lock_timeout: Arc<str>,
 }
 
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
@@ -59,7 +61,11 @@ impl PgStore {
             .build_unchecked(manager);
         Ok(Self {
             pool,
-            lock_timeout_ms: opts.lock_timeout.as_millis().max(1) as u64,
+            set_lock_timeout: format!(
+                "SET LOCAL lock_timeout = {}",
+                opts.lock_timeout.as_millis().max(1)
+            )
+            .into(),
         })
     }
 
@@ -175,7 +181,6 @@ impl PgStore {
         let tx = conn.transaction().await.map_err(unavailable)?;
         let now = now_ms();
         let live = live_since(ttl);
-        let set_lock_timeout = format!("SET LOCAL lock_timeout = {}", self.lock_timeout_ms);
         let placeholder_params: [(&(dyn ToSql + Sync), Type); 3] = [
             (&tenant, Type::TEXT),
             (&session_id, Type::TEXT),
@@ -188,7 +193,7 @@ impl PgStore {
             (&live, Type::INT8),
         ];
         let (timeout_set, placeholder, locked, record) = tokio::join!(
-            tx.batch_execute(&set_lock_timeout),
+            tx.batch_execute(&self.set_lock_timeout),
             // The session's row lock serialises merges of one session across every host; a
             // placeholder row (version 0) makes the lock exist before the first batch.
             tx.query_typed(
