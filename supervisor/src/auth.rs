@@ -1,6 +1,7 @@
 //! JWT bearer authentication for `/v1/*`: the algorithm is pinned by config (the token's
-//! header never chooses, `none` never passes), `exp` and `sub` are required, `iss`/`aud`
-//! are checked when configured. Also mints tokens for `firemode token`.
+//! header never chooses, `none` never passes), `exp` and `sub` are required, `nbf` is
+//! honoured, `iss`/`aud` are checked when configured, and `sub`/`org` must be non-empty
+//! strings without control characters (any other Unicode is kept exactly). Also mints tokens for `firemode token`.
 //!
 //! Without a configured key, a random secret is generated into `data_dir/jwt_secret`
 //! (mode 0600) on first use and read from there afterwards.
@@ -41,11 +42,28 @@ struct MintedClaims {
     aud: Option<String>,
 }
 
-/// The verified caller, as header values ready for the upstream request.
+/// The verified caller, as the [`firemode_wire::IDENTITY`] header value the upstream request
+/// carries (every byte of `sub` and `org` survives the hop; see `firemode_wire::identity`).
 #[derive(Clone, Debug)]
 pub struct Identity {
-    pub sub: HeaderValue,
-    pub org: Option<HeaderValue>,
+    pub header: HeaderValue,
+}
+
+impl Identity {
+    /// Checks the claims (design §3: no control characters, not empty) and encodes them.
+    pub fn from_claims(sub: &str, org: Option<&str>) -> Result<Self, AuthError> {
+        let identity = firemode_wire::Identity::new(sub.to_owned(), org.map(str::to_owned))
+            .map_err(|e| AuthError::Invalid(e.to_string()))?;
+        let header = HeaderValue::from_str(&identity.encode())
+            .map_err(|_| AuthError::Invalid("the token's claims cannot be encoded".into()))?;
+        Ok(Self { header })
+    }
+
+    /// The claims back from the header (for checks and tests; the request path never needs
+    /// them).
+    pub fn claims(&self) -> Option<firemode_wire::Identity> {
+        firemode_wire::Identity::decode(self.header.as_bytes()).ok()
+    }
 }
 
 /// Why a request was not authenticated. The text goes to the client's problem `detail`.
@@ -99,6 +117,8 @@ impl Verifier {
         let mut validation = Validation::new(jwt_algorithm(a.algorithm));
         validation.set_required_spec_claims(&["exp", "sub"]);
         validation.leeway = 30;
+        // A token is valid from its `nbf` on (minus the same leeway), never before.
+        validation.validate_nbf = true;
         if !a.issuer.is_empty() {
             validation.set_issuer(&[&a.issuer]);
             validation.set_required_spec_claims(&["exp", "sub", "iss"]);
@@ -131,24 +151,7 @@ impl Verifier {
             .trim();
         let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)
             .map_err(|e| AuthError::Invalid(describe(&e)))?;
-        let header = |name: &str, v: &str| {
-            if v.is_empty() || v.len() > 256 {
-                return Err(AuthError::Invalid(format!(
-                    "claim `{name}` must be 1-256 characters"
-                )));
-            }
-            HeaderValue::from_str(v)
-                .map_err(|_| AuthError::Invalid(format!("claim `{name}` must be printable ASCII")))
-        };
-        let identity = Identity {
-            sub: header("sub", &data.claims.sub)?,
-            org: data
-                .claims
-                .org
-                .as_deref()
-                .map(|o| header("org", o))
-                .transpose()?,
-        };
+        let identity = Identity::from_claims(&data.claims.sub, data.claims.org.as_deref())?;
         if let Some(exp) = data.claims.exp.as_ref().and_then(serde_json::Value::as_u64) {
             self.verified.insert(value, &identity, exp);
         }
@@ -234,6 +237,8 @@ pub fn mint(
     org: Option<&str>,
     ttl: std::time::Duration,
 ) -> anyhow::Result<String> {
+    firemode_wire::Identity::new(sub.to_owned(), org.map(str::to_owned))
+        .map_err(|e| anyhow::anyhow!("{e}: pass a --sub (and --org) the server would accept"))?;
     let a = &config.auth;
     if !a.algorithm.is_symmetric() {
         bail!(
@@ -294,8 +299,9 @@ mod tests {
                 &HeaderValue::from_str(&format!("Bearer {token}")).unwrap(),
             ))
             .unwrap();
+        let id = firemode_wire::Identity::decode(id.header.as_bytes()).unwrap();
         assert_eq!(id.sub, "tech-1");
-        assert_eq!(id.org.unwrap(), "acme");
+        assert_eq!(id.org.as_deref(), Some("acme"));
         let _ = std::fs::remove_dir_all(dir);
     }
 
@@ -315,6 +321,7 @@ mod tests {
         for _ in 0..2 {
             // Twice: the second answer comes from the table of verified tokens.
             let id = verifier.verify(Some(&bearer(&token))).unwrap();
+            let id = firemode_wire::Identity::decode(id.header.as_bytes()).unwrap();
             assert_eq!(id.sub, "tech-1");
         }
         // Another subject and org under the cached token's signature: the same table slot,

@@ -13,7 +13,7 @@ use crate::upstream::{self, PooledBody, UpstreamError};
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use firemode_config::Config;
-use firemode_wire::{ids, Problem, IDENTITY_ORG, IDENTITY_PREFIX, IDENTITY_SUB, REQUEST_ID};
+use firemode_wire::{ids, Problem, IDENTITY, IDENTITY_PREFIX, REQUEST_ID};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{BodyExt, Either, Full, Limited};
@@ -563,10 +563,7 @@ impl Upstream {
         for name in client_identity {
             headers.remove(name);
         }
-        headers.insert(IDENTITY_SUB, identity.sub);
-        if let Some(org) = identity.org {
-            headers.insert(IDENTITY_ORG, org);
-        }
+        headers.insert(IDENTITY, identity.header);
         headers.insert(REQUEST_ID, request_id.clone());
         firemode_telemetry::traces::inject_trace(&tracing::Span::current(), &mut headers);
         if !body.is_empty() || matches!(method, Method::POST | Method::PUT | Method::PATCH) {

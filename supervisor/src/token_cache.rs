@@ -69,10 +69,7 @@ mod tests {
     use super::*;
 
     fn identity(sub: &'static str) -> Identity {
-        Identity {
-            sub: HeaderValue::from_static(sub),
-            org: Some(HeaderValue::from_static("acme")),
-        }
+        Identity::from_claims(sub, Some("acme")).unwrap()
     }
 
     #[test]
@@ -85,8 +82,9 @@ mod tests {
         );
         cache.insert(&token, &identity("tech-1"), 200);
         let hit = cache.get(&token, 199).expect("a hit before exp");
+        let hit = firemode_wire::Identity::decode(hit.header.as_bytes()).unwrap();
         assert_eq!(hit.sub, "tech-1");
-        assert_eq!(hit.org.as_ref().map(|o| o.as_bytes()), Some(&b"acme"[..]));
+        assert_eq!(hit.org.as_deref(), Some("acme"));
         assert!(cache.get(&token, 200).is_none(), "expired at exp");
     }
 
@@ -102,8 +100,8 @@ mod tests {
         cache.insert(&forged, &identity("tech-2"), 300);
         assert!(cache.get(&token, 100).is_none());
         assert_eq!(
-            cache.get(&forged, 100).map(|i| i.sub),
-            Some(HeaderValue::from_static("tech-2"))
+            cache.get(&forged, 100).map(|i| i.header),
+            Some(identity("tech-2").header)
         );
     }
 }

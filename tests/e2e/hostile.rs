@@ -215,8 +215,10 @@ async fn forged_identity_headers_never_reach_a_worker() {
     .unwrap();
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     let seen = r.json();
-    assert_eq!(seen["x-firemode-org"], "acme");
-    assert_eq!(seen["x-firemode-sub"], "tablet-1");
+    // base64url("tablet-1") "." base64url("acme"): the verified identity, nothing forged.
+    assert_eq!(seen["x-firemode-identity"], "dGFibGV0LTE.YWNtZQ");
+    assert!(seen.get("x-firemode-org").is_none(), "{seen}");
+    assert!(seen.get("x-firemode-sub").is_none(), "{seen}");
     assert!(seen.get("x-firemode-admin").is_none(), "{seen}");
     assert!(
         seen.get("authorization").is_none(),
@@ -228,13 +230,18 @@ async fn forged_identity_headers_never_reach_a_worker() {
         sys.front,
         Method::GET,
         "/v1/tests/sessions/ID1",
-        &[("authorization", &auth), ("x-firemode-org", "evil-corp")],
+        &[
+            ("authorization", &auth),
+            ("x-firemode-org", "evil-corp"),
+            ("x-firemode-identity", "bWFsbG9yeQ.ZXZpbC1jb3Jw"),
+        ],
         "",
     )
     .await
     .unwrap()
     .json();
     assert!(seen.get("x-firemode-org").is_none(), "{seen}");
+    assert_eq!(seen["x-firemode-identity"], "dGFibGV0LTI", "{seen}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

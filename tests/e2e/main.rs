@@ -12,3 +12,4 @@ mod operations;
 mod store_contract;
 mod supervision;
 mod sync;
+mod tenants;

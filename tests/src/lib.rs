@@ -48,6 +48,24 @@ pub fn token_with(sub: &str, org: Option<&str>, ttl_secs: i64, secret: &[u8]) ->
     .expect("signing a test token")
 }
 
+/// A token with exactly these claims, signed with [`TEST_SECRET`].
+pub fn token_claims(claims: &serde_json::Value) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        claims,
+        &jsonwebtoken::EncodingKey::from_secret(TEST_SECRET.as_bytes()),
+    )
+    .expect("signing a test token")
+}
+
+/// Seconds since the epoch, for claims.
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
 /// Polls `check` every 20 ms until it returns `Some`, or panics after `timeout`.
 pub async fn eventually<T, F, Fut>(what: &str, timeout: std::time::Duration, mut check: F) -> T
 where

@@ -5,21 +5,21 @@
 //! # Layout
 //! * [`problem`]: `application/problem+json` bodies and responses.
 //! * [`ids`]: session ids and request ids.
+//! * [`identity`]: the verified caller across the hop, and its tenant.
 //!
 //! Architecture invariant: nothing here does I/O or knows about sockets.
 
+pub mod identity;
 pub mod ids;
 pub mod problem;
 
+pub use identity::{Identity, IDENTITY};
 pub use problem::Problem;
 
 /// Request id header, echoed on every response.
 pub const REQUEST_ID: &str = "x-request-id";
-/// The verified JWT `sub`, set by the front; a client-sent value never reaches a worker.
-pub const IDENTITY_SUB: &str = "x-firemode-sub";
-/// The verified JWT `org` (tenant), set by the front when the token has one.
-pub const IDENTITY_ORG: &str = "x-firemode-org";
-/// Prefix of every header the front owns on the upstream hop.
+/// Prefix of every header the front owns on the upstream hop (a client-sent one never reaches
+/// a worker); the verified caller travels in [`IDENTITY`].
 pub const IDENTITY_PREFIX: &str = "x-firemode-";
 /// Content type of problem responses.
 pub const PROBLEM_JSON: &str = "application/problem+json";

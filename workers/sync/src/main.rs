@@ -7,7 +7,8 @@
 //! * `GET /v1/tests/sessions/{id}/offline_bundle` — session + catalog for offline work.
 //!
 //! Sessions belong to a tenant: the token's `org` (`org:<org>`), or for a token without one
-//! its subject alone (`sub:<sub>`). No request can name another tenant's session.
+//! its subject alone (`sub:<sub>`), byte for byte (`firemode_wire::identity`). No request can
+//! name another tenant's session.
 
 use arc_swap::ArcSwapOption;
 use bytes::Bytes;
@@ -16,7 +17,7 @@ use firemode_merge::{Outcome, SessionState};
 use firemode_store::{IdempotencyKey, MergeOutcome, MergeStep, Store, StoreError};
 use firemode_sync::bundle;
 use firemode_sync::request::{parse_batch, RequestContext};
-use firemode_wire::{ids, Problem, IDENTITY_ORG, IDENTITY_SUB, PROBLEM_JSON};
+use firemode_wire::{ids, Identity, Problem, IDENTITY, PROBLEM_JSON};
 use firemode_worker::{json_response, App, WorkerContext};
 use http::request::Parts;
 use http::{header, HeaderValue, Method, Response, StatusCode};
@@ -160,23 +161,25 @@ fn method_not_allowed(allowed: &str) -> Problem {
     )
 }
 
+/// The caller from the front's identity header. A request without one, or with one that does
+/// not decode, is refused: there is no fallback tenant.
 fn caller(req: &Parts) -> Result<Caller, Problem> {
-    let header = |name: &str| req.headers.get(name).and_then(|v| v.to_str().ok());
-    let subject = header(IDENTITY_SUB).ok_or_else(|| {
+    let refuse = |detail: &str| {
         Problem::new(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
             "Unauthorized",
-            "no verified identity on the request (it must come through the front)",
+            detail.to_owned(),
         )
-    })?;
-    let tenant = match header(IDENTITY_ORG) {
-        Some(org) => format!("org:{org}"),
-        None => format!("sub:{subject}"),
     };
+    let header = req.headers.get(IDENTITY).ok_or_else(|| {
+        refuse("no verified identity on the request (it must come through the front)")
+    })?;
+    let identity = Identity::decode(header.as_bytes())
+        .map_err(|e| refuse(&format!("the verified identity is unreadable: {e}")))?;
     Ok(Caller {
-        subject: subject.to_string(),
-        tenant,
+        tenant: identity.tenant(),
+        subject: identity.sub,
     })
 }
 
