@@ -188,10 +188,10 @@ async fn secrets_never_reach_the_logs_and_their_files_are_private() {
     use std::os::unix::fs::PermissionsExt;
     let sys = TestSystem::start(SystemOptions::default()).await;
     for _ in 0..3 {
-        sys.post("/v1/classify", &token("t", None), BODY)
-            .await
-            .unwrap();
-        sys.post("/v1/classify", "not-a-token", BODY).await.unwrap();
+        let ok = sys.post("/v1/classify", &token("t", None), BODY).await;
+        assert_eq!(ok.unwrap().status, 200);
+        let refused = sys.post("/v1/classify", "not-a-token", BODY).await;
+        refused.unwrap().problem(401);
     }
     let logs = sys.logs();
     assert!(

@@ -52,7 +52,7 @@ async fn one_scrape_shows_front_supervisor_and_workers_with_route_templates() {
         let body = format!(
             r#"{{"changes":[{{"op":"set","path":"/x","value":"{replica}"}}],"_sync_meta":{{"vector_clock":{{"{replica}":1}},"replica_id":"{replica}","timestamp":{ts}}}}}"#
         );
-        request(
+        let merged = request(
             sys.front,
             Method::POST,
             "/v1/tests/sessions/C/results",
@@ -61,6 +61,7 @@ async fn one_scrape_shows_front_supervisor_and_workers_with_route_templates() {
         )
         .await
         .unwrap();
+        assert_eq!(merged.status, 200, "{:?}", merged.body);
     }
     // And a 404 through the front.
     request(
@@ -71,7 +72,8 @@ async fn one_scrape_shows_front_supervisor_and_workers_with_route_templates() {
         "",
     )
     .await
-    .unwrap();
+    .unwrap()
+    .problem(404);
 
     let scrape = sys.admin_get("/metrics").await;
     assert_eq!(scrape.status, 200);

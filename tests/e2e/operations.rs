@@ -222,10 +222,19 @@ async fn systemd_hears_ready_status_reloading_and_stopping() {
         notify.heard
     );
     // Workers must not inherit the notify socket.
-    for pid in sys.worker_pids().await {
-        let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+    let workers = sys.worker_pids().await;
+    assert!(!workers.is_empty(), "no worker pids in /status");
+    for pid in workers {
+        let env = std::fs::read(format!("/proc/{pid}/environ"))
+            .unwrap_or_else(|e| panic!("reading worker {pid}'s environment: {e}"));
+        let vars: Vec<&[u8]> = env.split(|b| *b == 0).filter(|v| !v.is_empty()).collect();
         assert!(
-            !String::from_utf8_lossy(&env).contains("NOTIFY_SOCKET"),
+            vars.iter().any(|v| v.starts_with(b"PATH=")),
+            "worker {pid}'s environment was not read: {:?}",
+            String::from_utf8_lossy(&env)
+        );
+        assert!(
+            !vars.iter().any(|v| v.starts_with(b"NOTIFY_SOCKET=")),
             "worker {pid} inherited NOTIFY_SOCKET"
         );
     }

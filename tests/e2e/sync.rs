@@ -36,6 +36,24 @@ async fn post(
     .unwrap()
 }
 
+/// A post that must be merged: 200, or the test fails here with the answer.
+async fn post_ok(
+    front: SocketAddr,
+    tok: &str,
+    session: &str,
+    key: Option<&str>,
+    body: &Value,
+) -> Reply {
+    let reply = post(front, tok, session, key, body).await;
+    assert_eq!(
+        reply.status,
+        200,
+        "{session}: {}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    reply
+}
+
 async fn get(front: SocketAddr, tok: &str, path: &str, extra: &[(&str, &str)]) -> Reply {
     let auth = format!("Bearer {tok}");
     let mut headers = vec![("authorization", auth.as_str())];
@@ -114,10 +132,10 @@ async fn check_sync_contract(sys: &TestSystem) {
         2_000,
         json!([set("/a", json!(2))]),
     );
-    post(f, &t, "C1", Some("c1-w1"), &w1).await;
-    let second = post(f, &t, "C1", Some("c1-w2"), &w2).await.json();
-    post(f, &t, "C2", Some("c2-w2"), &w2).await;
-    let second_rev = post(f, &t, "C2", Some("c2-w1"), &w1).await.json();
+    post_ok(f, &t, "C1", Some("c1-w1"), &w1).await;
+    let second = post_ok(f, &t, "C1", Some("c1-w2"), &w2).await.json();
+    post_ok(f, &t, "C2", Some("c2-w2"), &w2).await;
+    let second_rev = post_ok(f, &t, "C2", Some("c2-w1"), &w1).await.json();
     let (c1, c2) = (document(f, &t, "C1").await, document(f, &t, "C2").await);
     assert_eq!(c1["document"], json!({"a": 2}), "the larger stamp wins");
     assert_eq!(c1["document"], c2["document"]);
@@ -144,7 +162,7 @@ async fn check_sync_contract(sys: &TestSystem) {
         10,
         json!([set("/b", json!("second"))]),
     );
-    post(f, &t, "K1", Some("k1-1"), &first).await;
+    post_ok(f, &t, "K1", Some("k1-1"), &first).await;
     let r = post(f, &t, "K1", Some("k1-2"), &after).await.json();
     assert_eq!(r["conflicts"], json!([]));
     assert_eq!(
@@ -190,15 +208,30 @@ async fn check_sync_contract(sys: &TestSystem) {
     );
     post(f, &t, "K1", Some("k1-gap"), &gap).await.problem(409);
     assert_eq!(document(f, &t, "K1").await["document"], json!({}));
-    // After syncing, the same key goes through (a 409 is not remembered).
-    let fixed = batch(
-        "tablet-1",
-        json!({"tablet-1": 3, "tablet-2": 1}),
-        1,
-        json!([set("/z", json!(1))]),
+    // After syncing, the refused request itself goes through under its refused key and body
+    // (a 409 is not remembered).
+    for (sequence, key) in [(3, "k1-s3"), (4, "k1-s4")] {
+        let next = batch(
+            "tablet-1",
+            json!({ "tablet-1": sequence }),
+            1,
+            json!([set("/n", json!(sequence))]),
+        );
+        assert_eq!(post(f, &t, "K1", Some(key), &next).await.status, 200);
+    }
+    let retried = post(f, &t, "K1", Some("k1-gap"), &gap).await;
+    assert_eq!(
+        retried.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&retried.body)
     );
-    post(f, &t, "K1", Some("k1-fixed"), &fixed).await;
-    assert_eq!(document(f, &t, "K1").await["document"], json!({"z": 1}));
+    assert!(retried.header("idempotent-replayed").is_none());
+    assert_eq!(retried.json()["applied"], 1);
+    assert_eq!(
+        document(f, &t, "K1").await["document"],
+        json!({"n": 4, "z": 1})
+    );
 
     // Tenants: another org sees nothing of acme's session and writes its own.
     let rival = token("tablet-7", Some("rival"));
@@ -255,7 +288,7 @@ async fn check_sync_contract(sys: &TestSystem) {
     assert_eq!(unzipped["catalog"], bundle["catalog"]);
     // A write changes the ETag.
     let more = json!({"changes": [set("/notes", json!("ok"))], "_sync_meta": {"vector_clock": {}}});
-    post(f, &t, "S1", Some("k-more"), &more).await;
+    post_ok(f, &t, "S1", Some("k-more"), &more).await;
     let changed = get(f, &t, path, &[("if-none-match", &etag)]).await;
     assert_eq!(changed.status, 200);
     assert_ne!(changed.header("etag").unwrap(), etag);
@@ -384,7 +417,7 @@ async fn a_bundle_over_the_cap_is_refused_whole_never_truncated() {
     assert_eq!(d["document"]["photos"].as_object().unwrap().len(), 3);
     // A smaller session of the same tenant still bundles.
     let small = json!({"changes": [set("/a", json!(1))], "_sync_meta": {"vector_clock": {}}});
-    post(sys.front, &t, "SMALL", Some("small-1"), &small).await;
+    post_ok(sys.front, &t, "SMALL", Some("small-1"), &small).await;
     assert_eq!(
         get(
             sys.front,
