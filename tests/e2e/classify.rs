@@ -24,7 +24,7 @@ async fn check_classify_contract(sys: &TestSystem) {
     assert_eq!(v["classification"], "critical_defect");
     assert!(v["description"].as_str().is_some_and(|s| !s.is_empty()));
     assert!(v["action"].as_str().is_some_and(|s| !s.is_empty()));
-    assert_eq!(v["catalog_version"], "as1851-2012-sample-1");
+    assert_eq!(v["catalog_version"], "as1851-2012-sample-2");
     assert!(r.header("x-request-id").is_some_and(|id| !id.is_empty()));
 
     // Every rule of the shipped catalog answers as the catalog says: all of them, every field.
@@ -53,6 +53,18 @@ async fn check_classify_contract(sys: &TestSystem) {
         }
     }
     assert!(checked >= 60, "the shipped catalog has {checked} rules");
+    // The original clients' request, unchanged (an alias of FE-DCP).
+    let r = sys
+        .post(
+            CLASSIFY,
+            &t,
+            r#"{"item_code": "AS1851-2012-FE-01", "observed_condition": "pressure_low"}"#,
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.json()["item_code"], "AS1851-2012-FE-01");
+    assert_eq!(r.json()["classification"], "critical_defect");
 
     // Unknown item: 404.
     let r = sys

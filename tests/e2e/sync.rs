@@ -268,7 +268,7 @@ async fn check_sync_contract(sys: &TestSystem) {
         json!({"extinguishers": {"FE-01": {"pressure": "low"}}})
     );
     assert_eq!(bundle["session"]["vector_clock"], json!({"tablet-7": 1}));
-    assert_eq!(bundle["catalog"]["version"], "as1851-2012-sample-1");
+    assert_eq!(bundle["catalog"]["version"], "as1851-2012-sample-2");
     let items = bundle["catalog"]["items"].as_array().unwrap();
     assert!(items.len() >= 24);
     assert!(items[0]["conditions"][0]["classification"].is_string());

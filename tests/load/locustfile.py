@@ -1,15 +1,17 @@
-"""The original FireMode load test, kept as the seeds wrote it down.
+"""The original FireMode load test, as the original clients run it.
 
-Tasks, weighted 10 / 5 / 2: classify an observation; sync a batch of offline results with a
-fresh Idempotency-Key (the seeds' payload shape); fetch a session's offline bundle, failing
-any response over 50 MB. At the end it prints the p95 of POST /v1/classify and makes the
-run fail when it is above 300 ms (the original non-functional requirement).
+Every user classifies `AS1851-2012-FE-01` / `pressure_low`, posts the same one-change batch
+with a fresh Idempotency-Key to session 123, and fetches session 123's offline bundle
+(failing any answer over 50 MB): weights 10 / 5 / 2, a wait of 0.5-1.5 s. Run as the
+original did: `locust -f tests/load/locustfile.py --headless -u 500 -r 10 --run-time 2m`.
+At the end it prints the p95 of POST /v1/classify and fails the run when it is above
+300 ms or any request failed.
 
-The token comes from FM_TOKEN, or is minted with `firemode token` (FM_BIN points
-at the binary; default ./target/release/firemode).
+The only addition is the token: FM_TOKEN, or one minted with `firemode token` (FM_BIN
+points at the binary, default ./target/release/firemode; FM_CONFIG at its config).
+A spread-out variant (several items, 200 sessions) is tests/load/spread_locustfile.py.
 """
 import os
-import random
 import subprocess
 import uuid
 
@@ -17,14 +19,6 @@ from locust import HttpUser, between, events, task
 
 MAX_BUNDLE_BYTES = 50 * 1024 * 1024
 P95_LIMIT_MS = 300
-
-ITEMS = [
-    ("FE-DCP", "pressure_low"),
-    ("FE-DCP", "service_tag_missing"),
-    ("FE-CO2", "horn_damaged"),
-    ("HR", "hose_kinked"),
-    ("FB", "pull_tabs_damaged"),
-]
 
 
 def _token():
@@ -42,44 +36,34 @@ def _token():
 TOKEN = _token()
 
 
-class Technician(HttpUser):
+class FireModeUser(HttpUser):
     wait_time = between(0.5, 1.5)
 
     def on_start(self):
         self.client.headers.update({"Authorization": f"Bearer {TOKEN}"})
-        self.session_id = f"load-{random.randint(1, 200)}"
 
     @task(10)
-    def classify(self):
-        item, condition = random.choice(ITEMS)
+    def classify_defect(self):
         self.client.post(
             "/v1/classify",
-            json={"item_code": item, "observed_condition": condition},
-            name="/v1/classify",
+            json={"item_code": "AS1851-2012-FE-01", "observed_condition": "pressure_low"},
         )
 
     @task(5)
-    def sync_results(self):
-        payload = {
-            "changes": [
-                {"op": "set", "path": f"/extinguishers/FE-{random.randint(1, 50):02d}/pressure",
-                 "value": random.choice(["ok", "low", "high"])}
-            ],
-            "_sync_meta": {"vector_clock": {}},
-        }
+    def sync_offline_data(self):
         self.client.post(
-            f"/v1/tests/sessions/{self.session_id}/results",
-            json=payload,
+            "/v1/tests/sessions/123/results",
+            json={
+                "changes": [{"op": "set", "path": "/test", "value": "data"}],
+                "_sync_meta": {"vector_clock": {}},
+            },
             headers={"Idempotency-Key": str(uuid.uuid4())},
-            name="/v1/tests/sessions/{id}/results",
         )
 
     @task(2)
-    def offline_bundle(self):
+    def get_offline_bundle(self):
         with self.client.get(
-            f"/v1/tests/sessions/{self.session_id}/offline_bundle",
-            name="/v1/tests/sessions/{id}/offline_bundle",
-            catch_response=True,
+            "/v1/tests/sessions/123/offline_bundle", catch_response=True
         ) as resp:
             if len(resp.content) > MAX_BUNDLE_BYTES:
                 resp.failure(f"bundle of {len(resp.content)} bytes is over 50 MB")
@@ -93,6 +77,9 @@ class Technician(HttpUser):
 def check_p95(environment, **_kwargs):
     stats = environment.stats.get("/v1/classify", "POST")
     p95 = stats.get_response_time_percentile(0.95) if stats.num_requests else float("inf")
-    print(f"POST /v1/classify: {stats.num_requests} requests, {stats.num_failures} failures, p95 {p95} ms (limit {P95_LIMIT_MS} ms)")
+    print(
+        f"POST /v1/classify: {stats.num_requests} requests, {stats.num_failures} failures, "
+        f"p95 {p95} ms (limit {P95_LIMIT_MS} ms)"
+    )
     if p95 > P95_LIMIT_MS or environment.stats.total.fail_ratio > 0:
         environment.process_exit_code = 1

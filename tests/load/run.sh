@@ -4,11 +4,13 @@
 # Exits non-zero when the classify p95 is over 300 ms or any request failed.
 #   tests/load/run.sh            # from the repository root
 #   USERS=100 RUN_TIME=30s tests/load/run.sh
+#   LOCUSTFILE=tests/load/spread_locustfile.py tests/load/run.sh   # the spread-out variant
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 USERS=${USERS:-500}
 SPAWN_RATE=${SPAWN_RATE:-10}
 RUN_TIME=${RUN_TIME:-2m}
+LOCUSTFILE=${LOCUSTFILE:-tests/load/locustfile.py}
 work=$(mktemp -d /tmp/fm-load.XXXX)
 trap 'kill -TERM "$fm_pid" 2>/dev/null || true; wait "$fm_pid" 2>/dev/null || true; rm -rf "$work"' EXIT
 
@@ -38,7 +40,7 @@ done
 curl -fs http://127.0.0.1:19090/readyz >/dev/null
 export FM_BIN=./target/release/firemode FM_CONFIG="$work/firemode.toml"
 status=0
-"$work/venv/bin/locust" -f tests/load/locustfile.py --headless -u "$USERS" -r "$SPAWN_RATE" \
+"$work/venv/bin/locust" -f "$LOCUSTFILE" --headless -u "$USERS" -r "$SPAWN_RATE" \
     --run-time "$RUN_TIME" --host http://127.0.0.1:18080 --only-summary || status=$?
 # The same run as FireMode measured it, without the load generator's own delays.
 curl -fs http://127.0.0.1:19090/metrics | python3 tests/load/server_latency.py || true

@@ -41,6 +41,10 @@ pub struct Condition {
 #[serde(deny_unknown_fields)]
 pub struct Item {
     pub item_code: String,
+    /// Other codes clients may send for this item (for example the original clients'
+    /// `AS1851-2012-FE-01`); a classify answer echoes the code the client sent.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub aliases: Vec<String>,
     pub family: String,
     pub description: String,
     pub conditions: Vec<Condition>,
@@ -85,14 +89,15 @@ impl Catalog {
         }
         let mut codes = HashSet::new();
         for item in &self.items {
-            if item.item_code.is_empty() || item.item_code.len() > 64 {
-                return bad(format!(
-                    "item_code {:?} must be 1-64 characters",
-                    item.item_code
-                ));
-            }
-            if !codes.insert(item.item_code.as_str()) {
-                return bad(format!("item_code {:?} appears twice", item.item_code));
+            for code in item.codes() {
+                if code.is_empty() || code.len() > 64 {
+                    return bad(format!("item_code {code:?} must be 1-64 characters"));
+                }
+                if !codes.insert(code) {
+                    return bad(format!(
+                        "item_code {code:?} appears twice (as a code or an alias)"
+                    ));
+                }
             }
             if item.conditions.is_empty() {
                 return bad(format!("item {:?} has no conditions", item.item_code));
@@ -114,6 +119,13 @@ impl Catalog {
             }
         }
         Ok(())
+    }
+}
+
+impl Item {
+    /// The item's code, then its aliases.
+    pub fn codes(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.item_code.as_str()).chain(self.aliases.iter().map(String::as_str))
     }
 }
 
@@ -153,13 +165,14 @@ impl CatalogIndex {
         let items = catalog
             .items
             .iter()
-            .map(|item| {
+            .flat_map(|item| item.codes().map(move |code| (code, item)))
+            .map(|(code, item)| {
                 let conditions = item
                     .conditions
                     .iter()
                     .map(|c| {
                         let answer = Answer {
-                            item_code: &item.item_code,
+                            item_code: code,
                             observed_condition: &c.observed_condition,
                             classification: c.classification,
                             description: &c.description,
@@ -170,7 +183,7 @@ impl CatalogIndex {
                         (c.observed_condition.clone(), Bytes::from(body))
                     })
                     .collect();
-                (item.item_code.clone(), IndexedItem { conditions })
+                (code.to_owned(), IndexedItem { conditions })
             })
             .collect();
         Self { catalog, items }
@@ -250,6 +263,33 @@ mod tests {
                 allowed: vec!["low", "tag_missing"]
             })
         );
+    }
+
+    #[test]
+    fn aliases_answer_like_their_item_and_echo_the_code_sent() {
+        let mut catalog = tiny();
+        catalog.items[0].aliases = vec!["AS1851-2012-FE-01".into()];
+        let idx = CatalogIndex::new(catalog.clone());
+        let body: serde_json::Value =
+            serde_json::from_slice(&idx.classify("AS1851-2012-FE-01", "low").unwrap()).unwrap();
+        assert_eq!(body["item_code"], "AS1851-2012-FE-01");
+        assert_eq!(body["classification"], "critical_defect");
+        assert!(idx.classify("FE", "low").is_ok());
+        // An alias that repeats a code is refused.
+        catalog.items[0].aliases = vec!["FE".into()];
+        let text = serde_json::to_string(&catalog).unwrap();
+        assert!(
+            matches!(Catalog::from_json(&text), Err(CatalogError::Invalid(m)) if m.contains("twice"))
+        );
+    }
+
+    #[test]
+    fn the_original_clients_codes_classify() {
+        let idx = CatalogIndex::new(Catalog::from_json(SAMPLE).unwrap());
+        let body: serde_json::Value =
+            serde_json::from_slice(&idx.classify("AS1851-2012-FE-01", "pressure_low").unwrap())
+                .unwrap();
+        assert_eq!(body["classification"], "critical_defect");
     }
 
     #[test]
