@@ -65,6 +65,10 @@ fn emit(style: Style, kind: Kind, instance: u32, pid: u32, line: &str) {
             o
         }
     };
+    let level = match obj.get("level") {
+        Some(Value::String(l)) => l.clone(),
+        _ => String::new(),
+    };
     let text = match style {
         Style::Json => {
             obj.insert("kind".into(), kind.name().into());
@@ -97,6 +101,15 @@ fn emit(style: Style, kind: Kind, instance: u32, pid: u32, line: &str) {
                 fields.join(" ")
             )
         }
+    };
+    // Under journald the line starts with the worker's own level as a syslog priority.
+    let text = if firemode_telemetry::journal::stderr_is_journal() {
+        format!(
+            "{}{text}",
+            firemode_telemetry::journal::prefix_for_name(&level)
+        )
+    } else {
+        text
     };
     let _ = std::io::stderr().lock().write_all(text.as_bytes());
 }

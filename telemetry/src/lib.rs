@@ -7,7 +7,9 @@
 //!   the supervisor's `/metrics` shows every worker's series labelled by kind and instance.
 //! * [`traces`]: logging and OpenTelemetry span export, and W3C trace context across the
 //!   process hop.
+//! * [`journal`]: syslog priority prefixes when stderr is the journal.
 
+pub mod journal;
 pub mod scrape;
 pub mod traces;
 

@@ -7,6 +7,9 @@
 //! `OTEL_RESOURCE_ATTRIBUTES`, `OTEL_TRACES_SAMPLER`/`_ARG`. Without an endpoint there is no
 //! exporter and no connection attempt. Export runs on the batch processor's own thread with a
 //! bounded queue and a timeout, so a slow or dead collector never slows a request.
+//!
+//! Log lines carry syslog priorities when stderr is the journal ([`crate::journal`]), and
+//! colours only when stderr is a terminal.
 
 use opentelemetry::propagation::TextMapPropagator;
 use opentelemetry::trace::TracerProvider as _;
@@ -15,6 +18,7 @@ use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use opentelemetry_sdk::Resource;
+use std::io::IsTerminal;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
@@ -185,16 +189,20 @@ fn build_provider(
 /// the tokio runtime; keep the guard until the process ends.
 pub fn init(style: LogStyle, otlp_endpoint: &str, who: ServiceIdentity<'_>) -> TelemetryGuard {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let journal = crate::journal::stderr_is_journal();
+    let writer = crate::journal::Stderr { enabled: journal };
     let log: Box<dyn Layer<Registry> + Send + Sync> = match style {
         LogStyle::Json => tracing_subscriber::fmt::layer()
             .json()
             .flatten_event(true)
             .with_current_span(true)
             .with_span_list(false)
-            .with_writer(std::io::stderr)
+            .with_writer(writer)
             .boxed(),
+        // Colours only for a terminal: never escape codes in a file, a pipe or the journal.
         LogStyle::Pretty => tracing_subscriber::fmt::layer()
-            .with_writer(std::io::stderr)
+            .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
+            .with_writer(writer)
             .boxed(),
     };
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
