@@ -214,20 +214,39 @@ fn load_or_generate_secret(path: &Path) -> anyhow::Result<Vec<u8>> {
             tracing::info!(path = %path.display(), "generated a JWT secret");
             Ok(hex.into_bytes())
         }
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("reading {}", path.display()))?;
-            let secret = text.trim();
-            if secret.len() < 32 {
-                bail!(
-                    "{} holds a secret shorter than 32 bytes; delete it to have a new one generated",
-                    path.display()
-                );
-            }
-            Ok(secret.as_bytes().to_vec())
-        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => read_secret(path),
         Err(e) => Err(e).with_context(|| format!("creating {}", path.display())),
     }
+}
+
+fn read_secret(path: &Path) -> anyhow::Result<Vec<u8>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let secret = text.trim();
+    if secret.len() < 32 {
+        bail!(
+            "{} holds a secret shorter than 32 bytes; delete it to have a new one generated",
+            path.display()
+        );
+    }
+    Ok(secret.as_bytes().to_vec())
+}
+
+/// The HS* secret for minting: `auth.jwt_secret`, else the file the running system
+/// generated. Never creates one: a token signed with a secret the server does not hold
+/// would only ever get 401.
+fn signing_secret(config: &Config) -> anyhow::Result<Vec<u8>> {
+    if !config.auth.jwt_secret.is_empty() {
+        return Ok(config.auth.jwt_secret.as_bytes().to_vec());
+    }
+    let path = secret_path(config);
+    if !path.exists() {
+        bail!(
+            "no signing key: auth.jwt_secret is empty and {} does not exist. Start firemode once with this config to generate it, or check that --config names the running system's file",
+            path.display()
+        );
+    }
+    read_secret(&path)
 }
 
 /// A token signed with the configured HS* secret, for `firemode token`.
@@ -255,7 +274,7 @@ pub fn mint(
         iss: (!a.issuer.is_empty()).then(|| a.issuer.clone()),
         aud: (!a.audience.is_empty()).then(|| a.audience.clone()),
     };
-    let key = EncodingKey::from_secret(&hs_secret(config)?);
+    let key = EncodingKey::from_secret(&signing_secret(config)?);
     Ok(jsonwebtoken::encode(
         &Header::new(jwt_algorithm(a.algorithm)),
         &claims,
@@ -302,6 +321,16 @@ mod tests {
         let id = firemode_wire::Identity::decode(id.header.as_bytes()).unwrap();
         assert_eq!(id.sub, "tech-1");
         assert_eq!(id.org.as_deref(), Some("acme"));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn minting_never_creates_a_secret() {
+        let dir = std::env::temp_dir().join(format!("fm-auth-mint-{}", std::process::id()));
+        let c = config(&dir);
+        let err = mint(&c, "tech-1", None, std::time::Duration::from_secs(60)).unwrap_err();
+        assert!(err.to_string().contains("no signing key"), "{err}");
+        assert!(!secret_path(&c).exists());
         let _ = std::fs::remove_dir_all(dir);
     }
 

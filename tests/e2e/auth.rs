@@ -215,3 +215,27 @@ async fn secrets_never_reach_the_logs_and_their_files_are_private() {
         assert_eq!(c.metadata().unwrap().permissions().mode() & 0o777, 0o600);
     }
 }
+
+/// `firemode token` never creates a key: with no secret yet (or a --config pointing at the
+/// wrong place), it fails with a message instead of minting tokens the server will refuse.
+#[tokio::test]
+async fn token_command_never_creates_a_secret() {
+    let dir = std::env::temp_dir().join(format!("fm-token-{:08x}", rand::random::<u32>()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("firemode.toml");
+    std::fs::write(&config, format!("data_dir = \"{}/data\"\n", dir.display())).unwrap();
+    let out = std::process::Command::new(firemode_tests::bin_dir().join("firemode"))
+        .args(["token", "--sub", "tech-9", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "minted without a key");
+    assert!(out.stdout.is_empty());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("no signing key"), "{stderr}");
+    assert!(
+        !dir.join("data/jwt_secret").exists(),
+        "token created a secret"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
