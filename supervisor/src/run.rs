@@ -9,7 +9,7 @@ use crate::child_log::Style;
 use crate::fleet::{remove_worker_configs, Fleet};
 use crate::front::{Front, FrontSettings};
 use crate::instance::Kind;
-use crate::listener;
+use crate::listener::{self, Listening};
 use crate::registry::Registry;
 use crate::signals::{Signals, SupervisorSignal};
 use crate::systemd;
@@ -39,7 +39,9 @@ pub async fn run(config: Config, source: ConfigSource, log_style: Style) -> anyh
     prepare_runtime_dir(&runtime_dir)?;
     let verifier = Verifier::new(&config)?;
 
-    let front_listener = match systemd::activated_listener()? {
+    let activated = systemd::activated_listener()?;
+    let front_from_systemd = activated.is_some();
+    let front_listener = match activated {
         Some(std) => {
             tracing::info!(
                 "using the socket passed by systemd for the front (server.listen ignored)"
@@ -82,8 +84,11 @@ pub async fn run(config: Config, source: ConfigSource, log_style: Style) -> anyh
         config.server.poison_threshold,
     ));
     let front_task = tokio::spawn(listener::serve(
-        "front",
-        front_listener,
+        Listening {
+            name: "front",
+            socket: front_listener,
+            from_systemd: front_from_systemd,
+        },
         front.clone(),
         |f: Arc<Front>, req| Box::pin(async move { f.handle(req).await }),
         stop_front_rx,
@@ -95,8 +100,11 @@ pub async fn run(config: Config, source: ConfigSource, log_style: Style) -> anyh
         registry: registry.clone(),
     });
     let admin_task = tokio::spawn(listener::serve(
-        "admin",
-        admin_listener,
+        Listening {
+            name: "admin",
+            socket: admin_listener,
+            from_systemd: false,
+        },
         admin,
         |a: Arc<Admin>, req| Box::pin(async move { a.handle(req).await }),
         stop_admin_rx,
