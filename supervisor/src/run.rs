@@ -14,7 +14,7 @@ use crate::registry::Registry;
 use crate::signals::{Signals, SupervisorSignal};
 use crate::systemd;
 use anyhow::Context as _;
-use firemode_config::{load, Config, Overrides, KILL_GRACE};
+use firemode_config::{load_for_reload, Config, Overrides, KILL_GRACE};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -38,6 +38,8 @@ pub async fn run(config: Config, source: ConfigSource, log_style: Style) -> anyh
     let runtime_dir = config.supervisor.runtime_dir.clone();
     prepare_runtime_dir(&runtime_dir)?;
     let verifier = Verifier::new(&config)?;
+    // The key the front verifies with; a reload never swaps it (design §4).
+    let signing_key = key_material(&config);
 
     let activated = systemd::activated_listener()?;
     let front_from_systemd = activated.is_some();
@@ -128,7 +130,7 @@ pub async fn run(config: Config, source: ConfigSource, log_style: Style) -> anyh
                     systemd::reloading();
                     tracing::info!("SIGHUP: reloading the configuration");
                     let outcome = {
-                        let reloading = reload(&config, &source, &mut fleet, &front);
+                        let reloading = reload(&config, &signing_key, &source, &mut fleet, &front);
                         tokio::pin!(reloading);
                         loop {
                             tokio::select! {
@@ -278,57 +280,59 @@ enum Event {
     Recycle(Arc<crate::instance::Instance>),
 }
 
-/// Re-reads the config; `Ok(None)` when the file is invalid (logged, nothing changes).
+/// Re-reads the config; `Ok(None)` when it is refused (logged, nothing changes): invalid,
+/// empty or unreadable, or changing what needs a restart (the store, the signing key, the
+/// listeners, the runtime dir).
 async fn reload(
     current: &Arc<Config>,
+    signing_key: &Option<Vec<u8>>,
     source: &ConfigSource,
     fleet: &mut Fleet,
     front: &Front,
 ) -> anyhow::Result<Option<Arc<Config>>> {
-    let mut next = match load(source.file.as_deref(), &source.overrides) {
+    let next = match load_for_reload(source.file.as_deref(), &source.overrides) {
         Ok(c) => c,
         Err(e) => {
             tracing::error!(error = %e, "the new configuration is invalid; keeping the running one");
             return Ok(None);
         }
     };
-    // What a running process cannot change.
-    for (key, old, new) in [
-        (
-            "server.listen",
-            &current.server.listen,
-            &mut next.server.listen,
-        ),
-        (
-            "server.admin_listen",
-            &current.server.admin_listen,
-            &mut next.server.admin_listen,
-        ),
-    ] {
-        if old != new {
-            tracing::warn!(key, old = %old, new = %new, "needs a restart to change; keeping the old value");
-            new.clone_from(old);
-        }
+    let changed = current.restart_only_changes(&next);
+    if !changed.is_empty() {
+        tracing::error!(
+            keys = %changed.join(", "),
+            "reload refused: the new configuration changes {}, which needs a restart; the running configuration stays in force",
+            changed.join(", ")
+        );
+        return Ok(None);
     }
-    for (key, old, new) in [
-        (
-            "supervisor.runtime_dir",
-            &current.supervisor.runtime_dir,
-            &mut next.supervisor.runtime_dir,
-        ),
-        ("data_dir", &current.data_dir, &mut next.data_dir),
-    ] {
-        if old != new {
-            tracing::warn!(key, old = %old.display(), new = %new.display(), "needs a restart to change; keeping the old value");
-            new.clone_from(old);
-        }
+    if key_material(&next) != *signing_key {
+        tracing::error!(
+            keys = "auth.public_key_file, data_dir/jwt_secret",
+            "reload refused: the signing key's file changed or vanished since start, which needs a restart; the running configuration stays in force"
+        );
+        return Ok(None);
     }
     let next = Arc::new(next);
     let verifier = Verifier::new(&next)?;
     fleet.roll(&next).await?;
-    // The front switches (auth key, limits, timeouts) once every instance runs the new config.
+    // The front switches (limits, timeouts, issuer, audience) once every instance runs the
+    // new config.
     front.reconfigure(FrontSettings::new(&next, verifier));
     Ok(Some(next))
+}
+
+/// The bytes the front's key is made from: `auth.jwt_secret`, the generated secret's file, or
+/// the public key file. Read without creating anything; `None` when the file is unreadable.
+fn key_material(config: &Config) -> Option<Vec<u8>> {
+    let auth = &config.auth;
+    if !auth.algorithm.is_symmetric() {
+        return std::fs::read(&auth.public_key_file).ok();
+    }
+    if !auth.jwt_secret.is_empty() {
+        return Some(auth.jwt_secret.as_bytes().to_vec());
+    }
+    std::fs::read(crate::auth::secret_path(config)).ok()
 }
 
 /// READY=1 once every kind has a ready instance; STATUS= whenever the counts change;
