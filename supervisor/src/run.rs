@@ -6,7 +6,7 @@
 use crate::admin::Admin;
 use crate::auth::Verifier;
 use crate::child_log::Style;
-use crate::fleet::{remove_worker_configs, Fleet};
+use crate::fleet::Fleet;
 use crate::front::{Front, FrontSettings};
 use crate::instance::Kind;
 use crate::listener::{self, Listening};
@@ -15,8 +15,7 @@ use crate::signals::{Signals, SupervisorSignal};
 use crate::systemd;
 use anyhow::Context as _;
 use firemode_config::{load_for_reload, Config, Overrides, KILL_GRACE};
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -36,7 +35,7 @@ pub async fn run(config: Config, source: ConfigSource, log_style: Style) -> anyh
     firemode_telemetry::install_metrics();
     describe_metrics();
     let runtime_dir = config.supervisor.runtime_dir.clone();
-    prepare_runtime_dir(&runtime_dir)?;
+    crate::runtime_dir::prepare(&runtime_dir)?;
     let verifier = Verifier::new(&config)?;
     // The key the front verifies with; a reload never swaps it (design §4).
     let signing_key = key_material(&config);
@@ -372,25 +371,4 @@ async fn report_drain(front: Arc<Front>) {
         systemd::status(&format!("draining, {} in flight", front.in_flight()));
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
-}
-
-/// Creates the runtime dir with mode 0700 and removes stale sockets from an earlier run.
-fn prepare_runtime_dir(dir: &Path) -> anyhow::Result<()> {
-    std::fs::create_dir_all(dir)
-        .with_context(|| format!("supervisor.runtime_dir: cannot create {}", dir.display()))?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).with_context(|| {
-        format!(
-            "supervisor.runtime_dir: cannot set mode 0700 on {}",
-            dir.display()
-        )
-    })?;
-    for entry in std::fs::read_dir(dir)?.flatten() {
-        let path = entry.path();
-        if path.extension().is_some_and(|e| e == "sock") {
-            tracing::info!(path = %path.display(), "removing stale socket");
-            let _ = std::fs::remove_file(&path);
-        }
-    }
-    remove_worker_configs(dir);
-    Ok(())
 }
