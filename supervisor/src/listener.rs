@@ -117,15 +117,7 @@ where
             }
         }
     }
-    let queued = take_queued(name, listener, from_systemd);
-    if !queued.is_empty() {
-        tracing::info!(
-            listener = name,
-            connections = queued.len(),
-            "serving the connections queued at the stop"
-        );
-    }
-    for stream in queued {
+    for stream in take_queued(name, listener, from_systemd) {
         start(stream);
     }
     drop(open_tx);
@@ -216,6 +208,13 @@ fn take_queued(name: &'static str, listener: TcpListener, from_systemd: bool) ->
                 break;
             }
         }
+    }
+    if !queued.is_empty() {
+        tracing::info!(
+            listener = name,
+            connections = queued.len(),
+            "serving the connections queued at the stop"
+        );
     }
     queued
 }
