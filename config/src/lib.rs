@@ -11,15 +11,18 @@ mod bytesize;
 mod duration;
 pub mod model;
 mod redact;
+mod reload;
 mod validate;
 
 pub use bytesize::ByteSize;
 pub use duration::HumanDuration;
 pub use model::*;
+pub use reload::{load_for_reload, RESTART_ONLY_KEYS};
 pub use validate::{ConfigErrors, KILL_GRACE};
 
 use figment::providers::{Env, Format, Toml};
-use figment::Figment;
+use figment::value::{Dict, Map};
+use figment::{Figment, Metadata, Profile, Provider};
 use std::path::{Path, PathBuf};
 
 /// Where the config file is looked for when `--config` is not given.
@@ -48,8 +51,19 @@ pub fn config_file(explicit: Option<&Path>) -> Option<PathBuf> {
 /// Reads the file (if any), the `FIREMODE_*` environment and `PORT`, applies `overrides`, and
 /// validates the result.
 pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<Config, ConfigErrors> {
-    let mut figment = Figment::new();
-    if let Some(path) = file {
+    let file = file.map(FileText::read).transpose()?;
+    load_text(file, overrides)
+}
+
+/// A config file's text, read once and parsed from that text (a file truncated or replaced
+/// between two reads can never turn into "no file"), under the file's name for errors.
+pub(crate) struct FileText {
+    pub(crate) path: PathBuf,
+    pub(crate) text: String,
+}
+
+impl FileText {
+    pub(crate) fn read(path: &Path) -> Result<Self, ConfigErrors> {
         if !path.is_file() {
             return Err(ConfigErrors::one(
                 "--config",
@@ -59,7 +73,36 @@ pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<Config, Config
                 ),
             ));
         }
-        figment = figment.merge(Toml::file(path));
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigErrors::one(
+                "--config",
+                format!("cannot read config file {}: {e}", path.display()),
+            )
+        })?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            text,
+        })
+    }
+}
+
+impl Provider for FileText {
+    fn metadata(&self) -> Metadata {
+        Metadata::from("TOML file", self.path.as_path())
+    }
+
+    fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
+        Toml::string(&self.text).data()
+    }
+}
+
+pub(crate) fn load_text(
+    file: Option<FileText>,
+    overrides: &Overrides,
+) -> Result<Config, ConfigErrors> {
+    let mut figment = Figment::new();
+    if let Some(file) = file {
+        figment = figment.merge(file);
     }
     figment = figment.merge(Env::prefixed("FIREMODE_").split("__"));
     let mut config: Config = figment.extract().map_err(ConfigErrors::from_figment)?;

@@ -1,4 +1,5 @@
-//! The admin listener (default 127.0.0.1:9090): `/healthz` (the supervisor is alive),
+//! The admin listener (default 127.0.0.1:9090): `/healthz` (the supervisor is alive and no
+//! kind is entirely crash-looping),
 //! `/readyz` (every kind has a ready instance), `/status` (every instance as JSON),
 //! `/metrics` (Prometheus: the supervisor's series and every worker's, one scrape).
 
@@ -102,6 +103,20 @@ impl Admin {
         merged.render()
     }
 
+    /// Liveness: the supervisor answers, and no kind is down with every instance
+    /// crash-looping (a 503 then names the kinds; see README "Health endpoints").
+    fn healthz(&self) -> Response<Full<Bytes>> {
+        let looping = self.registry.crash_looping_kinds();
+        if looping.is_empty() {
+            return json(StatusCode::OK, br#"{"status":"ok"}"#.to_vec());
+        }
+        Problem::unavailable(format!(
+            "every instance of {} is crash-looping (restarting with backoff); nothing of that kind can serve, see /status and the log",
+            looping.join(", ")
+        ))
+        .into_response()
+    }
+
     pub async fn handle(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
         if req.method() != Method::GET {
             return Problem::new(
@@ -113,7 +128,7 @@ impl Admin {
             .into_response();
         }
         match req.uri().path() {
-            "/healthz" => json(StatusCode::OK, br#"{"status":"ok"}"#.to_vec()),
+            "/healthz" => self.healthz(),
             "/readyz" => {
                 if self.registry.all_kinds_ready() {
                     json(StatusCode::OK, br#"{"ready":true}"#.to_vec())

@@ -249,6 +249,10 @@ fn signing_secret(config: &Config) -> anyhow::Result<Vec<u8>> {
     read_secret(&path)
 }
 
+/// The latest `exp` `firemode token` writes: 2^53 - 1, the largest integer a JSON number
+/// carries exactly in every client (JavaScript reads numbers as doubles).
+const MAX_EXP: u64 = (1 << 53) - 1;
+
 /// A token signed with the configured HS* secret, for `firemode token`.
 pub fn mint(
     config: &Config,
@@ -266,9 +270,18 @@ pub fn mint(
         );
     }
     let now = unix_now();
+    let exp = now
+        .checked_add(ttl.as_secs().max(1))
+        .filter(|exp| *exp <= MAX_EXP)
+        .with_context(|| {
+            format!(
+                "--ttl {}: too long; the token would expire after the largest time every JWT library reads exactly (2^53 - 1 seconds after 1970); choose a shorter lifetime",
+                humantime::format_duration(ttl)
+            )
+        })?;
     let claims = MintedClaims {
         sub: sub.to_string(),
-        exp: now + ttl.as_secs().max(1),
+        exp,
         iat: now,
         org: org.map(str::to_string),
         iss: (!a.issuer.is_empty()).then(|| a.issuer.clone()),

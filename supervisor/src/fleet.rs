@@ -6,13 +6,12 @@
 use crate::child_log::Style;
 use crate::instance::{Instance, InstanceState, Kind};
 use crate::registry::Registry;
+use crate::runtime_dir::{remove_worker_configs, WorkerConfigFile};
 use crate::spawn::SpawnSpec;
 use crate::supervise::{supervise, Phase, SuperviseCtx};
 use anyhow::{bail, Context as _};
 use firemode_config::Config;
-use std::io::Write as _;
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
@@ -71,13 +70,13 @@ impl Fleet {
     }
 
     fn contexts(&self, config: &Arc<Config>) -> anyhow::Result<Vec<Arc<SuperviseCtx>>> {
-        let config_json = write_worker_config(config, &self.runtime_dir, self.generation)?;
+        let config_file = WorkerConfigFile::write(config, &self.runtime_dir, self.generation)?;
         Kind::ALL
             .iter()
             .map(|&kind| {
                 let worker = config.worker(kind.name()).context("worker kind")?;
                 Ok(Arc::new(SuperviseCtx {
-                    spec: SpawnSpec::new(kind, worker, &config_json, self.log_style)?,
+                    spec: SpawnSpec::new(kind, worker, config_file.clone(), self.log_style)?,
                     config: config.clone(),
                     registry: self.registry.clone(),
                     recycle: self.recycle.clone(),
@@ -267,31 +266,4 @@ async fn wait_ready(inst: &Instance, timeout: Duration) -> bool {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     inst.is_ready()
-}
-
-/// The effective config for the workers of one generation, mode 0600 (it may hold the
-/// database password).
-fn write_worker_config(config: &Config, dir: &Path, generation: u64) -> anyhow::Result<PathBuf> {
-    let path = dir.join(format!("worker-config.g{generation}.json"));
-    let _ = std::fs::remove_file(&path);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&path)
-        .with_context(|| format!("writing {}", path.display()))?;
-    f.write_all(config.to_json().as_bytes())?;
-    Ok(path)
-}
-
-pub fn remove_worker_configs(dir: &Path) {
-    if let Ok(entries) = std::fs::read_dir(dir) {
-        for e in entries.flatten() {
-            let name = e.file_name();
-            let name = name.to_string_lossy();
-            if name.starts_with("worker-config") && name.ends_with(".json") {
-                let _ = std::fs::remove_file(e.path());
-            }
-        }
-    }
 }

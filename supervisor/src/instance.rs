@@ -252,6 +252,12 @@ impl Instance {
         d.degraded = degraded;
     }
 
+    /// Crash-looping: restarted several times in a row without a healthy stretch (cleared
+    /// when it becomes ready).
+    pub fn is_degraded(&self) -> bool {
+        self.details().degraded
+    }
+
     pub fn set_degraded(&self, degraded: bool) {
         self.details().degraded = degraded;
     }

@@ -5,6 +5,7 @@
 //! # Layout
 //! * [`run`]: the whole system's life — listeners, reload, the drain.
 //! * [`fleet`]: every instance task; start, rolling replacement, scaling, drain.
+//! * [`runtime_dir`]: the runtime dir and the worker config files, recreated on demand.
 //! * [`systemd`]: sd_notify and socket activation.
 //! * Supervision: [`supervise`] (one task per instance), [`spawn`] (the process),
 //!   [`health`] (the check), [`backoff`] (when to restart; pure), [`child_log`] (worker
@@ -30,6 +31,7 @@ pub mod plan;
 pub mod poison;
 pub mod registry;
 pub mod run;
+pub mod runtime_dir;
 pub mod signals;
 pub mod spawn;
 pub mod supervise;

@@ -43,6 +43,15 @@ impl Registry {
         }
     }
 
+    /// The kinds whose every instance is crash-looping (what `/healthz` refuses to hide).
+    pub fn crash_looping_kinds(&self) -> Vec<&'static str> {
+        self.kinds
+            .iter()
+            .filter(|k| k.all_crash_looping())
+            .map(|k| k.kind.name())
+            .collect()
+    }
+
     /// Records the instances the fleet runs (routable or draining).
     pub fn track(&self, members: Vec<Arc<Instance>>) {
         self.members.store(Arc::new(members));
@@ -142,6 +151,13 @@ impl KindSet {
                 return self.pick(exclude);
             }
         }
+    }
+
+    /// No instance of the kind is ready and every one is crash-looping: nothing of this kind
+    /// serves, and waiting is not healing it.
+    pub fn all_crash_looping(&self) -> bool {
+        let list = self.instances();
+        !list.is_empty() && list.iter().all(|i| !i.is_ready() && i.is_degraded())
     }
 
     /// Every instance of the kind is running and answers its health check with

@@ -6,17 +6,16 @@
 use crate::admin::Admin;
 use crate::auth::Verifier;
 use crate::child_log::Style;
-use crate::fleet::{remove_worker_configs, Fleet};
+use crate::fleet::Fleet;
 use crate::front::{Front, FrontSettings};
 use crate::instance::Kind;
-use crate::listener;
+use crate::listener::{self, Listening};
 use crate::registry::Registry;
 use crate::signals::{Signals, SupervisorSignal};
 use crate::systemd;
 use anyhow::Context as _;
-use firemode_config::{load, Config, Overrides, KILL_GRACE};
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use firemode_config::{load_for_reload, Config, Overrides, KILL_GRACE};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -36,10 +35,14 @@ pub async fn run(config: Config, source: ConfigSource, log_style: Style) -> anyh
     firemode_telemetry::install_metrics();
     describe_metrics();
     let runtime_dir = config.supervisor.runtime_dir.clone();
-    prepare_runtime_dir(&runtime_dir)?;
+    crate::runtime_dir::prepare(&runtime_dir)?;
     let verifier = Verifier::new(&config)?;
+    // The key the front verifies with; a reload never swaps it (design §4).
+    let signing_key = key_material(&config);
 
-    let front_listener = match systemd::activated_listener()? {
+    let activated = systemd::activated_listener()?;
+    let front_from_systemd = activated.is_some();
+    let front_listener = match activated {
         Some(std) => {
             tracing::info!(
                 "using the socket passed by systemd for the front (server.listen ignored)"
@@ -82,8 +85,11 @@ pub async fn run(config: Config, source: ConfigSource, log_style: Style) -> anyh
         config.server.poison_threshold,
     ));
     let front_task = tokio::spawn(listener::serve(
-        "front",
-        front_listener,
+        Listening {
+            name: "front",
+            socket: front_listener,
+            from_systemd: front_from_systemd,
+        },
         front.clone(),
         |f: Arc<Front>, req| Box::pin(async move { f.handle(req).await }),
         stop_front_rx,
@@ -95,8 +101,11 @@ pub async fn run(config: Config, source: ConfigSource, log_style: Style) -> anyh
         registry: registry.clone(),
     });
     let admin_task = tokio::spawn(listener::serve(
-        "admin",
-        admin_listener,
+        Listening {
+            name: "admin",
+            socket: admin_listener,
+            from_systemd: false,
+        },
         admin,
         |a: Arc<Admin>, req| Box::pin(async move { a.handle(req).await }),
         stop_admin_rx,
@@ -120,7 +129,7 @@ pub async fn run(config: Config, source: ConfigSource, log_style: Style) -> anyh
                     systemd::reloading();
                     tracing::info!("SIGHUP: reloading the configuration");
                     let outcome = {
-                        let reloading = reload(&config, &source, &mut fleet, &front);
+                        let reloading = reload(&config, &signing_key, &source, &mut fleet, &front);
                         tokio::pin!(reloading);
                         loop {
                             tokio::select! {
@@ -270,57 +279,59 @@ enum Event {
     Recycle(Arc<crate::instance::Instance>),
 }
 
-/// Re-reads the config; `Ok(None)` when the file is invalid (logged, nothing changes).
+/// Re-reads the config; `Ok(None)` when it is refused (logged, nothing changes): invalid,
+/// empty or unreadable, or changing what needs a restart (the store, the signing key, the
+/// listeners, the runtime dir).
 async fn reload(
     current: &Arc<Config>,
+    signing_key: &Option<Vec<u8>>,
     source: &ConfigSource,
     fleet: &mut Fleet,
     front: &Front,
 ) -> anyhow::Result<Option<Arc<Config>>> {
-    let mut next = match load(source.file.as_deref(), &source.overrides) {
+    let next = match load_for_reload(source.file.as_deref(), &source.overrides) {
         Ok(c) => c,
         Err(e) => {
             tracing::error!(error = %e, "the new configuration is invalid; keeping the running one");
             return Ok(None);
         }
     };
-    // What a running process cannot change.
-    for (key, old, new) in [
-        (
-            "server.listen",
-            &current.server.listen,
-            &mut next.server.listen,
-        ),
-        (
-            "server.admin_listen",
-            &current.server.admin_listen,
-            &mut next.server.admin_listen,
-        ),
-    ] {
-        if old != new {
-            tracing::warn!(key, old = %old, new = %new, "needs a restart to change; keeping the old value");
-            new.clone_from(old);
-        }
+    let changed = current.restart_only_changes(&next);
+    if !changed.is_empty() {
+        tracing::error!(
+            keys = %changed.join(", "),
+            "reload refused: the new configuration changes {}, which needs a restart; the running configuration stays in force",
+            changed.join(", ")
+        );
+        return Ok(None);
     }
-    for (key, old, new) in [
-        (
-            "supervisor.runtime_dir",
-            &current.supervisor.runtime_dir,
-            &mut next.supervisor.runtime_dir,
-        ),
-        ("data_dir", &current.data_dir, &mut next.data_dir),
-    ] {
-        if old != new {
-            tracing::warn!(key, old = %old.display(), new = %new.display(), "needs a restart to change; keeping the old value");
-            new.clone_from(old);
-        }
+    if key_material(&next) != *signing_key {
+        tracing::error!(
+            keys = "auth.public_key_file, data_dir/jwt_secret",
+            "reload refused: the signing key's file changed or vanished since start, which needs a restart; the running configuration stays in force"
+        );
+        return Ok(None);
     }
     let next = Arc::new(next);
     let verifier = Verifier::new(&next)?;
     fleet.roll(&next).await?;
-    // The front switches (auth key, limits, timeouts) once every instance runs the new config.
+    // The front switches (limits, timeouts, issuer, audience) once every instance runs the
+    // new config.
     front.reconfigure(FrontSettings::new(&next, verifier));
     Ok(Some(next))
+}
+
+/// The bytes the front's key is made from: `auth.jwt_secret`, the generated secret's file, or
+/// the public key file. Read without creating anything; `None` when the file is unreadable.
+fn key_material(config: &Config) -> Option<Vec<u8>> {
+    let auth = &config.auth;
+    if !auth.algorithm.is_symmetric() {
+        return std::fs::read(&auth.public_key_file).ok();
+    }
+    if !auth.jwt_secret.is_empty() {
+        return Some(auth.jwt_secret.as_bytes().to_vec());
+    }
+    std::fs::read(crate::auth::secret_path(config)).ok()
 }
 
 /// READY=1 once every kind has a ready instance; STATUS= whenever the counts change;
@@ -360,25 +371,4 @@ async fn report_drain(front: Arc<Front>) {
         systemd::status(&format!("draining, {} in flight", front.in_flight()));
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
-}
-
-/// Creates the runtime dir with mode 0700 and removes stale sockets from an earlier run.
-fn prepare_runtime_dir(dir: &Path) -> anyhow::Result<()> {
-    std::fs::create_dir_all(dir)
-        .with_context(|| format!("supervisor.runtime_dir: cannot create {}", dir.display()))?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).with_context(|| {
-        format!(
-            "supervisor.runtime_dir: cannot set mode 0700 on {}",
-            dir.display()
-        )
-    })?;
-    for entry in std::fs::read_dir(dir)?.flatten() {
-        let path = entry.path();
-        if path.extension().is_some_and(|e| e == "sock") {
-            tracing::info!(path = %path.display(), "removing stale socket");
-            let _ = std::fs::remove_file(&path);
-        }
-    }
-    remove_worker_configs(dir);
-    Ok(())
 }

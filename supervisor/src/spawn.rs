@@ -1,12 +1,15 @@
 //! Starting one worker process: which program, its arguments and environment, its output
 //! piped into our log, and a death signal so it dies with the supervisor even when the
-//! supervisor is SIGKILLed.
+//! supervisor is SIGKILLed. Before each start the runtime dir and the worker config file are
+//! checked (and written again when something deleted them).
 
 use crate::child_log::{self, Style};
 use crate::instance::{Instance, Kind};
+use crate::runtime_dir::WorkerConfigFile;
 use firemode_config::WorkerKind;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Arc;
 use tokio::process::{Child, Command};
 
 /// Everything needed to start instances of one kind.
@@ -16,7 +19,9 @@ pub struct SpawnSpec {
     pub program: PathBuf,
     pub args: Vec<String>,
     pub env: Vec<(String, String)>,
-    pub config_json: PathBuf,
+    /// The generation's config; every instance started from this spec holds it, so the file
+    /// lives as long as one of them runs.
+    pub config_file: Arc<WorkerConfigFile>,
     pub log_style: Style,
 }
 
@@ -24,7 +29,7 @@ impl SpawnSpec {
     pub fn new(
         kind: Kind,
         worker: &WorkerKind,
-        config_json: &Path,
+        config_file: Arc<WorkerConfigFile>,
         log_style: Style,
     ) -> anyhow::Result<Self> {
         let program = if worker.command.is_empty() {
@@ -43,7 +48,7 @@ impl SpawnSpec {
                 .iter()
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
-            config_json: config_json.to_path_buf(),
+            config_file,
             log_style,
         })
     }
@@ -60,12 +65,15 @@ const SUPERVISOR_ONLY_ENV: &[&str] = &[
 ];
 
 pub fn spawn(spec: &SpawnSpec, instance: &Instance) -> std::io::Result<Child> {
+    spec.config_file
+        .ensure()
+        .map_err(|e| std::io::Error::other(format!("{e:#}")))?;
     let mut cmd = Command::new(&spec.program);
     cmd.args(&spec.args)
         .arg("--socket")
         .arg(&instance.socket)
         .arg("--config-json")
-        .arg(&spec.config_json)
+        .arg(spec.config_file.path())
         .arg("--instance")
         .arg(instance.index.to_string())
         .envs(spec.env.iter().map(|(k, v)| (k, v)))

@@ -1,0 +1,152 @@
+//! The runtime dir (`supervisor.runtime_dir`) and what the supervisor keeps in it: the
+//! directory itself (mode 0700), the workers' sockets (named by [`crate::fleet`]) and one
+//! worker config file per config generation (mode 0600: it holds the JWT secret and the
+//! database URL).
+//!
+//! Everything here is recreated on demand: before every spawn the directory and the
+//! instance's config file are checked and written again when missing, so a deleted runtime
+//! dir (a tmp cleaner, an operator) costs a restart of the instances, never an outage. A
+//! generation's file is deleted when the last instance started from it stops
+//! ([`WorkerConfigFile`]'s `Drop`), so a secret is on disk only while a process needs it.
+
+use anyhow::Context as _;
+use firemode_config::Config;
+use std::io::Write as _;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// At start: creates the dir with mode 0700, removes stale sockets and worker config files
+/// left by an earlier run.
+pub fn prepare(dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("supervisor.runtime_dir: cannot create {}", dir.display()))?;
+    make_private(dir)?;
+    for entry in std::fs::read_dir(dir)?.flatten() {
+        let path = entry.path();
+        if path.extension().is_some_and(|e| e == "sock") {
+            tracing::info!(path = %path.display(), "removing stale socket");
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+    remove_worker_configs(dir);
+    Ok(())
+}
+
+fn make_private(dir: &Path) -> anyhow::Result<()> {
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).with_context(|| {
+        format!(
+            "supervisor.runtime_dir: cannot set mode 0700 on {}",
+            dir.display()
+        )
+    })
+}
+
+/// Creates the dir again (mode 0700) when it has gone missing.
+pub fn ensure(dir: &Path) -> anyhow::Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("supervisor.runtime_dir: cannot create {}", dir.display()))?;
+    make_private(dir)?;
+    tracing::warn!(path = %dir.display(), "supervisor.runtime_dir was missing; created it again");
+    Ok(())
+}
+
+/// The effective config handed to the workers of one generation. Shared (`Arc`) by every
+/// instance started from it; the file is deleted when the last holder lets go.
+#[derive(Debug)]
+pub struct WorkerConfigFile {
+    path: PathBuf,
+    json: String,
+}
+
+impl WorkerConfigFile {
+    /// Writes `worker-config.g<generation>.json` into `dir`.
+    pub fn write(config: &Config, dir: &Path, generation: u64) -> anyhow::Result<Arc<Self>> {
+        let file = Self {
+            path: dir.join(format!("worker-config.g{generation}.json")),
+            json: config.to_json(),
+        };
+        ensure(dir)?;
+        let _ = std::fs::remove_file(&file.path);
+        file.create()?;
+        Ok(Arc::new(file))
+    }
+
+    /// Where the file is (what the workers get as `--config-json`).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Before a spawn: the dir and this file exist (written again if something deleted them).
+    pub fn ensure(&self) -> anyhow::Result<()> {
+        if let Some(dir) = self.path.parent() {
+            ensure(dir)?;
+        }
+        if !self.path.exists() {
+            self.create()?;
+            tracing::warn!(path = %self.path.display(), "a worker config file was missing; wrote it again");
+        }
+        Ok(())
+    }
+
+    fn create(&self) -> anyhow::Result<()> {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&self.path)
+            .with_context(|| format!("writing {}", self.path.display()))?;
+        f.write_all(self.json.as_bytes())
+            .with_context(|| format!("writing {}", self.path.display()))
+    }
+}
+
+impl Drop for WorkerConfigFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Removes every worker config file in `dir` (at start: an earlier run's; at exit: ours).
+pub fn remove_worker_configs(dir: &Path) {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with("worker-config") && name.ends_with(".json") {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_file_comes_back_after_its_dir_is_deleted_and_goes_with_its_last_holder() {
+        let dir = std::env::temp_dir().join(format!("fm-rundir-{}", std::process::id()));
+        let run = dir.join("run");
+        prepare(&run).unwrap();
+        let file = WorkerConfigFile::write(&Config::default(), &run, 3).unwrap();
+        let path = file.path().to_path_buf();
+        assert!(path.ends_with("worker-config.g3.json"));
+        std::fs::remove_dir_all(&run).unwrap();
+        file.ensure().unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&run), 0o700);
+        assert_eq!(mode(&path), 0o600);
+        let back = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(Config::from_json(&back).unwrap(), Config::default());
+        let second = file.clone();
+        drop(file);
+        assert!(path.exists(), "a holder is left");
+        drop(second);
+        assert!(!path.exists(), "deleted with its last holder");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
