@@ -1,6 +1,7 @@
 //! The accept loop shared by the front and the admin listener: HTTP/1.1 connections served
 //! until the stop signal, then a graceful close that lets in-flight requests finish.
 
+use crate::send_timeout::SendTimeout;
 use hyper::body::{Body, Incoming};
 use hyper::service::service_fn;
 use hyper::{Request, Response};
@@ -14,6 +15,7 @@ use tokio::sync::watch;
 
 /// Serves `listener` until `stop` turns true, then waits up to `grace` for open requests.
 /// Returns whether every connection closed within the grace period.
+#[allow(clippy::too_many_arguments)]
 pub async fn serve<S, F, B>(
     name: &'static str,
     listener: TcpListener,
@@ -22,6 +24,7 @@ pub async fn serve<S, F, B>(
     mut stop: watch::Receiver<bool>,
     grace: impl Fn() -> Duration,
     header_read_timeout: Duration,
+    send_timeout: impl Fn() -> Duration,
 ) -> bool
 where
     S: Send + Sync + 'static,
@@ -59,7 +62,7 @@ where
                     let fut = call(handler.clone(), req);
                     async move { Ok::<_, std::convert::Infallible>(fut.await) }
                 });
-                let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
+                let conn = graceful.watch(builder.serve_connection(TokioIo::new(SendTimeout::new(stream, send_timeout())), service));
                 tokio::spawn(async move {
                     if let Err(e) = conn.await {
                         tracing::debug!(error = %e, "client connection ended with an error");

@@ -1,12 +1,17 @@
 //! The routable instances of every kind, and the wake-up for requests waiting for a ready
 //! one. The supervision side replaces a kind's list atomically (rolling restarts, scaling);
 //! the front reads it without locks.
+//!
+//! Verdicts (a failed health check, failing real traffic) take an instance out of rotation
+//! only while every other instance of its kind is ready: they never take the last ready
+//! instance of a kind out, nor several at once for a cause they share (a slow database, a
+//! burst of heavy requests). One lock per kind makes "check the others, then leave" atomic.
 
 use crate::choose::{least_outstanding, Candidate};
-use crate::instance::{Instance, Kind};
+use crate::instance::{Instance, InstanceState, Kind};
 use arc_swap::ArcSwap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -19,6 +24,8 @@ pub struct KindSet {
     ready: Notify,
     /// Rotates the routing scan's start.
     next: AtomicUsize,
+    /// Held while a verdict checks the other instances and takes one out of rotation.
+    verdicts: Mutex<()>,
 }
 
 pub struct Registry {
@@ -37,6 +44,7 @@ impl Registry {
                     instances: ArcSwap::from_pointee(Vec::new()),
                     ready: Notify::new(),
                     next: AtomicUsize::new(0),
+                    verdicts: Mutex::new(()),
                 })
                 .collect(),
             members: ArcSwap::from_pointee(Vec::new()),
@@ -106,6 +114,45 @@ impl KindSet {
             next
         });
         self.ready.notify_waiters();
+    }
+
+    /// Whether `inst` may leave rotation on a verdict: at least one other instance of the
+    /// kind exists and every other one is ready. Call with `verdicts` held.
+    fn others_all_ready(&self, inst: &Arc<Instance>) -> bool {
+        let list = self.instances();
+        let mut others = list.iter().filter(|i| !Arc::ptr_eq(i, inst)).peekable();
+        others.peek().is_some() && others.all(|i| i.is_ready())
+    }
+
+    /// Takes `inst` out of rotation (as `state`) if that leaves the kind with every other
+    /// instance ready; returns whether it did.
+    pub fn try_take_out(&self, inst: &Arc<Instance>, state: InstanceState) -> bool {
+        let _held = self.verdicts.lock().unwrap_or_else(|p| p.into_inner());
+        if !self.others_all_ready(inst) {
+            return false;
+        }
+        inst.set_state(state);
+        true
+    }
+
+    /// Reports a real request's outcome (`None`: no response). When real traffic says
+    /// the instance is broken, it is replaced, unless that would take the last ready
+    /// instance of the kind (or a second one) out of rotation: then the verdict waits, and
+    /// is asked again on the next failure.
+    pub fn record_outcome(&self, inst: &Arc<Instance>, status: Option<u16>, threshold: u32) {
+        if !inst.count_outcome(status, threshold) {
+            return;
+        }
+        let _held = self.verdicts.lock().unwrap_or_else(|p| p.into_inner());
+        if inst.is_ready() && self.others_all_ready(inst) {
+            inst.condemn();
+        } else {
+            tracing::debug!(
+                kind = inst.kind.name(),
+                instance = inst.index,
+                "real requests are failing, but no other instance of the kind is ready: kept in rotation"
+            );
+        }
     }
 
     /// A ready instance now, by the routing policy. `exclude` names an instance and the pid
