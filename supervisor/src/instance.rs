@@ -92,6 +92,9 @@ pub struct Instance {
     traffic_failures: AtomicU32,
     /// Set when real traffic says the instance is broken; the supervision task acts on it.
     traffic_verdict: AtomicBool,
+    /// Like `traffic_verdict` for the only instance of its kind: replaced the rolling way
+    /// (the new process ready before this one leaves rotation).
+    replace_verdict: AtomicBool,
     /// The last health check said "alive, not ready" (store down).
     not_ready: AtomicBool,
     /// A replacement was asked for (recycling); asked once per process.
@@ -140,6 +143,7 @@ impl Instance {
             served: AtomicU64::new(0),
             traffic_failures: AtomicU32::new(0),
             traffic_verdict: AtomicBool::new(false),
+            replace_verdict: AtomicBool::new(false),
             recycling: AtomicBool::new(false),
             not_ready: AtomicBool::new(false),
             attention: tokio::sync::Notify::new(),
@@ -225,6 +229,19 @@ impl Instance {
         self.attention.notify_one();
     }
 
+    /// Executes a traffic verdict on the only instance of its kind: a rolling replacement,
+    /// so the kind is never without a ready instance.
+    pub fn ask_replacement(&self) {
+        self.traffic_failures.store(0, Ordering::Relaxed);
+        self.replace_verdict.store(true, Ordering::Release);
+        self.attention.notify_one();
+    }
+
+    /// Takes the rolling-replacement verdict, if real requests asked for one.
+    pub fn take_replace_verdict(&self) -> bool {
+        self.replace_verdict.swap(false, Ordering::AcqRel)
+    }
+
     /// Answers completed by the current process so far (a progress counter).
     pub fn answered(&self) -> u64 {
         self.answered.load(Ordering::Relaxed)
@@ -265,6 +282,7 @@ impl Instance {
         self.answered.store(0, Ordering::Relaxed);
         self.traffic_failures.store(0, Ordering::Relaxed);
         self.traffic_verdict.store(false, Ordering::Release);
+        self.replace_verdict.store(false, Ordering::Release);
         let mut d = self.details();
         d.started_at = Some(Instant::now());
         d.next_start_at = None;

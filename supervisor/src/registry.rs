@@ -136,15 +136,19 @@ impl KindSet {
     }
 
     /// Reports a real request's outcome (`None`: no response). When real traffic says
-    /// the instance is broken, it is replaced, unless that would take the last ready
-    /// instance of the kind (or a second one) out of rotation: then the verdict waits, and
-    /// is asked again on the next failure.
+    /// the instance is broken, it is replaced: drained at once while its siblings are all
+    /// ready; the rolling way (new process ready first) when it is its kind's only
+    /// instance; not yet while a sibling is already out (the cause is likely shared): the
+    /// verdict is asked again on the next failure.
     pub fn record_outcome(&self, inst: &Arc<Instance>, status: Option<u16>, threshold: u32) {
         if !inst.count_outcome(status, threshold) {
             return;
         }
         let _held = self.verdicts.lock().unwrap_or_else(|p| p.into_inner());
-        if inst.is_ready() && self.others_all_ready(inst) {
+        let alone = !self.instances().iter().any(|i| !Arc::ptr_eq(i, inst));
+        if alone {
+            inst.ask_replacement();
+        } else if inst.is_ready() && self.others_all_ready(inst) {
             inst.condemn();
         } else {
             tracing::debug!(

@@ -186,6 +186,11 @@ async fn run_child(
                 };
             }
             _ = inst.attention.notified() => {
+                if inst.take_replace_verdict() && inst.ask_recycle() {
+                    metrics::counter!("firemode_traffic_replacements_total", "kind" => inst.kind.name()).increment(1);
+                    tracing::warn!(kind = inst.kind.name(), instance = inst.index, "{} real requests failed in a row (supervisor.traffic_failure_threshold); replacing the only instance the rolling way", sup.traffic_failure_threshold);
+                    let _ = ctx.recycle.send(inst.clone());
+                }
                 if inst.take_traffic_verdict() {
                     metrics::counter!("firemode_traffic_replacements_total", "kind" => inst.kind.name()).increment(1);
                     return End::Condemned(format!(
