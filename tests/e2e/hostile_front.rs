@@ -558,3 +558,40 @@ async fn over_unix(
     let body = resp.into_body().collect().await.expect("body").to_bytes();
     (status, allow, body)
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn head_through_the_front_gets_the_get_head_without_a_body() {
+    let sys = TestSystem::start(SystemOptions {
+        set: firemode_tests::fixture_worker("sync", &["--status", "200"]),
+        ..SystemOptions::default()
+    })
+    .await;
+    let auth = format!("Bearer {}", token("h", Some("org-h")));
+    let headers = [("authorization", auth.as_str())];
+    let get = request(
+        sys.front,
+        Method::GET,
+        "/v1/tests/sessions/H1",
+        &headers,
+        "",
+    )
+    .await
+    .unwrap();
+    let head = request(
+        sys.front,
+        Method::HEAD,
+        "/v1/tests/sessions/H1",
+        &headers,
+        "",
+    )
+    .await
+    .unwrap();
+    assert_eq!((get.status.as_u16(), head.status.as_u16()), (200, 200));
+    assert!(head.body.is_empty());
+    assert_eq!(
+        head.header("content-length").map(str::to_string),
+        Some(get.body.len().to_string()),
+        "HEAD says how long the GET answer is"
+    );
+    assert!(head.header("x-request-id").is_some());
+}
