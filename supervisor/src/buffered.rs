@@ -152,8 +152,16 @@ impl Buffered {
 }
 
 /// A new file only this process can reach: created exclusively (mode 0600) and unlinked at
-/// once, so nothing is left behind whatever happens to the process.
+/// once, so nothing is left behind whatever happens to the process. In `dir`, or in the
+/// system's temporary directory when `dir` cannot take it.
 fn spill_file(dir: &Path) -> io::Result<std::fs::File> {
+    spill_file_in(dir).or_else(|e| {
+        tracing::warn!(dir = %dir.display(), error = %e, "cannot spill into the runtime dir; using the temporary directory");
+        spill_file_in(&std::env::temp_dir())
+    })
+}
+
+fn spill_file_in(dir: &Path) -> io::Result<std::fs::File> {
     use std::os::unix::fs::OpenOptionsExt;
     let path = dir.join(format!(".answer-{:016x}", rand::random::<u64>()));
     let file = std::fs::OpenOptions::new()

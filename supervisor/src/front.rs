@@ -365,7 +365,14 @@ impl Exchange<'_> {
         if let Some(refused) = self.poison.strike(&err, &instance, first_pid, self) {
             return Err(refused);
         }
-        if !self.retryable || err.is_local() {
+        if err.is_local() {
+            tracing::error!(kind = kind.name(), error = %err, "cannot buffer a worker's answer");
+            return Err(Problem::unavailable(format!(
+                "the front could not store the answer ({err}); retry shortly"
+            ))
+            .into());
+        }
+        if !self.retryable {
             return Err(bad_gateway(&err));
         }
         metrics::counter!("firemode_upstream_retries_total", "kind" => kind.name()).increment(1);

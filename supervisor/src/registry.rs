@@ -210,3 +210,64 @@ impl KindSet {
             .min()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    fn kind_with(n: u32) -> (Registry, Vec<Arc<Instance>>) {
+        let registry = Registry::new([Kind::Sync]);
+        let list: Vec<Arc<Instance>> = (0..n)
+            .map(|i| {
+                Arc::new(Instance::new(
+                    Kind::Sync,
+                    i,
+                    PathBuf::from("/nonexistent"),
+                    1,
+                ))
+            })
+            .collect();
+        for i in &list {
+            i.set_state(InstanceState::Ready);
+        }
+        let set = registry.set(Kind::Sync).unwrap();
+        set.update(|l| l.extend(list.iter().cloned()));
+        (registry, list)
+    }
+
+    #[test]
+    fn verdicts_never_take_the_last_ready_instance_nor_two_at_once() {
+        let (registry, list) = kind_with(2);
+        let set = registry.set(Kind::Sync).unwrap();
+        assert!(set.try_take_out(&list[0], InstanceState::Unhealthy));
+        assert!(!list[0].is_ready());
+        assert!(!set.try_take_out(&list[1], InstanceState::Unhealthy));
+        assert!(list[1].is_ready(), "the last ready one stays in rotation");
+        for _ in 0..10 {
+            set.record_outcome(&list[1], None, 3);
+        }
+        assert!(list[1].is_ready());
+        assert!(!list[1].take_traffic_verdict());
+        // Once its sibling is back, the next failure executes the waiting verdict.
+        list[0].set_state(InstanceState::Ready);
+        set.record_outcome(&list[1], None, 3);
+        assert!(!list[1].is_ready());
+        assert!(list[1].take_traffic_verdict());
+    }
+
+    #[test]
+    fn the_only_instance_is_replaced_the_rolling_way() {
+        let (registry, list) = kind_with(1);
+        let set = registry.set(Kind::Sync).unwrap();
+        for _ in 0..3 {
+            set.record_outcome(&list[0], Some(500), 3);
+        }
+        assert!(
+            list[0].is_ready(),
+            "stays in rotation until its replacement is ready"
+        );
+        assert!(list[0].take_replace_verdict());
+        assert!(!list[0].take_traffic_verdict());
+    }
+}
