@@ -210,16 +210,25 @@ async fn heavy_reads_do_not_get_busy_workers_killed() {
                 "",
             )
             .await
-            .map(|r| (r.status.as_u16(), r.body.len()))
         });
     }
-    let mut statuses = Vec::new();
     while let Some(done) = reads.join_next().await {
-        let (status, len) = done.expect("task").expect("answer");
-        assert!(status != 200 || len > 4 * 1024 * 1024);
-        statuses.push(status);
+        let r = done.expect("task").expect("answer");
+        match r.status.as_u16() {
+            200 => assert!(r.body.len() > 4 * 1024 * 1024),
+            // The store's own bounded wait for a connection (SQLite pool) may say "busy":
+            // an answer, not a worker killed under the request.
+            503 => assert!(
+                String::from_utf8_lossy(&r.body).contains("the store is busy"),
+                "{}",
+                String::from_utf8_lossy(&r.body)
+            ),
+            other => panic!(
+                "a heavy read failed with {other}: {}",
+                String::from_utf8_lossy(&r.body)
+            ),
+        }
     }
-    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
     let after = sys.instances("sync").await;
     let restarts: u64 = after
         .iter()
