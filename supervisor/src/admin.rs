@@ -1,7 +1,8 @@
 //! The admin listener (default 127.0.0.1:9090): `/healthz` (the supervisor is alive and no
 //! kind is entirely crash-looping),
 //! `/readyz` (every kind has a ready instance), `/status` (every instance as JSON),
-//! `/metrics` (Prometheus: the supervisor's series and every worker's, one scrape).
+//! `/metrics` (Prometheus: the supervisor's series and every worker's, one scrape). Each
+//! answers GET and HEAD.
 
 use crate::health::fetch;
 use crate::instance::InstanceState;
@@ -118,14 +119,18 @@ impl Admin {
     }
 
     pub async fn handle(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
-        if req.method() != Method::GET {
-            return Problem::new(
+        // HEAD works wherever GET does (hyper leaves out the body); every 405 says `Allow`.
+        if !matches!(*req.method(), Method::GET | Method::HEAD) {
+            let mut resp = Problem::new(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "method-not-allowed",
                 "Method not allowed",
-                "the admin endpoints answer GET",
+                "the admin endpoints answer GET and HEAD",
             )
-            .into_response();
+            .into_response::<Full<Bytes>>();
+            resp.headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+            return resp;
         }
         match req.uri().path() {
             "/healthz" => self.healthz(),

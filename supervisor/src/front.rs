@@ -6,10 +6,12 @@
 //! Policy (which instance) lives in `choose`; the plumbing (connections) in `upstream`.
 
 use crate::auth::{AuthError, Identity, Verifier};
+use crate::buffered::{Budget, Buffered, MEMORY_BUDGET};
+use crate::instance::Instance;
 use crate::instance::Kind;
-use crate::poison::PoisonList;
-use crate::registry::Registry;
-use crate::upstream::{self, PooledBody, UpstreamError};
+use crate::poison::{PoisonList, RequestKey};
+use crate::registry::{KindSet, Registry};
+use crate::upstream::{self, UpstreamError};
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use firemode_config::Config;
@@ -18,13 +20,14 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{BodyExt, Either, Full, Limited};
 use hyper::body::Incoming;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
 use tracing::Instrument;
 
-pub type FrontBody = Either<Full<Bytes>, PooledBody>;
+pub type FrontBody = Either<Full<Bytes>, Buffered>;
 
 /// Route templates: what logs and metrics name a request by (never the raw path).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -87,6 +90,8 @@ pub struct FrontSettings {
     request_timeout: Duration,
     slow_threshold: Duration,
     traffic_threshold: u32,
+    /// Where answers too large for memory are spilled (`supervisor.runtime_dir`).
+    spill_dir: PathBuf,
 }
 
 impl FrontSettings {
@@ -98,6 +103,7 @@ impl FrontSettings {
             queue_timeout: config.server.queue_timeout.get(),
             request_timeout: config.server.request_timeout.get(),
             slow_threshold: config.telemetry.slow_request_threshold.get(),
+            spill_dir: config.supervisor.runtime_dir.clone(),
         }
     }
 }
@@ -105,6 +111,8 @@ impl FrontSettings {
 pub struct Front {
     registry: Arc<Registry>,
     poison: PoisonList,
+    /// Memory shared by every answer buffered for a client (see `buffered`).
+    budget: Arc<Budget>,
     settings: ArcSwap<FrontSettings>,
     /// Client requests being answered right now (for the drain's status line).
     in_flight: AtomicUsize,
@@ -135,6 +143,7 @@ impl Front {
         Self {
             registry,
             poison: PoisonList::new(poison_threshold),
+            budget: Budget::new(MEMORY_BUDGET),
             settings: ArcSwap::from_pointee(settings),
             in_flight: AtomicUsize::new(0),
             id_prefix: rand::random(),
@@ -145,6 +154,11 @@ impl Front {
     /// Applies a reloaded config to requests that start from now on.
     pub fn reconfigure(&self, settings: FrontSettings) {
         self.settings.store(Arc::new(settings));
+    }
+
+    /// How long a client may take no bytes of an answer before it is dropped.
+    pub fn send_timeout(&self) -> Duration {
+        self.settings.load().request_timeout
     }
 
     pub fn in_flight(&self) -> usize {
@@ -181,14 +195,7 @@ impl Front {
         );
         firemode_telemetry::traces::continue_trace(&span, req.headers());
         let mut resp = match settings
-            .dispatch(
-                &self.registry,
-                &self.poison,
-                route,
-                req,
-                &request_id,
-                started,
-            )
+            .dispatch(self, route, req, &request_id, started)
             .instrument(span)
             .await
         {
@@ -222,13 +229,12 @@ impl FrontSettings {
     #[allow(clippy::too_many_arguments)]
     async fn dispatch(
         &self,
-        registry: &Registry,
-        poison: &PoisonList,
+        front: &Front,
         route: Route,
         req: Request<Incoming>,
         request_id: &HeaderValue,
         started: Instant,
-    ) -> Result<Response<PooledBody>, Reply> {
+    ) -> Result<Response<Buffered>, Reply> {
         if route == Route::NotFound {
             return Err(Problem::not_found(format!("no route for {}", req.uri().path())).into());
         }
@@ -287,30 +293,46 @@ impl FrontSettings {
             identity,
             request_id,
         );
-        let fingerprint =
-            || poison.fingerprint(route.template(), upstream.method.as_str(), &upstream.body);
-        if poison.active() && poison.is_poison(fingerprint(), Instant::now().into_std()) {
-            return Err(poisoned(fingerprint()));
-        }
-        // A worker connection that died under this request: one strike; at the threshold
-        // the request is refused from now on instead of being retried.
-        let strike = |err: &UpstreamError| -> Option<Reply> {
-            if !matches!(err, UpstreamError::Exchange(_)) {
-                return None;
-            }
-            let fp = fingerprint();
-            let n = poison.strike(fp, Instant::now().into_std());
-            (n >= poison.threshold() && poison.threshold() > 0).then(|| {
-                metrics::counter!("firemode_poison_requests_total", "kind" => kind.name()).increment(1);
-                tracing::error!(kind = kind.name(), route = route.template(), fingerprint = %format!("{fp:016x}"), strikes = n, "poison request: workers died under it; refusing it");
-                poisoned(fp)
-            })
+        let exchange = Exchange {
+            settings: self,
+            kind,
+            route,
+            retryable,
+            poison: Poisoning::new(&front.poison, &upstream),
+            upstream: &upstream,
+            deadline,
         };
+        exchange.run(&front.registry, &front.budget).await
+    }
+}
 
+/// One request's way to a worker and back: pick a ready instance (queueing up to
+/// `queue_timeout`), take its whole answer, retry a safe request once on another instance,
+/// and keep the poison and traffic accounting.
+struct Exchange<'a> {
+    settings: &'a FrontSettings,
+    kind: Kind,
+    route: Route,
+    retryable: bool,
+    poison: Poisoning<'a>,
+    upstream: &'a Upstream,
+    deadline: Instant,
+}
+
+impl Exchange<'_> {
+    async fn run(
+        &self,
+        registry: &Registry,
+        budget: &Arc<Budget>,
+    ) -> Result<Response<Buffered>, Reply> {
+        let kind = self.kind;
+        if let Some(refused) = self.poison.refused() {
+            return Err(refused);
+        }
         let set = registry
             .set(kind)
             .ok_or_else(|| Problem::internal("no such worker kind"))?;
-        let queue_deadline = (Instant::now() + self.queue_timeout).min(deadline);
+        let queue_deadline = (Instant::now() + self.settings.queue_timeout).min(self.deadline);
         let picked = match set.pick(None) {
             Some(i) => Some(i),
             // Every instance is up but says it cannot serve (its store is down): nothing is
@@ -332,33 +354,25 @@ impl FrontSettings {
             }
         };
         let Some(instance) = picked else {
-            return Err(self.no_instance(set.next_start_in(), kind));
+            return Err(self.settings.no_instance(set.next_start_in(), kind));
         };
         let first_pid = instance.pid();
-        let attempt =
-            tokio::time::timeout_at(deadline, upstream::send(&instance, upstream.request()));
-        let err = match attempt.await {
-            Ok(Ok(resp)) => {
-                instance.record_outcome(Some(resp.status().as_u16()), self.traffic_threshold);
-                if poison.active() {
-                    poison.forgive(fingerprint());
-                }
-                return Ok(finish(resp));
-            }
-            Ok(Err(e)) => {
-                instance.record_outcome(None, self.traffic_threshold);
-                e
-            }
-            Err(_) => {
-                instance.record_outcome(None, self.traffic_threshold);
-                return Err(self.timeout());
-            }
+        let err = match self.attempt(set, &instance, budget).await? {
+            Ok(resp) => return Ok(resp),
+            Err(e) => e,
         };
-        tracing::warn!(kind = kind.name(), instance = instance.index, error = %err, retry = retryable, "upstream request failed");
-        if let Some(refused) = strike(&err) {
+        tracing::warn!(kind = kind.name(), instance = instance.index, error = %err, retry = self.retryable, "upstream request failed");
+        if let Some(refused) = self.poison.strike(&err, &instance, first_pid, self) {
             return Err(refused);
         }
-        if !retryable {
+        if err.is_local() {
+            tracing::error!(kind = kind.name(), error = %err, "cannot buffer a worker's answer");
+            return Err(Problem::unavailable(format!(
+                "the front could not store the answer ({err}); retry shortly"
+            ))
+            .into());
+        }
+        if !self.retryable {
             return Err(bad_gateway(&err));
         }
         metrics::counter!("firemode_upstream_retries_total", "kind" => kind.name()).increment(1);
@@ -371,25 +385,126 @@ impl FrontSettings {
         else {
             return Err(bad_gateway(&err));
         };
-        match tokio::time::timeout_at(deadline, upstream::send(&other, upstream.request())).await {
-            Ok(Ok(resp)) => {
-                other.record_outcome(Some(resp.status().as_u16()), self.traffic_threshold);
-                if poison.active() {
-                    poison.forgive(fingerprint());
-                }
-                Ok(finish(resp))
-            }
-            Ok(Err(e)) => {
-                other.record_outcome(None, self.traffic_threshold);
-                Err(strike(&e).unwrap_or_else(|| bad_gateway(&e)))
-            }
-            Err(_) => {
-                other.record_outcome(None, self.traffic_threshold);
-                Err(self.timeout())
-            }
+        let other_pid = other.pid();
+        match self.attempt(set, &other, budget).await? {
+            Ok(resp) => Ok(resp),
+            Err(e) => Err(self
+                .poison
+                .strike(&e, &other, other_pid, self)
+                .unwrap_or_else(|| bad_gateway(&e))),
         }
     }
 
+    /// One try at `instance` within the request deadline. The outer `Err` is a timeout.
+    async fn attempt(
+        &self,
+        set: &KindSet,
+        instance: &Arc<Instance>,
+        budget: &Arc<Budget>,
+    ) -> Result<Result<Response<Buffered>, UpstreamError>, Reply> {
+        let threshold = self.settings.traffic_threshold;
+        let sent = upstream::exchange(
+            instance,
+            self.upstream.request(),
+            budget,
+            &self.settings.spill_dir,
+        );
+        match tokio::time::timeout_at(self.deadline, sent).await {
+            Ok(Ok(resp)) => {
+                set.record_outcome(instance, Some(resp.status().as_u16()), threshold);
+                self.poison.forgive();
+                Ok(Ok(finish(resp)))
+            }
+            Ok(Err(e)) => {
+                if !e.is_local() {
+                    set.record_outcome(instance, None, threshold);
+                }
+                Ok(Err(e))
+            }
+            Err(_) => {
+                set.record_outcome(instance, None, threshold);
+                Err(self.settings.timeout())
+            }
+        }
+    }
+}
+
+/// Poison accounting for one request (see `poison`): reads are exempt; a write's
+/// fingerprint is computed only when the list is active or a strike happens.
+struct Poisoning<'a> {
+    list: &'a PoisonList,
+    upstream: &'a Upstream,
+    exempt: bool,
+}
+
+impl<'a> Poisoning<'a> {
+    fn new(list: &'a PoisonList, upstream: &'a Upstream) -> Self {
+        Self {
+            list,
+            upstream,
+            exempt: list.threshold() == 0 || matches!(upstream.method, Method::GET | Method::HEAD),
+        }
+    }
+
+    fn fingerprint(&self) -> u64 {
+        // The verified caller exactly as the worker sees it (sub and org, any bytes).
+        let identity: Vec<&[u8]> = self
+            .upstream
+            .headers
+            .get(IDENTITY)
+            .map(HeaderValue::as_bytes)
+            .into_iter()
+            .collect();
+        self.list.fingerprint(&RequestKey {
+            method: self.upstream.method.as_str(),
+            path: self.upstream.uri.path(),
+            identity: &identity,
+            body: &self.upstream.body,
+        })
+    }
+
+    /// A 503 with `Retry-After` while this exact request is refused.
+    fn refused(&self) -> Option<Reply> {
+        if self.exempt || !self.list.active() {
+            return None;
+        }
+        let fp = self.fingerprint();
+        let left = self.list.refused_for(fp, Instant::now().into_std())?;
+        Some(poisoned(fp, left))
+    }
+
+    /// A worker connection died under this request: one strike, unless the supervisor
+    /// itself was stopping that process. At the threshold the request is refused from now
+    /// on instead of being retried.
+    fn strike(
+        &self,
+        err: &UpstreamError,
+        instance: &Instance,
+        pid: Option<u32>,
+        ex: &Exchange<'_>,
+    ) -> Option<Reply> {
+        if self.exempt || !err.died_under_request() || instance.stopped_by_supervisor(pid) {
+            return None;
+        }
+        let fp = self.fingerprint();
+        let n = self.list.strike(fp, Instant::now().into_std());
+        if n < self.list.threshold() {
+            return None;
+        }
+        let (kind, route) = (ex.kind.name(), ex.route.template());
+        metrics::counter!("firemode_poison_requests_total", "kind" => kind).increment(1);
+        tracing::error!(kind, route, fingerprint = %format!("{fp:016x}"), strikes = n, "poison request: workers died under it; refusing it");
+        Some(poisoned(fp, crate::poison::WINDOW))
+    }
+
+    fn forgive(&self) {
+        if !self.exempt && self.list.active() {
+            self.list.forgive(self.fingerprint());
+        }
+    }
+}
+
+impl FrontSettings {
     fn too_large(&self) -> Problem {
         Problem::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -491,17 +606,21 @@ fn unauthorized(e: AuthError) -> Reply {
     Reply(resp)
 }
 
-fn poisoned(fp: u64) -> Reply {
-    Problem::new(
-        StatusCode::UNPROCESSABLE_ENTITY,
+fn poisoned(fp: u64, left: Duration) -> Reply {
+    let secs = left.as_secs_f64().ceil().max(1.0) as u64;
+    let mut resp = Problem::new(
+        StatusCode::SERVICE_UNAVAILABLE,
         "poison-request",
         "Request refused: it crashes workers",
         format!(
-            "workers stopped while handling this exact request several times; it is refused for the next 10 minutes (fingerprint {fp:016x}). Operators can find it in the log by that fingerprint"
+            "workers stopped while handling this exact request (same method, path, identity and body) several times; it is refused for the next {secs} s (fingerprint {fp:016x}). Operators can find it in the log by that fingerprint"
         ),
     )
     .with("fingerprint", format!("{fp:016x}"))
-    .into()
+    .into_response::<Full<Bytes>>();
+    resp.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    Reply(resp)
 }
 
 fn bad_gateway(e: &UpstreamError) -> Reply {
@@ -514,7 +633,7 @@ fn bad_gateway(e: &UpstreamError) -> Reply {
     .into()
 }
 
-fn finish(mut resp: Response<PooledBody>) -> Response<PooledBody> {
+fn finish(mut resp: Response<Buffered>) -> Response<Buffered> {
     strip_hop_by_hop(resp.headers_mut());
     resp
 }

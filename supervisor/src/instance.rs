@@ -92,6 +92,9 @@ pub struct Instance {
     traffic_failures: AtomicU32,
     /// Set when real traffic says the instance is broken; the supervision task acts on it.
     traffic_verdict: AtomicBool,
+    /// Like `traffic_verdict` for the only instance of its kind: replaced the rolling way
+    /// (the new process ready before this one leaves rotation).
+    replace_verdict: AtomicBool,
     /// The last health check said "alive, not ready" (store down).
     not_ready: AtomicBool,
     /// A replacement was asked for (recycling); asked once per process.
@@ -100,6 +103,12 @@ pub struct Instance {
     pub attention: tokio::sync::Notify,
     /// Requests sent to this instance and not yet answered (the routing load signal).
     outstanding: AtomicUsize,
+    /// Answers (any status) the current process completed: progress, which the health
+    /// verdict reads as "alive" even when a check timed out behind real work.
+    answered: AtomicU64,
+    /// The pid the supervisor itself is stopping (health kill, replacement, recycling,
+    /// drain): requests that die with it are not poison strikes.
+    stopping_pid: AtomicU32,
     details: Mutex<Details>,
     pub pool: UpstreamPool,
 }
@@ -134,10 +143,13 @@ impl Instance {
             served: AtomicU64::new(0),
             traffic_failures: AtomicU32::new(0),
             traffic_verdict: AtomicBool::new(false),
+            replace_verdict: AtomicBool::new(false),
             recycling: AtomicBool::new(false),
             not_ready: AtomicBool::new(false),
             attention: tokio::sync::Notify::new(),
             outstanding: AtomicUsize::new(0),
+            answered: AtomicU64::new(0),
+            stopping_pid: AtomicU32::new(0),
             details: Mutex::new(Details::default()),
         }
     }
@@ -198,15 +210,52 @@ impl Instance {
         self.served.load(Ordering::Relaxed)
     }
 
-    /// Reports a real request's outcome (`None`: no response). Past the threshold the
-    /// instance leaves rotation at once and its supervision task replaces it.
-    pub fn record_outcome(&self, status: Option<u16>, threshold: u32) {
-        let failed = crate::traffic::is_failure(status);
-        if crate::traffic::record(&self.traffic_failures, failed, threshold) {
-            self.set_state(InstanceState::Unhealthy);
-            self.traffic_verdict.store(true, Ordering::Release);
-            self.attention.notify_one();
+    /// Reports a real request's outcome (`None`: no response). Returns true when real
+    /// traffic says the instance is broken (`threshold` failures in a row); the caller
+    /// decides whether it may leave rotation (see `KindSet::record_outcome`).
+    pub fn count_outcome(&self, status: Option<u16>, threshold: u32) -> bool {
+        if status.is_some() {
+            self.answered.fetch_add(1, Ordering::Relaxed);
         }
+        let failed = crate::traffic::is_failure(status);
+        crate::traffic::record(&self.traffic_failures, failed, threshold)
+    }
+
+    /// Executes a traffic verdict: out of rotation now, replaced by the supervision task.
+    pub fn condemn(&self) {
+        self.traffic_failures.store(0, Ordering::Relaxed);
+        self.set_state(InstanceState::Unhealthy);
+        self.traffic_verdict.store(true, Ordering::Release);
+        self.attention.notify_one();
+    }
+
+    /// Executes a traffic verdict on the only instance of its kind: a rolling replacement,
+    /// so the kind is never without a ready instance.
+    pub fn ask_replacement(&self) {
+        self.traffic_failures.store(0, Ordering::Relaxed);
+        self.replace_verdict.store(true, Ordering::Release);
+        self.attention.notify_one();
+    }
+
+    /// Takes the rolling-replacement verdict, if real requests asked for one.
+    pub fn take_replace_verdict(&self) -> bool {
+        self.replace_verdict.swap(false, Ordering::AcqRel)
+    }
+
+    /// Answers completed by the current process so far (a progress counter).
+    pub fn answered(&self) -> u64 {
+        self.answered.load(Ordering::Relaxed)
+    }
+
+    /// The supervisor is about to stop the current process itself.
+    pub fn mark_stopping(&self) {
+        self.stopping_pid
+            .store(self.pid.load(Ordering::Acquire), Ordering::Release);
+    }
+
+    /// Whether the supervisor stopped (or is stopping) the process `pid`.
+    pub fn stopped_by_supervisor(&self, pid: Option<u32>) -> bool {
+        pid.is_some_and(|p| p != 0 && self.stopping_pid.load(Ordering::Acquire) == p)
     }
 
     pub fn set_reports_not_ready(&self, v: bool) {
@@ -230,8 +279,10 @@ impl Instance {
     pub fn on_spawned(&self, pid: u32) {
         self.pid.store(pid, Ordering::Release);
         self.served.store(0, Ordering::Relaxed);
+        self.answered.store(0, Ordering::Relaxed);
         self.traffic_failures.store(0, Ordering::Relaxed);
         self.traffic_verdict.store(false, Ordering::Release);
+        self.replace_verdict.store(false, Ordering::Release);
         let mut d = self.details();
         d.started_at = Some(Instant::now());
         d.next_start_at = None;

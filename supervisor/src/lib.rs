@@ -11,7 +11,9 @@
 //!   [`health`] (the check), [`backoff`] (when to restart; pure), [`child_log`] (worker
 //!   output into our log).
 //! * Front: [`front`] (the request path), [`poison`] (requests that crash workers), [`traffic`] (real requests as a health signal; pure), [`auth`] (JWT), [`token_cache`] (tokens already verified), [`choose`] (which instance; pure),
-//!   [`registry`] (instances and the ready wake-up), [`upstream`] (connections to workers).
+//!   [`registry`] (instances and the ready wake-up), [`upstream`] (connections to workers),
+//!   [`buffered`] (answers taken off the worker at worker speed, spilled when large),
+//!   [`send_timeout`] (clients that stop taking bytes are dropped).
 //! * [`admin`]: `/healthz`, `/readyz`, `/status`.
 //! * [`signals`]: what each signal means.
 //! * [`plan`]: `firemode plan`, the timeline the config implies.
@@ -19,6 +21,7 @@
 pub mod admin;
 pub mod auth;
 pub mod backoff;
+pub mod buffered;
 pub mod child_log;
 pub mod choose;
 pub mod fleet;
@@ -32,6 +35,7 @@ pub mod poison;
 pub mod registry;
 pub mod run;
 pub mod runtime_dir;
+pub mod send_timeout;
 pub mod signals;
 pub mod spawn;
 pub mod supervise;

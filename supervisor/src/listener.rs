@@ -13,6 +13,7 @@
 //! copy, so it gets no filter (the next start would inherit it): what is queued there waits
 //! for the next start.
 
+use crate::send_timeout::SendTimeout;
 use hyper::body::{Body, Incoming};
 use hyper::service::service_fn;
 use hyper::{Request, Response};
@@ -41,7 +42,8 @@ const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(2);
 
 /// Serves `listening` until `stop` turns true, then takes what the kernel already accepted
 /// and waits up to `grace` for open requests. Returns whether every connection closed
-/// within the grace period.
+/// within the grace period. A client that takes no bytes for `send_timeout` is dropped.
+#[allow(clippy::too_many_arguments)]
 pub async fn serve<S, F, B>(
     listening: Listening,
     handler: Arc<S>,
@@ -49,6 +51,7 @@ pub async fn serve<S, F, B>(
     stop: watch::Receiver<bool>,
     grace: impl Fn() -> Duration,
     header_read_timeout: Duration,
+    send_timeout: impl Fn() -> Duration,
 ) -> bool
 where
     S: Send + Sync + 'static,
@@ -85,6 +88,7 @@ where
             let fut = call(handler.clone(), req);
             async move { Ok::<_, std::convert::Infallible>(fut.await) }
         });
+        let stream = SendTimeout::new(stream, send_timeout());
         let conn = builder.serve_connection(TokioIo::new(stream), service);
         let stop = stop.clone();
         let open = open_tx.clone();

@@ -1,12 +1,17 @@
 //! The routable instances of every kind, and the wake-up for requests waiting for a ready
 //! one. The supervision side replaces a kind's list atomically (rolling restarts, scaling);
 //! the front reads it without locks.
+//!
+//! Verdicts (a failed health check, failing real traffic) take an instance out of rotation
+//! only while every other instance of its kind is ready: they never take the last ready
+//! instance of a kind out, nor several at once for a cause they share (a slow database, a
+//! burst of heavy requests). One lock per kind makes "check the others, then leave" atomic.
 
 use crate::choose::{least_outstanding, Candidate};
-use crate::instance::{Instance, Kind};
+use crate::instance::{Instance, InstanceState, Kind};
 use arc_swap::ArcSwap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -19,6 +24,8 @@ pub struct KindSet {
     ready: Notify,
     /// Rotates the routing scan's start.
     next: AtomicUsize,
+    /// Held while a verdict checks the other instances and takes one out of rotation.
+    verdicts: Mutex<()>,
 }
 
 pub struct Registry {
@@ -37,6 +44,7 @@ impl Registry {
                     instances: ArcSwap::from_pointee(Vec::new()),
                     ready: Notify::new(),
                     next: AtomicUsize::new(0),
+                    verdicts: Mutex::new(()),
                 })
                 .collect(),
             members: ArcSwap::from_pointee(Vec::new()),
@@ -117,6 +125,49 @@ impl KindSet {
         self.ready.notify_waiters();
     }
 
+    /// Whether `inst` may leave rotation on a verdict: at least one other instance of the
+    /// kind exists and every other one is ready. Call with `verdicts` held.
+    fn others_all_ready(&self, inst: &Arc<Instance>) -> bool {
+        let list = self.instances();
+        let mut others = list.iter().filter(|i| !Arc::ptr_eq(i, inst)).peekable();
+        others.peek().is_some() && others.all(|i| i.is_ready())
+    }
+
+    /// Takes `inst` out of rotation (as `state`) if that leaves the kind with every other
+    /// instance ready; returns whether it did.
+    pub fn try_take_out(&self, inst: &Arc<Instance>, state: InstanceState) -> bool {
+        let _held = self.verdicts.lock().unwrap_or_else(|p| p.into_inner());
+        if !self.others_all_ready(inst) {
+            return false;
+        }
+        inst.set_state(state);
+        true
+    }
+
+    /// Reports a real request's outcome (`None`: no response). When real traffic says
+    /// the instance is broken, it is replaced: drained at once while its siblings are all
+    /// ready; the rolling way (new process ready first) when it is its kind's only
+    /// instance; not yet while a sibling is already out (the cause is likely shared): the
+    /// verdict is asked again on the next failure.
+    pub fn record_outcome(&self, inst: &Arc<Instance>, status: Option<u16>, threshold: u32) {
+        if !inst.count_outcome(status, threshold) {
+            return;
+        }
+        let _held = self.verdicts.lock().unwrap_or_else(|p| p.into_inner());
+        let alone = !self.instances().iter().any(|i| !Arc::ptr_eq(i, inst));
+        if alone {
+            inst.ask_replacement();
+        } else if inst.is_ready() && self.others_all_ready(inst) {
+            inst.condemn();
+        } else {
+            tracing::debug!(
+                kind = inst.kind.name(),
+                instance = inst.index,
+                "real requests are failing, but no other instance of the kind is ready: kept in rotation"
+            );
+        }
+    }
+
     /// A ready instance now, by the routing policy. `exclude` names an instance and the pid
     /// it had when a request failed there: it is skipped while it still runs that process
     /// (a restarted process is a fresh chance, which matters when it is the only one).
@@ -173,5 +224,66 @@ impl KindSet {
             .iter()
             .filter_map(|i| i.next_start_in())
             .min()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    fn kind_with(n: u32) -> (Registry, Vec<Arc<Instance>>) {
+        let registry = Registry::new([Kind::Sync]);
+        let list: Vec<Arc<Instance>> = (0..n)
+            .map(|i| {
+                Arc::new(Instance::new(
+                    Kind::Sync,
+                    i,
+                    PathBuf::from("/nonexistent"),
+                    1,
+                ))
+            })
+            .collect();
+        for i in &list {
+            i.set_state(InstanceState::Ready);
+        }
+        let set = registry.set(Kind::Sync).unwrap();
+        set.update(|l| l.extend(list.iter().cloned()));
+        (registry, list)
+    }
+
+    #[test]
+    fn verdicts_never_take_the_last_ready_instance_nor_two_at_once() {
+        let (registry, list) = kind_with(2);
+        let set = registry.set(Kind::Sync).unwrap();
+        assert!(set.try_take_out(&list[0], InstanceState::Unhealthy));
+        assert!(!list[0].is_ready());
+        assert!(!set.try_take_out(&list[1], InstanceState::Unhealthy));
+        assert!(list[1].is_ready(), "the last ready one stays in rotation");
+        for _ in 0..10 {
+            set.record_outcome(&list[1], None, 3);
+        }
+        assert!(list[1].is_ready());
+        assert!(!list[1].take_traffic_verdict());
+        // Once its sibling is back, the next failure executes the waiting verdict.
+        list[0].set_state(InstanceState::Ready);
+        set.record_outcome(&list[1], None, 3);
+        assert!(!list[1].is_ready());
+        assert!(list[1].take_traffic_verdict());
+    }
+
+    #[test]
+    fn the_only_instance_is_replaced_the_rolling_way() {
+        let (registry, list) = kind_with(1);
+        let set = registry.set(Kind::Sync).unwrap();
+        for _ in 0..3 {
+            set.record_outcome(&list[0], Some(500), 3);
+        }
+        assert!(
+            list[0].is_ready(),
+            "stays in rotation until its replacement is ready"
+        );
+        assert!(list[0].take_replace_verdict());
+        assert!(!list[0].take_traffic_verdict());
     }
 }

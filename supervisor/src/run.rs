@@ -95,6 +95,10 @@ pub async fn run(config: Config, source: ConfigSource, log_style: Style) -> anyh
         stop_front_rx,
         remaining.clone(),
         config.server.header_read_timeout.get(),
+        {
+            let front = front.clone();
+            move || front.send_timeout()
+        },
     ));
     let (stop_admin, stop_admin_rx) = watch::channel(false);
     let admin = Arc::new(Admin {
@@ -111,6 +115,7 @@ pub async fn run(config: Config, source: ConfigSource, log_style: Style) -> anyh
         stop_admin_rx,
         || Duration::from_secs(1),
         Duration::from_secs(10),
+        || Duration::from_secs(10),
     ));
     let notifier = tokio::spawn(notify_systemd(registry.clone()));
 

@@ -93,6 +93,7 @@ pub async fn supervise(
                         inst.on_exited(how);
                     }
                     End::Unhealthy(reason) => {
+                        inst.mark_stopping();
                         let _ = child.start_kill();
                         let _ = child.wait().await;
                         tracing::warn!(kind, instance = index, pid, reason = %reason, "instance unhealthy; killed it");
@@ -174,6 +175,8 @@ async fn run_child(
     let mut alive = false;
     let mut next_check = Instant::now();
     let mut probe_pause = FIRST_PROBE_AFTER;
+    // Answers completed as of the previous health check: progress means alive.
+    let mut answered_at_check = inst.answered();
     loop {
         tokio::select! {
             status = child.wait() => {
@@ -183,6 +186,11 @@ async fn run_child(
                 };
             }
             _ = inst.attention.notified() => {
+                if inst.take_replace_verdict() && inst.ask_recycle() {
+                    metrics::counter!("firemode_traffic_replacements_total", "kind" => inst.kind.name()).increment(1);
+                    tracing::warn!(kind = inst.kind.name(), instance = inst.index, "{} real requests failed in a row (supervisor.traffic_failure_threshold); replacing the only instance the rolling way", sup.traffic_failure_threshold);
+                    let _ = ctx.recycle.send(inst.clone());
+                }
                 if inst.take_traffic_verdict() {
                     metrics::counter!("firemode_traffic_replacements_total", "kind" => inst.kind.name()).increment(1);
                     return End::Condemned(format!(
@@ -236,12 +244,16 @@ async fn run_child(
                             _ => "its socket is gone".to_string(),
                         };
                         if !starting {
-                            failures += 1;
-                            metrics::counter!("firemode_health_check_failures_total", "kind" => inst.kind.name()).increment(1);
-                            inst.set_state(InstanceState::Unhealthy);
-                            tracing::warn!(kind = inst.kind.name(), instance = inst.index, failures, reason = %reason, "health check failed");
-                            if failures >= sup.unhealthy_threshold {
-                                return End::Unhealthy(reason);
+                            let answered = inst.answered();
+                            if answered != answered_at_check {
+                                // Busy, not dead: it completed answers since the last check.
+                                failures = 0;
+                                tracing::info!(kind = inst.kind.name(), instance = inst.index, reason = %reason, "health check failed, but the instance is answering requests: alive");
+                            } else {
+                                failures += 1;
+                                if on_failed_check(inst, ctx, failures, &reason) {
+                                    return End::Unhealthy(reason);
+                                }
                             }
                         }
                     }
@@ -255,11 +267,38 @@ async fn run_child(
                         sup.start_timeout
                     ));
                 }
+                answered_at_check = inst.answered();
                 probe_pause = next_probe_after(ever_ready, probe_pause, sup.health_interval.get());
                 next_check = Instant::now() + probe_pause;
             }
         }
     }
+}
+
+/// Counts one failed health check of an instance that made no progress since the last
+/// check. It leaves rotation only while every other instance of its kind is ready (so a
+/// cause they share never empties the kind); returns whether to kill it now: at
+/// `unhealthy_threshold` failures in a row, without a single answer in between, it is hung
+/// whatever its siblings do.
+fn on_failed_check(inst: &Arc<Instance>, ctx: &SuperviseCtx, failures: u32, reason: &str) -> bool {
+    let kind = inst.kind.name();
+    metrics::counter!("firemode_health_check_failures_total", "kind" => kind).increment(1);
+    let out = match ctx.registry.set(inst.kind) {
+        Some(set) => set.try_take_out(inst, InstanceState::Unhealthy),
+        None => {
+            inst.set_state(InstanceState::Unhealthy);
+            true
+        }
+    };
+    tracing::warn!(
+        kind,
+        instance = inst.index,
+        failures,
+        out_of_rotation = out,
+        reason = %reason,
+        "health check failed"
+    );
+    failures >= ctx.config.supervisor.unhealthy_threshold
 }
 
 /// Asks for a rolling replacement once the process has served `max_requests` or grown to
@@ -305,6 +344,7 @@ pub fn rss_bytes(pid: u32) -> Option<u64> {
 /// `deadline`. Returns whether it exited without SIGKILL.
 async fn drain(inst: &Instance, child: &mut Child, deadline: Instant) -> bool {
     inst.set_state(InstanceState::Draining);
+    inst.mark_stopping();
     let kind = inst.kind.name();
     while inst.outstanding() > 0 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(5)).await;

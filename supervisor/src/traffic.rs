@@ -13,8 +13,10 @@ pub fn is_failure(status: Option<u16>) -> bool {
     }
 }
 
-/// Consecutive-failure accounting: `record` returns true exactly once, when the count of
-/// failures in a row reaches `threshold` (0 disables it).
+/// Consecutive-failure accounting: `record` returns true for every failure once the count
+/// of failures in a row has reached `threshold` (0 disables it); whoever acts on it resets
+/// the count. A verdict that may not be executed yet (the last ready instance) is thus
+/// asked again on the next failure.
 pub fn record(consecutive: &std::sync::atomic::AtomicU32, failed: bool, threshold: u32) -> bool {
     use std::sync::atomic::Ordering;
     if !failed {
@@ -25,7 +27,7 @@ pub fn record(consecutive: &std::sync::atomic::AtomicU32, failed: bool, threshol
         return false;
     }
     let n = consecutive.fetch_add(1, Ordering::Relaxed) + 1;
-    threshold != 0 && n == threshold
+    threshold != 0 && n >= threshold
 }
 
 #[cfg(test)]
@@ -54,7 +56,9 @@ mod tests {
         assert!(!record(&c, true, 3));
         assert!(!record(&c, true, 3));
         assert!(record(&c, true, 3), "third in a row trips");
-        assert!(!record(&c, true, 3), "only once");
+        assert!(record(&c, true, 3), "until someone acts on it");
+        c.store(0, std::sync::atomic::Ordering::Relaxed);
+        assert!(!record(&c, true, 3));
         let off = AtomicU32::new(0);
         assert!((0..10).all(|_| !record(&off, true, 0)));
     }

@@ -4,7 +4,10 @@
 //! make at most `limit` worker connections instead of opening and closing hundreds: memory
 //! stays bounded and no CPU goes to connection churn. A connection goes back on the stack
 //! when its response body has been read to the end; one that is closed is dropped.
+//! [`exchange`] reads that body to its end at once (see `buffered`), so the connection and
+//! permit go back as soon as the worker has answered, whatever the client does.
 
+use crate::buffered::{Budget, Buffered, TakeError};
 use crate::instance::{Instance, Outstanding};
 use bytes::Bytes;
 use http::{Request, Response};
@@ -13,7 +16,7 @@ use hyper::body::Incoming;
 use hyper::body::{Body, Frame, SizeHint};
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -29,8 +32,9 @@ pub struct UpstreamPool {
     permits: Arc<Semaphore>,
 }
 
-/// Why a request did not get a response head from the worker. In every case no byte of a
-/// response arrived, so a safe request may be retried on another instance.
+/// Why a request did not get a whole answer from the worker. In every case no byte of it
+/// reached the client, so a safe request may be retried on another instance (except after
+/// a [`TakeError::Spill`], which is the front's own trouble).
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
     #[error("cannot connect to the worker socket: {0}")]
@@ -39,6 +43,36 @@ pub enum UpstreamError {
     Handshake(hyper::Error),
     #[error("the worker connection failed before a response: {0}")]
     Exchange(hyper::Error),
+    #[error(transparent)]
+    Answer(#[from] TakeError),
+}
+
+impl UpstreamError {
+    /// The worker connection died under the request (what poison strikes count).
+    pub fn died_under_request(&self) -> bool {
+        matches!(
+            self,
+            UpstreamError::Exchange(_) | UpstreamError::Answer(TakeError::Worker(_))
+        )
+    }
+
+    /// The worker is not to blame (the front could not store the answer).
+    pub fn is_local(&self) -> bool {
+        matches!(self, UpstreamError::Answer(TakeError::Spill { .. }))
+    }
+}
+
+/// Sends `req` to `instance` and takes the whole answer off the worker connection (see
+/// `buffered`): on return the connection is back in the pool.
+pub async fn exchange(
+    instance: &Arc<Instance>,
+    req: Request<Full<Bytes>>,
+    budget: &Arc<Budget>,
+    spill_dir: &Path,
+) -> Result<Response<Buffered>, UpstreamError> {
+    let (parts, body) = send(instance, req).await?.into_parts();
+    let body = Buffered::take(body, budget, spill_dir).await?;
+    Ok(Response::from_parts(parts, body))
 }
 
 impl UpstreamPool {

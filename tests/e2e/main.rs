@@ -7,6 +7,7 @@ mod config;
 mod faults;
 mod fuzz_corpus;
 mod hostile;
+mod hostile_front;
 mod hostile_ops;
 mod install;
 mod journal;

@@ -6,7 +6,9 @@
 //!   supervisor wrote, open the store, serve until SIGTERM, drain, exit 0.
 //! * [`App`]: what a worker kind adds — its `/v1` routes and any readiness of its own.
 //! * `server`: the accept loop and the drain (after mini-redis: one shutdown signal fanned
-//!   out to every connection, then wait for them all).
+//!   out to every connection, then wait for them all). It runs on a control thread of its
+//!   own, with `/healthz`, `/readyz` and `/metrics`; the kind's routes run on the app
+//!   runtime, so a health check never queues behind real work.
 //! * `health`: `/healthz` and `/readyz`, and the background store probe behind them.
 //! * [`catalog`]: following the store's current catalog version.
 

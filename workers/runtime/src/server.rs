@@ -1,6 +1,11 @@
 //! The accept loop on the worker's Unix socket and the graceful drain on SIGTERM/SIGINT:
 //! stop accepting, remove the socket, let every connection finish its in-flight request,
 //! then return so the process exits 0.
+//!
+//! Two runtimes: the accept loop, the connections, `/healthz`, `/readyz` and `/metrics`
+//! run on a control thread of their own; the kind's routes run on the multi-threaded app
+//! runtime. So a health check never queues behind real work (a burst of heavy answers
+//! keeping every app thread busy), and a busy worker is not mistaken for a dead one.
 
 use crate::{json_response, App, Readiness};
 use bytes::Bytes;
@@ -21,11 +26,40 @@ use tracing::Instrument;
 /// `max_body_bytes` first, this only protects a worker reached directly.
 const MAX_BODY: usize = 64 * 1024 * 1024;
 
+/// Serves until SIGTERM/SIGINT and the drain are done. Called on the app runtime, whose
+/// handle runs the kind's routes; the serving itself moves to a control thread.
 pub async fn serve<A: App>(
     kind: &'static str,
     socket: &Path,
     app: Arc<A>,
     readiness: Readiness,
+) -> anyhow::Result<()> {
+    let app_runtime = tokio::runtime::Handle::current();
+    let socket = socket.to_path_buf();
+    let (done, finished) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("control".into())
+        .spawn(move || {
+            let result = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(anyhow::Error::from)
+                .and_then(|rt| {
+                    rt.block_on(accept_loop(kind, &socket, app, readiness, app_runtime))
+                });
+            let _ = done.send(result);
+        })?;
+    finished
+        .await
+        .unwrap_or_else(|_| Err(anyhow::anyhow!("the control thread ended without a result")))
+}
+
+async fn accept_loop<A: App>(
+    kind: &'static str,
+    socket: &Path,
+    app: Arc<A>,
+    readiness: Readiness,
+    app_runtime: tokio::runtime::Handle,
 ) -> anyhow::Result<()> {
     use anyhow::Context as _;
     match std::fs::remove_file(socket) {
@@ -54,10 +88,12 @@ pub async fn serve<A: App>(
                 };
                 let app = app.clone();
                 let readiness = readiness.clone();
+                let app_runtime = app_runtime.clone();
                 let service = service_fn(move |req| {
                     let app = app.clone();
                     let readiness = readiness.clone();
-                    async move { Ok::<_, std::convert::Infallible>(route(kind, &*app, &readiness, req).await) }
+                    let app_runtime = app_runtime.clone();
+                    async move { Ok::<_, std::convert::Infallible>(route(kind, app, &readiness, &app_runtime, req).await) }
                 });
                 let conn = builder.serve_connection(TokioIo::new(stream), service);
                 let conn = graceful.watch(conn);
@@ -79,14 +115,36 @@ pub async fn serve<A: App>(
     Ok(())
 }
 
+/// The runtime's own routes answer GET and HEAD (hyper leaves out a HEAD answer's body).
+const OWN_ROUTES: [&str; 3] = ["/healthz", "/readyz", "/metrics"];
+
 async fn route<A: App>(
     kind: &'static str,
-    app: &A,
+    app: Arc<A>,
     readiness: &Readiness,
+    app_runtime: &tokio::runtime::Handle,
     req: Request<Incoming>,
 ) -> Response<Full<Bytes>> {
-    match (req.method(), req.uri().path()) {
-        (&Method::GET, "/healthz") => {
+    let path = req.uri().path();
+    if !OWN_ROUTES.contains(&path) {
+        return on_app_runtime(kind, app, app_runtime, req).await;
+    }
+    if !matches!(*req.method(), Method::GET | Method::HEAD) {
+        let mut resp = Problem::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method-not-allowed",
+            "Method not allowed",
+            format!("{path} answers GET and HEAD"),
+        )
+        .into_response::<Full<Bytes>>();
+        resp.headers_mut().insert(
+            http::header::ALLOW,
+            http::HeaderValue::from_static("GET, HEAD"),
+        );
+        return resp;
+    }
+    match path {
+        "/healthz" => {
             let body = if readiness.is_ready() {
                 r#"{"status":"ok","ready":true}"#
             } else {
@@ -94,7 +152,7 @@ async fn route<A: App>(
             };
             json_response(StatusCode::OK, Bytes::from_static(body.as_bytes()))
         }
-        (&Method::GET, "/metrics") => {
+        "/metrics" => {
             let text = firemode_telemetry::metrics_handle()
                 .map(|h| h.render())
                 .unwrap_or_default();
@@ -105,7 +163,7 @@ async fn route<A: App>(
             );
             resp
         }
-        (&Method::GET, "/readyz") => {
+        _ => {
             if readiness.is_ready() {
                 json_response(StatusCode::OK, Bytes::from_static(br#"{"ready":true}"#))
             } else {
@@ -113,45 +171,65 @@ async fn route<A: App>(
                     .into_response()
             }
         }
-        _ => {
-            // One span per request, continuing the front's trace; its request_id field is on
-            // every log line of the request.
-            let request_id = req
-                .headers()
-                .get(firemode_wire::REQUEST_ID)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("")
-                .to_string();
-            let span = tracing::info_span!("worker", otel.name = kind, otel.kind = "server", request_id = %request_id);
-            firemode_telemetry::traces::continue_trace(&span, req.headers());
-            handle_app(app, req).instrument(span).await
+    }
+}
+
+/// Runs one request of the kind's routes on the app runtime. The task is aborted when the
+/// connection goes away first, as the request future itself would have been dropped.
+async fn on_app_runtime<A: App>(
+    kind: &'static str,
+    app: Arc<A>,
+    app_runtime: &tokio::runtime::Handle,
+    req: Request<Incoming>,
+) -> Response<Full<Bytes>> {
+    // One span per request, continuing the front's trace; its request_id field is on every
+    // log line of the request.
+    let request_id = req
+        .headers()
+        .get(firemode_wire::REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let span = tracing::info_span!("worker", otel.name = kind, otel.kind = "server", request_id = %request_id);
+    firemode_telemetry::traces::continue_trace(&span, req.headers());
+    let mut task = AbortOnDrop(
+        app_runtime.spawn(async move { handle_app(&*app, req).await }.instrument(span)),
+    );
+    match (&mut task.0).await {
+        Ok(resp) => resp,
+        Err(e) => {
+            tracing::error!(error = %e, "request task failed");
+            Problem::internal("the worker failed while answering").into_response()
         }
     }
 }
 
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 async fn handle_app<A: App>(app: &A, req: Request<Incoming>) -> Response<Full<Bytes>> {
-    {
+    let (parts, body) = req.into_parts();
+    match Limited::new(body, MAX_BODY).collect().await {
+        Ok(collected) => app.handle(parts, collected.to_bytes()).await,
+        Err(e)
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
         {
-            let (parts, body) = req.into_parts();
-            match Limited::new(body, MAX_BODY).collect().await {
-                Ok(collected) => app.handle(parts, collected.to_bytes()).await,
-                Err(e) => {
-                    if e.downcast_ref::<http_body_util::LengthLimitError>()
-                        .is_some()
-                    {
-                        Problem::new(
-                            StatusCode::PAYLOAD_TOO_LARGE,
-                            "body-too-large",
-                            "Request body too large",
-                            format!("the body is over {MAX_BODY} bytes"),
-                        )
-                        .into_response()
-                    } else {
-                        Problem::bad_request(format!("could not read the request body: {e}"))
-                            .into_response()
-                    }
-                }
-            }
+            Problem::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body-too-large",
+                "Request body too large",
+                format!("the body is over {MAX_BODY} bytes"),
+            )
+            .into_response()
+        }
+        Err(e) => {
+            Problem::bad_request(format!("could not read the request body: {e}")).into_response()
         }
     }
 }
