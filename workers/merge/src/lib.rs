@@ -71,6 +71,7 @@
 //! * `batch`: what a client sends ([`Batch`], [`Change`]) and its validation.
 //! * [`state`]: [`SessionState`] and [`SessionState::apply`], registers and conflicts.
 //! * [`document`]: replaying the registers into plain JSON.
+//! * `overlap`: a write's overlapping registers found by range, conflicts capped and counted.
 //! * `register`, `stored`: the stored write and the checked deserialization of a saved state.
 
 #![forbid(unsafe_code)]
@@ -78,6 +79,7 @@
 
 mod batch;
 pub mod document;
+mod overlap;
 pub mod pointer;
 mod register;
 pub mod state;
