@@ -7,6 +7,7 @@ mod config;
 mod faults;
 mod fuzz_corpus;
 mod hostile;
+mod hostile_sync;
 mod observability;
 mod operations;
 mod store_contract;
