@@ -323,6 +323,70 @@ async fn refused_posts_leave_no_session_rows_postgres() {
     assert_eq!(rows, 1, "only the session that was written has a row");
 }
 
+/// Placeholder rows (`version = 0`) that older releases left behind read as new sessions, take
+/// a first batch, and are purged by the migration that retired them.
+#[tokio::test]
+async fn legacy_placeholder_rows_are_harmless_and_purged_postgres() {
+    let Some(db) = pg_database().await else {
+        return;
+    };
+    let sys = start(Some(db.url.clone()), vec![]).await;
+    let (f, t) = (sys.front, token("tab-a", Some("acme")));
+    // The tenant of this token, as the worker keys it: learn it from a real row.
+    ok(&post(
+        f,
+        &t,
+        "REAL",
+        "k0",
+        &batch("r", json!({}), vec![set("/a", json!(1))]),
+    )
+    .await);
+    let client = pg_client(&db.url).await;
+    let tenant: String = client
+        .query_one(
+            "SELECT tenant FROM sync_sessions WHERE session_id = 'REAL'",
+            &[],
+        )
+        .await
+        .expect("the real row")
+        .get(0);
+    let placeholder = "INSERT INTO sync_sessions (tenant, session_id, state, version, updated_at)
+                       VALUES ($1, $2, '', 0, 0)";
+    for id in ["OLD", "LEFT"] {
+        client
+            .execute(placeholder, &[&tenant, &id])
+            .await
+            .expect("placeholder");
+    }
+    let empty = ok(&call(f, Method::GET, &t, "/v1/tests/sessions/OLD", &[]).await);
+    assert_eq!(empty["document"], json!({}));
+    let applied = ok(&post(
+        f,
+        &t,
+        "OLD",
+        "k1",
+        &batch("r", json!({}), vec![set("/b", json!(2))]),
+    )
+    .await);
+    assert_eq!(applied["applied"], 1);
+    let doc = ok(&call(f, Method::GET, &t, "/v1/tests/sessions/OLD", &[]).await);
+    assert_eq!(doc["document"], json!({"b": 2}));
+    drop(sys);
+
+    // A start that applies the purge migration removes the one left.
+    client
+        .execute("DELETE FROM firemode_schema WHERE version = 3", &[])
+        .await
+        .expect("forget migration 3");
+    let _again = start(Some(db.url.clone()), vec![]).await;
+    let left: i64 = client
+        .query_one("SELECT count(*) FROM sync_sessions WHERE version = 0", &[])
+        .await
+        .expect("count placeholders")
+        .get(0);
+    assert_eq!(left, 0);
+}
+
 /// How many backends of the test database wait for a lock.
 async fn lock_waiters(client: &tokio_postgres::Client) -> i64 {
     client
