@@ -175,6 +175,38 @@ async fn the_conflict_cap_is_configurable() {
     assert_eq!(body["conflicts_total"], 5);
 }
 
+/// A hundred conflicts against one large value would repeat it a hundred times: the listed
+/// conflicts stay within a small multiple of the request, and all are counted.
+#[tokio::test]
+async fn a_large_value_is_not_repeated_in_conflicts() {
+    let sys = start(None, vec![]).await;
+    let (f, t) = (sys.front, token("tab-a", Some("acme")));
+    let big = "v".repeat(500_000);
+    ok(&post(
+        f,
+        &t,
+        "LARGE",
+        "a-1",
+        &batch("A", json!({"A": 1}), vec![set("/x", json!(big))]),
+    )
+    .await);
+    let over: Vec<Value> = (0..1000).map(|i| set("/x", json!(i))).collect();
+    let mut b = batch("B", json!({"B": 1}), over);
+    b["_sync_meta"]["timestamp"] = json!(0);
+    let reply = post(f, &t, "LARGE", "b-1", &b).await;
+    let body = ok(&reply);
+    assert!(
+        reply.body.len() < 256 << 10,
+        "answer of {} bytes",
+        reply.body.len()
+    );
+    assert_eq!(body["conflicts_total"], 1000);
+    assert_eq!(
+        body["applied"], 0,
+        "every older write lost to the large one"
+    );
+}
+
 // ---- item 11: a replica id belongs to the user who first wrote with it ----
 
 async fn check_replicas_belong_to_their_first_user(sys: &TestSystem) {

@@ -86,6 +86,7 @@ pub mod state;
 mod stored;
 
 pub use batch::{Batch, Change, InvalidBatch};
+pub use overlap::ReportLimits;
 pub use pointer::{Pointer, PointerError, MAX_POINTER_DEPTH};
 pub use state::{Applied, Conflict, ConflictSide, MissingDependencies, Outcome, SessionState};
 

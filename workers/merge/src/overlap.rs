@@ -1,5 +1,5 @@
 //! Finding a write's overlapping registers without visiting every pair, and reporting the
-//! conflicts they make up to a cap while counting all of them.
+//! conflicts they make within limits ([`ReportLimits`]) while counting all of them.
 //!
 //! While one batch applies, every held write splits in two kinds:
 //!
@@ -12,8 +12,8 @@
 //!   most once more, when it leaves.
 //!
 //! So a batch of `k` changes over a session of `n` registers costs `O(n + k·depth·log n)` plus
-//! the registers it drops, whatever the number of overlapping pairs; only the first
-//! `cap` conflicts are materialised.
+//! the registers it drops, whatever the number of overlapping pairs; only the conflicts the
+//! limits allow are materialised.
 
 use std::collections::BTreeMap;
 use std::ops::Range;
@@ -22,33 +22,97 @@ use crate::register::Register;
 use crate::state::Conflict;
 use crate::Pointer;
 
-/// The conflicts of one batch: the first `cap` in full, and the true count.
+/// How much of a batch's conflicts [`SessionState::apply_reporting`](crate::SessionState::apply_reporting)
+/// materialises: at most `max_conflicts` entries, and no entry that would take the list past
+/// about `max_bytes` of JSON (a listed conflict repeats both values, so a hundred conflicts
+/// against one large value would otherwise answer a hundred copies of it). Every conflict is
+/// counted either way.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReportLimits {
+    /// The most conflicts listed.
+    pub max_conflicts: usize,
+    /// The most bytes of JSON the listed conflicts take, roughly.
+    pub max_bytes: usize,
+}
+
+impl ReportLimits {
+    /// Every conflict listed, whatever its size.
+    pub const UNLIMITED: ReportLimits = ReportLimits {
+        max_conflicts: usize::MAX,
+        max_bytes: usize::MAX,
+    };
+}
+
+/// The conflicts of one batch: a prefix of them in full, within the limits, and the true count.
 pub(crate) struct Conflicts {
     pub(crate) list: Vec<Conflict>,
     pub(crate) total: u64,
-    cap: usize,
+    limits: ReportLimits,
+    /// Bytes of JSON the listed conflicts take, roughly.
+    bytes: usize,
+    /// Set once a conflict did not fit: nothing later is listed, so the list stays a prefix.
+    full: bool,
 }
 
 impl Conflicts {
-    pub(crate) fn new(cap: usize) -> Self {
+    pub(crate) fn new(limits: ReportLimits) -> Self {
         Conflicts {
             list: Vec::new(),
             total: 0,
-            cap,
+            limits,
+            bytes: 0,
+            full: false,
         }
     }
 
-    /// Counts the conflict between `incoming` and `existing`, materialising it under the cap.
+    /// Counts the conflict between `incoming` and `existing`, listing it within the limits.
     pub(crate) fn record(&mut self, incoming: &Register, existing: &Register) {
         self.total = self.total.saturating_add(1);
-        if self.list.len() < self.cap {
-            self.list.push(conflict(incoming, existing));
-        }
+        self.list_within_limits(incoming, existing);
     }
 
-    fn room(&self) -> usize {
-        self.cap.saturating_sub(self.list.len())
+    /// Lists the conflict if it fits; returns whether the list can take more.
+    fn list_within_limits(&mut self, incoming: &Register, existing: &Register) -> bool {
+        if self.full || self.list.len() >= self.limits.max_conflicts {
+            return false;
+        }
+        let bytes = self
+            .bytes
+            .saturating_add(json_size(incoming).saturating_add(json_size(existing)));
+        if bytes > self.limits.max_bytes {
+            self.full = true;
+            return false;
+        }
+        self.bytes = bytes;
+        self.list.push(conflict(incoming, existing));
+        true
     }
+}
+
+/// Roughly the JSON bytes one side of a conflict takes: its value, path and replica, plus the
+/// fixed keys. Counted without building the text.
+fn json_size(register: &Register) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 = self.0.saturating_add(buf.len());
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(64);
+    // Writing to a counter cannot fail; a failure would only undercount. The path counts
+    // twice: a conflict names the incoming path at its top level too.
+    let path = register.path.as_str();
+    for text in [path, path, &register.replica_id] {
+        let _ = serde_json::to_writer(&mut count, text);
+    }
+    if let Some(value) = &register.value {
+        let _ = serde_json::to_writer(&mut count, value);
+    }
+    count.0
 }
 
 /// The registers whose key beats the applying batch's event, sorted by path.
@@ -99,16 +163,16 @@ impl Winners {
         Some(&self.entries[position].1)
     }
 
-    /// Counts every concurrent winner strictly below `write`'s path as a conflict, and
-    /// materialises as many as the cap leaves room for.
+    /// Counts every concurrent winner strictly below `write`'s path as a conflict, and lists
+    /// as many as the limits leave room for.
     pub(crate) fn record_descendants(&self, write: &Register, conflicts: &mut Conflicts) {
         let below = self.descendants(write.path.tokens());
         let first = self.concurrent.partition_point(|&p| p < below.start);
         let end = self.concurrent.partition_point(|&p| p < below.end);
-        for &position in self.concurrent[first..end].iter().take(conflicts.room()) {
-            conflicts
-                .list
-                .push(conflict(write, &self.entries[position].1));
+        for &position in &self.concurrent[first..end] {
+            if !conflicts.list_within_limits(write, &self.entries[position].1) {
+                break;
+            }
         }
         let count = u64::try_from(end - first).unwrap_or(u64::MAX);
         conflicts.total = conflicts.total.saturating_add(count);

@@ -7,7 +7,7 @@ use serde::{Serialize, Serializer};
 use serde_json::Value;
 
 use crate::document::materialise;
-use crate::overlap::{Conflicts, Winners};
+use crate::overlap::{Conflicts, ReportLimits, Winners};
 use crate::register::Register;
 use crate::{Batch, Pointer, VectorClock};
 
@@ -63,8 +63,8 @@ pub struct Applied {
     /// with a larger key at the same or an ancestor path (a later change of the same batch
     /// may still replace an earlier one; both count).
     pub applied: usize,
-    /// Concurrent writes met, one entry per (change, overlapping concurrent write) pair, at
-    /// most the `max_reported` given to [`SessionState::apply_reporting`].
+    /// Concurrent writes met, one entry per (change, overlapping concurrent write) pair: the
+    /// first ones, within the [`ReportLimits`] given to [`SessionState::apply_reporting`].
     pub conflicts: Vec<Conflict>,
     /// How many such pairs there were in all (`conflicts` may hold fewer).
     pub conflicts_total: u64,
@@ -154,15 +154,15 @@ impl SessionState {
     /// * Otherwise every change becomes a write stamped `max(timestamp_ms, 1 + the largest stamp
     ///   the batch covers)` and ordered by (stamp, replica, sequence, list index).
     pub fn apply(&mut self, batch: &Batch) -> Result<Outcome, MissingDependencies> {
-        self.apply_reporting(batch, usize::MAX)
+        self.apply_reporting(batch, ReportLimits::UNLIMITED)
     }
 
-    /// [`SessionState::apply`], materialising at most `max_reported` conflicts (all of them are
-    /// still counted in [`Applied::conflicts_total`]). The state it leaves is the same.
+    /// [`SessionState::apply`], listing only the first conflicts that fit `limits` (all of them
+    /// are still counted in [`Applied::conflicts_total`]). The state it leaves is the same.
     pub fn apply_reporting(
         &mut self,
         batch: &Batch,
-        max_reported: usize,
+        limits: ReportLimits,
     ) -> Result<Outcome, MissingDependencies> {
         let replica = batch.replica_id.as_str();
         let seen = self.clock.get(replica).copied().unwrap_or(0);
@@ -196,7 +196,7 @@ impl SessionState {
             ) > event
         };
         let winners = Winners::set_aside(&mut self.registers, beats_batch, is_concurrent);
-        let mut conflicts = Conflicts::new(max_reported);
+        let mut conflicts = Conflicts::new(limits);
         let mut applied = 0;
         for (index, change) in batch.changes.iter().enumerate() {
             let write = Register {

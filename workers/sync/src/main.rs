@@ -12,7 +12,7 @@
 use arc_swap::ArcSwapOption;
 use bytes::Bytes;
 use firemode_config::Config;
-use firemode_merge::{Outcome, SessionState};
+use firemode_merge::{Outcome, ReportLimits, SessionState};
 use firemode_store::{IdempotencyKey, MergeOutcome, MergeStep, Store, StoreError};
 use firemode_sync::bundle;
 use firemode_sync::request::{batch_from_value, parse_json, RequestContext};
@@ -341,7 +341,10 @@ impl SyncApp {
             session_id: session_id.to_string(),
             subject: caller.subject.clone(),
             batch,
-            max_conflicts: sync.max_conflicts_reported as usize,
+            limits: ReportLimits {
+                max_conflicts: sync.max_conflicts_reported as usize,
+                max_bytes: body.len().max(CONFLICT_BYTES_FLOOR),
+            },
         };
         let merge = Box::new(move |stored: Option<&str>| merge_batch(&input, stored));
         let outcome = self
@@ -479,9 +482,13 @@ struct MergeInput {
     /// The caller's `sub`: the owner a new replica gets, and who must own an old one.
     subject: String,
     batch: firemode_merge::Batch,
-    /// `sync.max_conflicts_reported`.
-    max_conflicts: usize,
+    /// `sync.max_conflicts_reported`, and a byte budget for the listed conflicts.
+    limits: ReportLimits,
 }
+
+/// The listed conflicts of an answer take at most about this many bytes, or the request
+/// body's size when larger: an answer stays within a small multiple of its request.
+const CONFLICT_BYTES_FLOOR: usize = 64 * 1024;
 
 /// The merge, run by the store under the session's lock.
 fn merge_batch(input: &MergeInput, stored: Option<&str>) -> MergeStep {
@@ -511,7 +518,7 @@ fn merge_batch(input: &MergeInput, stored: Option<&str>) -> MergeStep {
             format!("replica_id {replica:?} was first used in this session by another user; every device sends its own replica_id (or none, to write as your own user)"),
         ));
     }
-    match state.apply_reporting(&input.batch, input.max_conflicts) {
+    match state.apply_reporting(&input.batch, input.limits) {
         Ok(Outcome::Applied(applied)) => {
             metrics::counter!("crdt_conflicts_total").increment(applied.conflicts_total);
             if applied.conflicts_total > 0 {
