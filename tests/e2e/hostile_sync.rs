@@ -309,6 +309,59 @@ async fn idempotency_compares_json_values_postgres() {
     check_idempotency_compares_values(&sys).await;
 }
 
+/// A key recorded by a release that fingerprinted the bytes (SHA-256 of method, session and
+/// body, NUL-separated) still replays for a retry of the same bytes after the upgrade.
+#[tokio::test]
+async fn a_record_from_before_the_upgrade_still_replays_postgres() {
+    use sha2::Digest;
+    let Some(db) = pg_database().await else {
+        return;
+    };
+    let sys = start(Some(db.url.clone()), vec![]).await;
+    let (f, t) = (sys.front, token("tab-a", Some("acme")));
+    ok(&post(
+        f,
+        &t,
+        "REAL",
+        "k0",
+        &batch("r", json!({}), vec![set("/a", json!(1))]),
+    )
+    .await);
+    let client = pg_client(&db.url).await;
+    let tenant: String = client
+        .query_one(
+            "SELECT tenant FROM sync_sessions WHERE session_id = 'REAL'",
+            &[],
+        )
+        .await
+        .expect("the real row")
+        .get(0);
+    let body =
+        r#"{"changes":[{"op":"set","path":"/b","value":2}],"_sync_meta":{"vector_clock":{}}}"#;
+    let mut h = sha2::Sha256::new();
+    for part in [&b"POST"[..], b"\0", b"UPG", b"\0", body.as_bytes()] {
+        h.update(part);
+    }
+    let old_hash: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    let recorded = r#"{"session_id":"UPG","vector_clock":{"tab-a":1},"applied":1,"conflicts":[]}"#;
+    client
+        .execute(
+            "INSERT INTO sync_idempotency
+             (tenant, subject, idem_key, request_hash, status, body, created_at)
+             VALUES ($1, 'tab-a', 'old-key', $2, 200, $3,
+                     (extract(epoch from now()) * 1000)::bigint)",
+            &[&tenant, &old_hash, &recorded],
+        )
+        .await
+        .expect("a record of the old release");
+    let reply = post_raw(f, &t, "UPG", "old-key", body).await;
+    assert_eq!(reply.header("idempotent-replayed"), Some("true"));
+    assert_eq!(
+        ok(&reply),
+        serde_json::from_str::<Value>(recorded).expect("json")
+    );
+}
+
 // ---- item 13: PostgreSQL locking ----
 
 async fn pg_client(url: &str) -> tokio_postgres::Client {

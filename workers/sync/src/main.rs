@@ -580,3 +580,43 @@ fn refusal(problem: &Problem) -> MergeStep {
         remember: false,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn value(text: &str) -> serde_json::Value {
+        serde_json::from_str(text).expect("test JSON")
+    }
+
+    #[test]
+    fn the_fingerprint_is_the_json_value() {
+        let post = Method::POST;
+        let one = fingerprint(&post, "S", &value(r#"{"a":1,"b":[1,{"c":2,"d":3}]}"#));
+        let same = value("{ \"b\" : [1, {\"d\":3, \"c\":2}],\n \"a\" : 1 }");
+        assert_eq!(fingerprint(&post, "S", &same), one);
+        assert_ne!(fingerprint(&post, "T", &same), one, "the session counts");
+        let other = value(r#"{"a":1,"b":[{"c":2,"d":3},1]}"#);
+        assert_ne!(fingerprint(&post, "S", &other), one, "list order counts");
+        let big = |n: &str| fingerprint(&post, "S", &value(&format!(r#"{{"a":{n}}}"#)));
+        assert_ne!(
+            big("123456789012345678901234567890"),
+            big("123456789012345678901234567891"),
+            "numbers keep their digits"
+        );
+    }
+
+    /// Records written by releases that hashed the bytes still match a retry with those bytes.
+    #[test]
+    fn the_legacy_fingerprint_is_the_old_one() {
+        let body = br#"{"changes":[]}"#;
+        let mut h = Sha256::new();
+        h.update(b"POST");
+        h.update([0]);
+        h.update(b"S");
+        h.update([0]);
+        h.update(body);
+        let old: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(legacy_fingerprint(&Method::POST, "S", body), old);
+    }
+}
