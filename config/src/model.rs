@@ -232,6 +232,9 @@ pub struct Sync {
     pub max_clock_skew: HumanDuration,
     pub max_bundle_bytes: u64,
     pub max_changes_per_batch: u32,
+    /// At most this many conflicts are listed in a merge answer (`conflicts_total` counts
+    /// them all), so one batch cannot make an answer of millions of pairs.
+    pub max_conflicts_reported: u32,
 }
 
 impl Default for Sync {
@@ -241,6 +244,7 @@ impl Default for Sync {
             max_clock_skew: HumanDuration::from_secs(300),
             max_bundle_bytes: 52_428_800,
             max_changes_per_batch: 1000,
+            max_conflicts_reported: 100,
         }
     }
 }

@@ -8,6 +8,9 @@ use std::time::Duration;
 /// After the drain deadline: time to SIGKILL and reap workers and exit.
 pub const KILL_GRACE: Duration = Duration::from_secs(5);
 
+/// The most conflicts `sync.max_conflicts_reported` may list in one merge answer.
+pub const MAX_CONFLICTS_REPORTED: u32 = 10_000;
+
 /// One or more configuration errors, each naming the key it is about.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ConfigErrors(pub Vec<ConfigError>);
@@ -217,6 +220,12 @@ impl Config {
         if self.sync.max_changes_per_batch == 0 {
             err("sync.max_changes_per_batch", "must be at least 1".into());
         }
+        if self.sync.max_conflicts_reported > MAX_CONFLICTS_REPORTED {
+            err(
+                "sync.max_conflicts_reported",
+                format!("must be at most {MAX_CONFLICTS_REPORTED} (every listed conflict carries two values; 0 lists none and still counts them)"),
+            );
+        }
         if errors.is_empty() {
             Ok(())
         } else {
@@ -255,6 +264,17 @@ mod tests {
         assert!(text.contains("supervisor.drain_timeout"), "{text}");
         assert!(text.contains("1m 33s") && text.contains("1m 30s"), "{text}");
         c.supervisor.stop_timeout = crate::HumanDuration::from_secs(120);
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn the_conflicts_listed_per_answer_are_bounded() {
+        let mut c = Config::default();
+        assert_eq!(c.sync.max_conflicts_reported, 100);
+        c.sync.max_conflicts_reported = MAX_CONFLICTS_REPORTED + 1;
+        let text = c.validate().unwrap_err().to_string();
+        assert!(text.contains("sync.max_conflicts_reported"), "{text}");
+        c.sync.max_conflicts_reported = 0;
         c.validate().unwrap();
     }
 

@@ -16,16 +16,21 @@ use std::io::Write as _;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-/// The claims FireMode reads. `exp`, `iss` and `aud` are checked by jsonwebtoken on the raw
-/// claims, so their shapes (a list `aud`, a fractional `exp`) never fail deserialisation here.
+/// The claims FireMode reads. `iss` and `aud` are checked by jsonwebtoken on the raw claims
+/// (so a list `aud` never fails deserialisation here); `exp` and `nbf` are kept as JSON and
+/// checked by `check_times` (a fractional NumericDate is valid).
 #[derive(Debug, Deserialize)]
 pub struct Claims {
     pub sub: String,
     #[serde(default)]
     pub org: Option<String>,
-    /// Read only to know how long a verified token may be served from [`VerifiedTokens`].
+    /// Checked by `check_times`; also how long a verified token may be served from
+    /// [`VerifiedTokens`].
     #[serde(default)]
     exp: Option<serde_json::Value>,
+    /// Checked by `check_times` when present.
+    #[serde(default)]
+    nbf: Option<serde_json::Value>,
 }
 
 /// The claims `firemode token` signs.
@@ -115,13 +120,16 @@ impl Verifier {
             })?
         };
         let mut validation = Validation::new(jwt_algorithm(a.algorithm));
-        validation.set_required_spec_claims(&["exp", "sub"]);
-        validation.leeway = 30;
-        // A token is valid from its `nbf` on (minus the same leeway), never before.
-        validation.validate_nbf = true;
+        // `exp` and `nbf` are checked here (`check_times`), not by jsonwebtoken: JSON numbers
+        // keep their digits in this workspace (serde_json `arbitrary_precision`), and
+        // jsonwebtoken then cannot read a fractional NumericDate.
+        validation.validate_exp = false;
+        validation.validate_nbf = false;
+        validation.leeway = 0;
+        validation.set_required_spec_claims(&["sub"]);
         if !a.issuer.is_empty() {
             validation.set_issuer(&[&a.issuer]);
-            validation.set_required_spec_claims(&["exp", "sub", "iss"]);
+            validation.set_required_spec_claims(&["sub", "iss"]);
         }
         if a.audience.is_empty() {
             validation.validate_aud = false;
@@ -151,12 +159,48 @@ impl Verifier {
             .trim();
         let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)
             .map_err(|e| AuthError::Invalid(describe(&e)))?;
+        check_times(&data.claims, unix_now_f64())?;
         let identity = Identity::from_claims(&data.claims.sub, data.claims.org.as_deref())?;
         if let Some(exp) = data.claims.exp.as_ref().and_then(serde_json::Value::as_u64) {
             self.verified.insert(value, &identity, exp);
         }
         Ok(identity)
     }
+}
+
+/// Clock skew allowed on `exp` and `nbf`, in seconds.
+const LEEWAY_SECS: f64 = 30.0;
+
+/// `exp` is required and a token is refused from `exp + leeway` on; with `nbf`, it is
+/// refused before `nbf - leeway` (RFC 7519 §4.1.4-5; NumericDates may be fractional).
+fn check_times(claims: &Claims, now: f64) -> Result<(), AuthError> {
+    let date = |name: &str, v: &serde_json::Value| {
+        v.as_f64().filter(|d| d.is_finite()).ok_or_else(|| {
+            AuthError::Invalid(format!(
+                "claim `{name}` must be a NumericDate (seconds since 1970)"
+            ))
+        })
+    };
+    let exp = claims
+        .exp
+        .as_ref()
+        .ok_or_else(|| AuthError::Invalid("the token has no `exp` claim".into()))?;
+    if now >= date("exp", exp)? + LEEWAY_SECS {
+        return Err(AuthError::Invalid("the token has expired".into()));
+    }
+    if let Some(nbf) = &claims.nbf {
+        if now < date("nbf", nbf)? - LEEWAY_SECS {
+            return Err(AuthError::Invalid("the token is not valid yet".into()));
+        }
+    }
+    Ok(())
+}
+
+fn unix_now_f64() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
 }
 
 fn unix_now() -> u64 {
@@ -335,6 +379,34 @@ mod tests {
         assert_eq!(id.sub, "tech-1");
         assert_eq!(id.org.as_deref(), Some("acme"));
         let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn exp_and_nbf_are_numeric_dates_with_leeway() {
+        let claims = |v: serde_json::Value| serde_json::from_value::<Claims>(v).unwrap();
+        let now = 1_800_000_000.0;
+        let ok = |c: serde_json::Value| check_times(&claims(c), now).is_ok();
+        assert!(ok(serde_json::json!({"sub": "u", "exp": now + 60.0})));
+        assert!(ok(serde_json::json!({"sub": "u", "exp": 1_800_000_000.5})));
+        assert!(
+            ok(serde_json::json!({"sub": "u", "exp": now - 10.0})),
+            "within leeway"
+        );
+        assert!(!ok(serde_json::json!({"sub": "u", "exp": now - 31.0})));
+        assert!(!ok(serde_json::json!({"sub": "u"})));
+        assert!(!ok(serde_json::json!({"sub": "u", "exp": "tomorrow"})));
+        assert!(!ok(
+            serde_json::json!({"sub": "u", "exp": now + 7200.0, "nbf": now + 3600.0})
+        ));
+        assert!(ok(
+            serde_json::json!({"sub": "u", "exp": now + 7200.0, "nbf": now + 10.0})
+        ));
+        assert!(ok(
+            serde_json::json!({"sub": "u", "exp": now + 7200.0, "nbf": now - 3600.5})
+        ));
+        assert!(!ok(
+            serde_json::json!({"sub": "u", "exp": now + 7200.0, "nbf": [1]})
+        ));
     }
 
     #[test]

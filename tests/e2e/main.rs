@@ -9,6 +9,7 @@ mod fuzz_corpus;
 mod hostile;
 mod hostile_front;
 mod hostile_ops;
+mod hostile_sync;
 mod install;
 mod journal;
 mod observability;

@@ -127,9 +127,16 @@ async fn odd_claims_are_refused(sys: &TestSystem) {
         r.problem(401);
         assert!(r.header("www-authenticate").is_some(), "{what}");
     }
-    // A token already valid by its nbf passes.
+    // A token already valid by its nbf passes; NumericDates may be fractional.
     let ok = json!({"sub": "u", "nbf": now - 60, "exp": now + 60});
     assert_eq!(read(sys, &token_claims(&ok), "S1").await.status, 200);
+    let fractional = json!({"sub": "u", "nbf": now as f64 - 0.5, "exp": now as f64 + 60.25});
+    assert_eq!(
+        read(sys, &token_claims(&fractional), "S1").await.status,
+        200
+    );
+    let expired = json!({"sub": "u", "exp": now as f64 - 120.5});
+    read(sys, &token_claims(&expired), "S1").await.problem(401);
 }
 
 #[tokio::test]

@@ -67,13 +67,17 @@ impl App for ClassifyApp {
             return Problem::not_found(format!("no route for {}", req.uri.path())).into_response();
         }
         if req.method != Method::POST {
-            return Problem::new(
+            let mut response = Problem::new(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "method-not-allowed",
                 "Method not allowed",
                 "use POST for /v1/classify",
             )
             .into_response();
+            response
+                .headers_mut()
+                .insert(http::header::ALLOW, http::HeaderValue::from_static("POST"));
+            return response;
         }
         self.classify(&body)
     }

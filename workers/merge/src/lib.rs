@@ -71,6 +71,7 @@
 //! * `batch`: what a client sends ([`Batch`], [`Change`]) and its validation.
 //! * [`state`]: [`SessionState`] and [`SessionState::apply`], registers and conflicts.
 //! * [`document`]: replaying the registers into plain JSON.
+//! * `overlap`: a write's overlapping registers found by range, conflicts capped and counted.
 //! * `register`, `stored`: the stored write and the checked deserialization of a saved state.
 
 #![forbid(unsafe_code)]
@@ -78,12 +79,14 @@
 
 mod batch;
 pub mod document;
+mod overlap;
 pub mod pointer;
 mod register;
 pub mod state;
 mod stored;
 
 pub use batch::{Batch, Change, InvalidBatch};
+pub use overlap::ReportLimits;
 pub use pointer::{Pointer, PointerError, MAX_POINTER_DEPTH};
 pub use state::{Applied, Conflict, ConflictSide, MissingDependencies, Outcome, SessionState};
 

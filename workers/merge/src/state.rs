@@ -7,6 +7,7 @@ use serde::{Serialize, Serializer};
 use serde_json::Value;
 
 use crate::document::materialise;
+use crate::overlap::{Conflicts, ReportLimits, Winners};
 use crate::register::Register;
 use crate::{Batch, Pointer, VectorClock};
 
@@ -33,6 +34,12 @@ pub struct SessionState {
     /// The surviving writes, keyed by path (sorted by tokens, so descendants follow a path).
     #[serde(serialize_with = "serialize_registers")]
     pub(crate) registers: BTreeMap<Pointer, Register>,
+    /// Per replica id, the user (`sub`) who first wrote with it in this session (design §3:
+    /// anyone else's batch under it is refused). Not part of the merge: the caller checks and
+    /// claims with [`SessionState::owner`] and [`SessionState::claim`]. States saved before
+    /// owners existed load with none; their replicas go to the first user who writes next.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub(crate) owners: BTreeMap<String, String>,
 }
 
 /// What [`SessionState::apply`] did with a batch.
@@ -56,8 +63,11 @@ pub struct Applied {
     /// with a larger key at the same or an ancestor path (a later change of the same batch
     /// may still replace an earlier one; both count).
     pub applied: usize,
-    /// Concurrent writes met, one entry per (change, overlapping concurrent write) pair.
+    /// Concurrent writes met, one entry per (change, overlapping concurrent write) pair: the
+    /// first ones, within the [`ReportLimits`] given to [`SessionState::apply_reporting`].
     pub conflicts: Vec<Conflict>,
+    /// How many such pairs there were in all (`conflicts` may hold fewer).
+    pub conflicts_total: u64,
 }
 
 /// A concurrent write met on the same, an ancestor or a descendant path.
@@ -144,6 +154,16 @@ impl SessionState {
     /// * Otherwise every change becomes a write stamped `max(timestamp_ms, 1 + the largest stamp
     ///   the batch covers)` and ordered by (stamp, replica, sequence, list index).
     pub fn apply(&mut self, batch: &Batch) -> Result<Outcome, MissingDependencies> {
+        self.apply_reporting(batch, ReportLimits::UNLIMITED)
+    }
+
+    /// [`SessionState::apply`], listing only the first conflicts that fit `limits` (all of them
+    /// are still counted in [`Applied::conflicts_total`]). The state it leaves is the same.
+    pub fn apply_reporting(
+        &mut self,
+        batch: &Batch,
+        limits: ReportLimits,
+    ) -> Result<Outcome, MissingDependencies> {
         let replica = batch.replica_id.as_str();
         let seen = self.clock.get(replica).copied().unwrap_or(0);
         let sequence = batch.sequence(&self.clock);
@@ -161,8 +181,23 @@ impl SessionState {
         }
 
         let effective_timestamp = self.effective_timestamp(batch, sequence);
+        // Concurrent: another replica's write from an event the batch does not cover. The
+        // replica's own held writes are its earlier events or this batch's earlier changes.
+        let is_concurrent = |existing: &Register| {
+            existing.replica_id != batch.replica_id
+                && !batch.covers(sequence, &existing.replica_id, existing.sequence)
+        };
+        let event = (effective_timestamp, replica, sequence);
+        let beats_batch = |existing: &Register| {
+            (
+                existing.timestamp,
+                existing.replica_id.as_str(),
+                existing.sequence,
+            ) > event
+        };
+        let winners = Winners::set_aside(&mut self.registers, beats_batch, is_concurrent);
+        let mut conflicts = Conflicts::new(limits);
         let mut applied = 0;
-        let mut conflicts = Vec::new();
         for (index, change) in batch.changes.iter().enumerate() {
             let write = Register {
                 path: change.path().clone(),
@@ -172,16 +207,11 @@ impl SessionState {
                 timestamp: effective_timestamp,
                 index,
             };
-            // Concurrent: another replica's write from an event the batch does not cover. The
-            // replica's own held writes are its earlier events or this batch's earlier changes.
-            let is_concurrent = |existing: &Register| {
-                existing.replica_id != batch.replica_id
-                    && !batch.covers(sequence, &existing.replica_id, existing.sequence)
-            };
-            if self.put(write, is_concurrent, &mut conflicts) {
+            if self.put(write, &winners, is_concurrent, &mut conflicts) {
                 applied += 1;
             }
         }
+        winners.restore(&mut self.registers);
         self.clock.insert(batch.replica_id.clone(), sequence);
         self.stamps
             .entry(batch.replica_id.clone())
@@ -191,8 +221,21 @@ impl SessionState {
             dot: (batch.replica_id.clone(), sequence),
             effective_timestamp,
             applied,
-            conflicts,
+            conflicts: conflicts.list,
+            conflicts_total: conflicts.total,
         }))
+    }
+
+    /// The user who owns `replica_id` in this session, if anyone does yet.
+    pub fn owner(&self, replica_id: &str) -> Option<&str> {
+        self.owners.get(replica_id).map(String::as_str)
+    }
+
+    /// Makes `subject` the owner of `replica_id` unless someone already is; returns the owner.
+    pub fn claim(&mut self, replica_id: &str, subject: &str) -> &str {
+        self.owners
+            .entry(replica_id.to_owned())
+            .or_insert_with(|| subject.to_owned())
     }
 
     /// How many events of `replica` the session has applied.
@@ -226,24 +269,36 @@ impl SessionState {
     /// Stores `write` unless a larger-keyed write at its path or an ancestor hides it, drops the
     /// writes it hides (same path or below, smaller key), and records a conflict for every
     /// overlapping write `is_concurrent` accepts. Returns whether `write` was stored.
+    ///
+    /// `winners` holds the registers set aside for the batch (see [`crate::overlap`]); every
+    /// register left in the map has a smaller key than `write`.
     fn put(
         &mut self,
         write: Register,
+        winners: &Winners,
         is_concurrent: impl Fn(&Register) -> bool,
-        conflicts: &mut Vec<Conflict>,
+        conflicts: &mut Conflicts,
     ) -> bool {
         let tokens = write.path.tokens();
         let mut hidden = false;
         // Ancestors, outermost first, then the path itself.
         for depth in 1..=tokens.len() {
-            if let Some(existing) = self.registers.get(&tokens[..depth]) {
+            let prefix = &tokens[..depth];
+            for existing in [self.registers.get(prefix), winners.get(prefix)]
+                .into_iter()
+                .flatten()
+            {
                 if is_concurrent(existing) {
-                    conflicts.push(conflict(&write, existing));
+                    conflicts.record(&write, existing);
                 }
                 hidden |= existing.cmp_order(&write).is_gt();
             }
         }
-        // Descendants: the entries right after the path that extend its tokens.
+        // Descendants among the winners: counted by range, never replaced.
+        winners.record_descendants(&write, conflicts);
+        // Descendants in the map: the entries right after the path that extend its tokens.
+        // Each has a smaller key, so each leaves the map now (when `write` is hidden there are
+        // none: the larger write above would have hidden them too).
         let mut beaten = Vec::new();
         let below = (Bound::Excluded(tokens), Bound::Unbounded);
         for (path, existing) in self
@@ -252,7 +307,7 @@ impl SessionState {
             .take_while(|(path, _)| path.tokens().starts_with(tokens))
         {
             if is_concurrent(existing) {
-                conflicts.push(conflict(&write, existing));
+                conflicts.record(&write, existing);
             }
             if existing.cmp_order(&write).is_lt() {
                 beaten.push(path.clone());
@@ -267,20 +322,6 @@ impl SessionState {
         }
         self.registers.insert(write.path.clone(), write);
         true
-    }
-}
-
-/// The conflict between an incoming write and an overlapping one already held.
-fn conflict(incoming: &Register, existing: &Register) -> Conflict {
-    let (winner, loser) = if incoming.cmp_order(existing).is_gt() {
-        (incoming, existing)
-    } else {
-        (existing, incoming)
-    };
-    Conflict {
-        path: incoming.path.as_str().to_owned(),
-        winner: winner.into(),
-        loser: loser.into(),
     }
 }
 

@@ -21,6 +21,9 @@ pub(crate) struct StoredSession {
     stamps: BTreeMap<String, Vec<u64>>,
     #[serde(default)]
     registers: Vec<Register>,
+    /// Absent in states saved before replicas had owners.
+    #[serde(default)]
+    owners: BTreeMap<String, String>,
 }
 
 /// Why a saved session state was refused.
@@ -70,6 +73,7 @@ impl TryFrom<StoredSession> for SessionState {
             clock: stored.clock,
             stamps: stored.stamps,
             registers,
+            owners: stored.owners,
         })
     }
 }

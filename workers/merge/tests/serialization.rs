@@ -109,3 +109,27 @@ fn changes_deserialize_from_the_request_vocabulary() {
         );
     }
 }
+
+#[test]
+fn replica_owners_are_saved_and_old_states_load_without_them() {
+    let mut state = session(&[batch(
+        "tab-a",
+        &[("tab-a", 1)],
+        10,
+        vec![set("/x", json!(1))],
+    )]);
+    // A state saved before replicas had owners: no "owners" key, and none is written.
+    let old = serde_json::to_value(&state).expect("serializes");
+    assert!(old.get("owners").is_none(), "{old}");
+    let mut loaded: SessionState = serde_json::from_value(old).expect("an old state loads");
+    assert_eq!(loaded.owner("tab-a"), None);
+    // The first user to write with it claims it; a later claim changes nothing.
+    assert_eq!(loaded.claim("tab-a", "alice"), "alice");
+    assert_eq!(loaded.claim("tab-a", "mallory"), "alice");
+    let saved = serde_json::to_string(&loaded).expect("serializes");
+    let again: SessionState = serde_json::from_str(&saved).expect("round trips");
+    assert_eq!(again.owner("tab-a"), Some("alice"));
+    assert_eq!(again, loaded);
+    state.claim("tab-a", "alice");
+    assert_eq!(state, again);
+}

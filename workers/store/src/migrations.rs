@@ -40,6 +40,12 @@ pub const MIGRATIONS: &[(i64, &str)] = &[
          );
          CREATE INDEX sync_idempotency_created ON sync_idempotency (created_at);",
     ),
+    (
+        3,
+        // Merges on PostgreSQL used to lock a session through a placeholder row (version 0),
+        // left behind by every refused first request; they lock an advisory key now.
+        "DELETE FROM sync_sessions WHERE version = 0;",
+    ),
 ];
 
 /// Creates the bookkeeping table; run before reading which migrations are applied.

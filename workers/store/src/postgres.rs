@@ -2,7 +2,9 @@
 //! transaction-scoped advisory lock, so workers on several hosts can start at once.
 
 use crate::migrations::{MIGRATIONS, SCHEMA_TABLE};
-use crate::sessions::{live_since, IdempotencyKey, MergeFn, MergeOutcome, StoredSession};
+use crate::sessions::{
+    live_since, IdempotencyKey, MergeFn, MergeOutcome, MergeStep, StoredSession,
+};
 use crate::{catalog_conflict, now_ms, StoreError, StoreOptions};
 use bb8_postgres::PostgresConnectionManager;
 use std::sync::Arc;
@@ -20,6 +22,30 @@ pub struct PgStore {
     pool: Pool,
     /// `SET LOCAL lock_timeout = …`, run at the start of every merge.
     set_lock_timeout: Arc<str>,
+}
+
+/// How saving a merge ended.
+enum Saved {
+    Done,
+    /// A live record of the key appeared (the same key used for another session meanwhile).
+    KeyTaken,
+    /// The session row changed without the advisory lock (a writer of an older release).
+    Raced,
+}
+
+/// The advisory-lock key of a session: the first 8 bytes of SHA-256 over tenant and session
+/// id. Two sessions sharing a key only wait for each other.
+fn session_lock_key(tenant: &str, session_id: &str) -> i64 {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(b"firemode-session\0");
+    h.update(tenant.as_bytes());
+    h.update([0]);
+    h.update(session_id.as_bytes());
+    let digest = h.finalize();
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    i64::from_be_bytes(first)
 }
 
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
@@ -165,10 +191,17 @@ impl PgStore {
     }
 
     /// One merge in one transaction, in four round trips: `BEGIN`; then, pipelined, the lock
-    /// timeout, the placeholder row, the row lock and the key's live record (statements of a
-    /// transaction run in order, so the record is read under the lock); then, pipelined, the
-    /// new state and the idempotency record; then `COMMIT`. Statements go out with their
-    /// parameter types (`query_typed`), so none costs a separate prepare round trip.
+    /// timeout, the session's lock, its row and the key's live record (statements of a
+    /// transaction run in order, so both are read under the lock); then, pipelined, the new
+    /// state and the idempotency record; then `COMMIT`. Statements go out with their parameter
+    /// types (`query_typed`), so none costs a separate prepare round trip.
+    ///
+    /// The lock is a transaction-scoped advisory lock on the session's key, so a session
+    /// without a row is locked without writing anything: a refused request leaves no row,
+    /// and a duplicate that arrives while the first merge commits waits for it (up to the lock
+    /// timeout) and then finds its record. The row is also locked `FOR UPDATE`, which keeps
+    /// the exclusion with releases that locked only the row; their placeholder rows
+    /// (`version = 0`) read as a new session.
     pub async fn merge_session(
         &self,
         tenant: &str,
@@ -181,30 +214,23 @@ impl PgStore {
         let tx = conn.transaction().await.map_err(unavailable)?;
         let now = now_ms();
         let live = live_since(ttl);
-        let placeholder_params: [(&(dyn ToSql + Sync), Type); 3] = [
-            (&tenant, Type::TEXT),
-            (&session_id, Type::TEXT),
-            (&now, Type::INT8),
-        ];
+        let lock_key = session_lock_key(tenant, session_id);
+        let session_params: [(&(dyn ToSql + Sync), Type); 2] =
+            [(&tenant, Type::TEXT), (&session_id, Type::TEXT)];
         let record_params: [(&(dyn ToSql + Sync), Type); 4] = [
             (&tenant, Type::TEXT),
             (&idem.subject, Type::TEXT),
             (&idem.key, Type::TEXT),
             (&live, Type::INT8),
         ];
-        let (timeout_set, placeholder, locked, record) = tokio::join!(
+        let lock_params: [(&(dyn ToSql + Sync), Type); 1] = [(&lock_key, Type::INT8)];
+        let (timeout_set, locked, row, record) = tokio::join!(
             tx.batch_execute(&self.set_lock_timeout),
-            // The session's row lock serialises merges of one session across every host; a
-            // placeholder row (version 0) makes the lock exist before the first batch.
-            tx.query_typed(
-                "INSERT INTO sync_sessions (tenant, session_id, state, version, updated_at)
-                 VALUES ($1, $2, '', 0, $3) ON CONFLICT DO NOTHING",
-                &placeholder_params,
-            ),
-            tx.query_typed_one(
+            tx.query_typed("SELECT pg_advisory_xact_lock($1)", &lock_params),
+            tx.query_typed_opt(
                 "SELECT state, version FROM sync_sessions
                  WHERE tenant = $1 AND session_id = $2 FOR UPDATE",
-                &placeholder_params[..2],
+                &session_params,
             ),
             tx.query_typed_opt(
                 "SELECT request_hash, status, body FROM sync_idempotency
@@ -215,14 +241,13 @@ impl PgStore {
         // The first failure is the cause; the statements after it only report the aborted
         // transaction.
         timeout_set.map_err(unavailable)?;
-        placeholder.map_err(unavailable)?;
-        let row = locked.map_err(lock_error)?;
+        locked.map_err(lock_error)?;
+        let row = row.map_err(lock_error)?;
         let record = record.map_err(unavailable)?;
-        let (state, version): (String, i64) = (row.get(0), row.get(1));
         if let Some(r) = record {
             let (hash, status, body): (String, i32, String) = (r.get(0), r.get(1), r.get(2));
             tx.commit().await.map_err(unavailable)?;
-            return Ok(if hash == idem.request_hash {
+            return Ok(if idem.is_same_request(&hash) {
                 MergeOutcome::Replay {
                     status: status as u16,
                     body,
@@ -231,31 +256,73 @@ impl PgStore {
                 MergeOutcome::KeyReused
             });
         }
-        let step = merge((version > 0).then_some(state.as_str()));
+        let (state, version): (String, Option<i64>) = match &row {
+            Some(r) => (r.get(0), Some(r.get(1))),
+            None => (String::new(), None),
+        };
+        let step = merge(version.is_some_and(|v| v > 0).then_some(state.as_str()));
+        let saved = self.save_merge(&tx, tenant, session_id, version, &idem, &step, now, live);
+        match saved.await? {
+            Saved::Done => {}
+            Saved::KeyTaken => return Ok(MergeOutcome::KeyReused), // rolls back on drop
+            Saved::Raced => {
+                return Err(StoreError::Busy(
+                    "the session changed under this merge (an older release holds it)".into(),
+                ))
+            }
+        }
+        tx.commit().await.map_err(unavailable)?;
+        Ok(MergeOutcome::Ran(step))
+    }
+
+    /// Writes the merge's new state (when it has one) and its idempotency record (when it is
+    /// remembered), pipelined.
+    #[allow(clippy::too_many_arguments)]
+    async fn save_merge(
+        &self,
+        tx: &tokio_postgres::Transaction<'_>,
+        tenant: &str,
+        session_id: &str,
+        version: Option<i64>,
+        idem: &IdempotencyKey,
+        step: &MergeStep,
+        now: i64,
+        live: i64,
+    ) -> Result<Saved, StoreError> {
         let status = i32::from(step.status);
         let save_state = async {
-            match &step.new_state {
-                Some(new_state) => tx
-                    .query_typed(
-                        "UPDATE sync_sessions SET state = $3, version = version + 1, updated_at = $4
-                         WHERE tenant = $1 AND session_id = $2",
-                        &[
-                            (&tenant, Type::TEXT),
-                            (&session_id, Type::TEXT),
-                            (new_state, Type::TEXT),
-                            (&now, Type::INT8),
-                        ],
-                    )
-                    .await
-                    .map(drop),
-                None => Ok(()),
-            }
+            let Some(new_state) = &step.new_state else {
+                return Ok(1);
+            };
+            let version_or_new = version.unwrap_or(0);
+            let params: [(&(dyn ToSql + Sync), Type); 5] = [
+                (&tenant, Type::TEXT),
+                (&session_id, Type::TEXT),
+                (new_state, Type::TEXT),
+                (&now, Type::INT8),
+                (&version_or_new, Type::INT8),
+            ];
+            let rows = match version {
+                // The row is locked; the version check only guards against a writer that
+                // did not take the advisory lock.
+                Some(_) => tx.query_typed(
+                    "UPDATE sync_sessions SET state = $3, version = version + 1, updated_at = $4
+                     WHERE tenant = $1 AND session_id = $2 AND version = $5 RETURNING 1",
+                    &params,
+                ),
+                None => tx.query_typed(
+                    "INSERT INTO sync_sessions (tenant, session_id, state, version, updated_at)
+                     VALUES ($1, $2, $3, 1, $4) ON CONFLICT DO NOTHING RETURNING 1",
+                    &params[..4],
+                ),
+            };
+            rows.await.map(|rows| rows.len())
         };
         // An expired record of the same key is replaced; a live one (the same key, at the
         // same moment, for another session) is kept and nothing of this merge is.
         let remember = async {
             if !step.remember {
-                return Ok(None);
+                return Ok(1);
             }
             tx.query_typed(
                 "INSERT INTO sync_idempotency
@@ -278,16 +345,18 @@ impl PgStore {
                 ],
             )
             .await
-            .map(|rows| Some(rows.len()))
+            .map(|rows| rows.len())
         };
         let (saved, remembered) = tokio::join!(save_state, remember);
-        saved.map_err(unavailable)?;
-        if remembered.map_err(unavailable)? == Some(0) {
-            // The transaction rolls back on drop.
-            return Ok(MergeOutcome::KeyReused);
-        }
-        tx.commit().await.map_err(unavailable)?;
-        Ok(MergeOutcome::Ran(step))
+        let saved = saved.map_err(lock_error)?;
+        let remembered = remembered.map_err(lock_error)?;
+        Ok(if saved == 0 {
+            Saved::Raced
+        } else if remembered == 0 {
+            Saved::KeyTaken
+        } else {
+            Saved::Done
+        })
     }
 
     pub async fn session(

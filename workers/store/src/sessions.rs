@@ -12,6 +12,16 @@ pub struct IdempotencyKey {
     pub key: String,
     /// Fingerprint of the request (method, session, body): same key + other request → reuse.
     pub request_hash: String,
+    /// A fingerprint an older release stored for the same request, also accepted as "the
+    /// same request" (never stored).
+    pub legacy_request_hash: Option<String>,
+}
+
+impl IdempotencyKey {
+    /// Whether a stored fingerprint is this request's.
+    pub(crate) fn is_same_request(&self, stored_hash: &str) -> bool {
+        stored_hash == self.request_hash || self.legacy_request_hash.as_deref() == Some(stored_hash)
+    }
 }
 
 /// What the merge closure decided.

@@ -238,7 +238,7 @@ impl SqliteStore {
                 .map_err(unavailable)?;
             if let Some((hash, status, body)) = record {
                 tx.commit().map_err(unavailable)?;
-                return Ok(if hash == idem.request_hash {
+                return Ok(if idem.is_same_request(&hash) {
                     MergeOutcome::Replay {
                         status: status as u16,
                         body,

@@ -36,19 +36,40 @@ pub fn if_none_match(header: &str, etag: &str) -> bool {
         .any(|t| t.trim() == "*" || bare(t) == ours)
 }
 
-/// Whether the client accepts gzip (`Accept-Encoding`, honouring `q=0`).
+/// Whether the client accepts gzip (`Accept-Encoding`, RFC 9110 §12.5.3): an explicit
+/// `gzip` entry decides by its `q` (`q=0` refuses, whatever `*` says); otherwise `*` with
+/// `q > 0` accepts. Codings and the `q` name are case-insensitive.
 pub fn accepts_gzip(header: &str) -> bool {
-    header.split(',').any(|part| {
+    let mut wildcard = None;
+    for part in header.split(',') {
         let mut it = part.split(';');
         let coding = it.next().unwrap_or("").trim();
-        let refused = it.any(|p| {
-            let p = p.trim();
-            p.strip_prefix("q=")
-                .and_then(|q| q.trim().parse::<f32>().ok())
-                .is_some_and(|q| q == 0.0)
-        });
-        (coding.eq_ignore_ascii_case("gzip") || coding == "*") && !refused
-    })
+        let q = it.find_map(quality).unwrap_or(1.0);
+        if coding.eq_ignore_ascii_case("gzip") || coding.eq_ignore_ascii_case("x-gzip") {
+            return q > 0.0;
+        }
+        if coding == "*" {
+            wildcard = Some(q > 0.0);
+        }
+    }
+    wildcard.unwrap_or(false)
+}
+
+/// The weight of one `;`-separated parameter when it is `q=…` (any case); an unparsable
+/// weight counts as 0, refusing rather than guessing.
+fn quality(param: &str) -> Option<f32> {
+    let (name, value) = param.split_once('=')?;
+    if !name.trim().eq_ignore_ascii_case("q") {
+        return None;
+    }
+    Some(
+        value
+            .trim()
+            .parse::<f32>()
+            .ok()
+            .filter(|q| (0.0..=1.0).contains(q))
+            .unwrap_or(0.0),
+    )
 }
 
 /// The bundle's JSON text, assembled around the already-rendered parts.
@@ -100,6 +121,15 @@ mod tests {
         assert!(accepts_gzip("deflate, gzip;q=0.5"));
         assert!(!accepts_gzip("gzip;q=0"));
         assert!(!accepts_gzip("br, deflate"));
+        assert!(!accepts_gzip("gzip;Q=0"));
+        assert!(!accepts_gzip("gzip; q=0.000"));
+        assert!(!accepts_gzip("gzip;q=0, *"));
+        assert!(!accepts_gzip("*, gzip;q=0"));
+        assert!(!accepts_gzip("*;q=0"));
+        assert!(accepts_gzip("*"));
+        assert!(accepts_gzip("br, *;q=0.1"));
+        assert!(accepts_gzip("GZIP;Q=1"));
+        assert!(!accepts_gzip("gzip;q=nonsense"));
     }
 
     #[test]

@@ -13,10 +13,10 @@
 use arc_swap::ArcSwapOption;
 use bytes::Bytes;
 use firemode_config::Config;
-use firemode_merge::{Outcome, SessionState};
+use firemode_merge::{Outcome, ReportLimits, SessionState};
 use firemode_store::{IdempotencyKey, MergeOutcome, MergeStep, Store, StoreError};
 use firemode_sync::bundle;
-use firemode_sync::request::{parse_batch, RequestContext};
+use firemode_sync::request::{batch_from_value, parse_json, RequestContext};
 use firemode_wire::{ids, Identity, Problem, IDENTITY, PROBLEM_JSON};
 use firemode_worker::{json_response, App, WorkerContext};
 use http::request::Parts;
@@ -141,24 +141,34 @@ impl App for SyncApp {
             Ok(c) => c,
             Err(p) => return p.into_response(),
         };
-        let result = match (route, &req.method) {
-            (Route::Results(_), &Method::POST) => self.post_results(&req, &caller, id, &body).await,
-            (Route::Session(_), &Method::GET) => self.get_session(&caller, id).await,
-            (Route::Bundle(_), &Method::GET) => self.get_bundle(&req, &caller, id).await,
-            (Route::Results(_), _) => Err(method_not_allowed("POST")),
-            _ => Err(method_not_allowed("GET")),
+        // HEAD is GET without the body: the HTTP layer drops the body and keeps the headers.
+        let read = req.method == Method::GET || req.method == Method::HEAD;
+        let result = match route {
+            Route::Results(_) if req.method == Method::POST => {
+                self.post_results(&req, &caller, id, &body).await
+            }
+            Route::Session(_) if read => self.get_session(&caller, id).await,
+            Route::Bundle(_) if read => self.get_bundle(&req, &caller, id).await,
+            Route::Results(_) => Ok(method_not_allowed("POST")),
+            Route::Session(_) | Route::Bundle(_) => Ok(method_not_allowed("GET, HEAD")),
         };
         result.unwrap_or_else(Problem::into_response)
     }
 }
 
-fn method_not_allowed(allowed: &str) -> Problem {
-    Problem::new(
+/// 405 with the `Allow` header RFC 9110 requires.
+fn method_not_allowed(allowed: &'static str) -> Response<Full<Bytes>> {
+    let mut response = Problem::new(
         StatusCode::METHOD_NOT_ALLOWED,
         "method-not-allowed",
         "Method not allowed",
         format!("use {allowed} on this route"),
     )
+    .into_response();
+    response
+        .headers_mut()
+        .insert(header::ALLOW, HeaderValue::from_static(allowed));
+    response
 }
 
 /// The caller from the front's identity header. A request without one, or with one that does
@@ -221,14 +231,40 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// The same key with the same request replays; the fingerprint covers method, session and body.
-fn fingerprint(method: &Method, session_id: &str, body: &[u8]) -> String {
+/// The same key with the same request replays; the fingerprint covers method, session and the
+/// body's JSON value (design §3: key order and whitespace do not matter). The workspace's
+/// `serde_json` maps are sorted (no `preserve_order`), so serialising the parsed value is a
+/// canonical form: sorted keys, no whitespace, the last of duplicate keys (which is also the
+/// one the merge reads).
+fn fingerprint(method: &Method, session_id: &str, body: &serde_json::Value) -> String {
+    let canonical = serde_json::to_vec(body).unwrap_or_default();
+    hex_sha256(&[
+        b"json\0",
+        method.as_str().as_bytes(),
+        b"\0",
+        session_id.as_bytes(),
+        b"\0",
+        &canonical,
+    ])
+}
+
+/// The fingerprint of releases that compared bytes: a retry of a request accepted just before
+/// an upgrade, with the same bytes, still replays instead of answering 422.
+fn legacy_fingerprint(method: &Method, session_id: &str, body: &[u8]) -> String {
+    hex_sha256(&[
+        method.as_str().as_bytes(),
+        b"\0",
+        session_id.as_bytes(),
+        b"\0",
+        body,
+    ])
+}
+
+fn hex_sha256(parts: &[&[u8]]) -> String {
     let mut h = Sha256::new();
-    h.update(method.as_str().as_bytes());
-    h.update([0]);
-    h.update(session_id.as_bytes());
-    h.update([0]);
-    h.update(body);
+    for part in parts {
+        h.update(part);
+    }
     h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
@@ -286,8 +322,9 @@ impl SyncApp {
         let sync = &self.config.sync;
         let started = std::time::Instant::now();
         let client_type = client_type(req);
-        let batch = parse_batch(
-            body,
+        let value = parse_json(body).map_err(Problem::bad_request)?;
+        let batch = batch_from_value(
+            &value,
             &RequestContext {
                 subject: &caller.subject,
                 now_ms: now_ms(),
@@ -299,10 +336,20 @@ impl SyncApp {
         let idem = IdempotencyKey {
             subject: caller.subject.clone(),
             key,
-            request_hash: fingerprint(&req.method, session_id, body),
+            request_hash: fingerprint(&req.method, session_id, &value),
+            legacy_request_hash: Some(legacy_fingerprint(&req.method, session_id, body)),
         };
-        let sid = session_id.to_string();
-        let merge = Box::new(move |stored: Option<&str>| merge_batch(&sid, stored, &batch));
+        drop(value);
+        let input = MergeInput {
+            session_id: session_id.to_string(),
+            subject: caller.subject.clone(),
+            batch,
+            limits: ReportLimits {
+                max_conflicts: sync.max_conflicts_reported as usize,
+                max_bytes: body.len().max(CONFLICT_BYTES_FLOOR),
+            },
+        };
+        let merge = Box::new(move |stored: Option<&str>| merge_batch(&input, stored));
         let outcome = self
             .store
             .merge_session(
@@ -432,8 +479,23 @@ fn session_json(session_id: &str, state: &SessionState) -> String {
     .to_string()
 }
 
+/// What the merge closure needs besides the stored state.
+struct MergeInput {
+    session_id: String,
+    /// The caller's `sub`: the owner a new replica gets, and who must own an old one.
+    subject: String,
+    batch: firemode_merge::Batch,
+    /// `sync.max_conflicts_reported`, and a byte budget for the listed conflicts.
+    limits: ReportLimits,
+}
+
+/// The listed conflicts of an answer take at most about this many bytes, or the request
+/// body's size when larger: an answer stays within a small multiple of its request.
+const CONFLICT_BYTES_FLOOR: usize = 64 * 1024;
+
 /// The merge, run by the store under the session's lock.
-fn merge_batch(session_id: &str, stored: Option<&str>, batch: &firemode_merge::Batch) -> MergeStep {
+fn merge_batch(input: &MergeInput, stored: Option<&str>) -> MergeStep {
+    let session_id = input.session_id.as_str();
     let mut state = match stored {
         None => SessionState::default(),
         Some(text) => match serde_json::from_str::<SessionState>(text) {
@@ -443,30 +505,39 @@ fn merge_batch(session_id: &str, stored: Option<&str>, batch: &firemode_merge::B
                 let p = Problem::internal(
                     "the stored session is unreadable; the batch was not applied",
                 );
-                return MergeStep {
-                    new_state: None,
-                    status: 500,
-                    body: String::from_utf8_lossy(&p.to_bytes()).into_owned(),
-                    remember: false,
-                };
+                return refusal(&p);
             }
         },
     };
-    match state.apply(batch) {
+    let replica = input.batch.replica_id.as_str();
+    if state
+        .owner(replica)
+        .is_some_and(|owner| owner != input.subject)
+    {
+        return refusal(&Problem::new(
+            StatusCode::FORBIDDEN,
+            "replica-owned",
+            "Replica belongs to another user",
+            format!("replica_id {replica:?} was first used in this session by another user; every device sends its own replica_id (or none, to write as your own user)"),
+        ));
+    }
+    match state.apply_reporting(&input.batch, input.limits) {
         Ok(Outcome::Applied(applied)) => {
-            metrics::counter!("crdt_conflicts_total").increment(applied.conflicts.len() as u64);
-            if !applied.conflicts.is_empty() {
+            metrics::counter!("crdt_conflicts_total").increment(applied.conflicts_total);
+            if applied.conflicts_total > 0 {
                 tracing::info!(
                     session_id,
-                    conflicts = applied.conflicts.len(),
+                    conflicts = applied.conflicts_total,
                     "concurrent writes resolved"
                 );
             }
+            state.claim(replica, &input.subject);
             let body = json!({
                 "session_id": session_id,
                 "vector_clock": state.clock(),
                 "applied": applied.applied,
                 "conflicts": applied.conflicts,
+                "conflicts_total": applied.conflicts_total,
             });
             MergeStep {
                 new_state: Some(serde_json::to_string(&state).unwrap_or_default()),
@@ -483,6 +554,7 @@ fn merge_batch(session_id: &str, stored: Option<&str>, batch: &firemode_merge::B
                 "vector_clock": state.clock(),
                 "applied": 0,
                 "conflicts": [],
+                "conflicts_total": 0,
             })
             .to_string(),
             remember: true,
@@ -495,13 +567,59 @@ fn merge_batch(session_id: &str, stored: Option<&str>, batch: &firemode_merge::B
                 "the batch's vector clock names events this session has not seen; fetch the session, merge, and send again",
             )
             .with("vector_clock", serde_json::to_value(&missing.session_clock).unwrap_or_default());
-            MergeStep {
-                new_state: None,
-                status: 409,
-                body: String::from_utf8_lossy(&p.to_bytes()).into_owned(),
-                // "Sync first" is not the final answer: a retry with this key must be merged.
-                remember: false,
-            }
+            // "Sync first" is not the final answer: a retry with this key must be merged.
+            refusal(&p)
         }
+    }
+}
+
+/// An answer that changes nothing and is not remembered under the idempotency key (the
+/// client's retry, after fixing what was wrong, must be merged).
+fn refusal(problem: &Problem) -> MergeStep {
+    MergeStep {
+        new_state: None,
+        status: problem.status.as_u16(),
+        body: String::from_utf8_lossy(&problem.to_bytes()).into_owned(),
+        remember: false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn value(text: &str) -> serde_json::Value {
+        serde_json::from_str(text).expect("test JSON")
+    }
+
+    #[test]
+    fn the_fingerprint_is_the_json_value() {
+        let post = Method::POST;
+        let one = fingerprint(&post, "S", &value(r#"{"a":1,"b":[1,{"c":2,"d":3}]}"#));
+        let same = value("{ \"b\" : [1, {\"d\":3, \"c\":2}],\n \"a\" : 1 }");
+        assert_eq!(fingerprint(&post, "S", &same), one);
+        assert_ne!(fingerprint(&post, "T", &same), one, "the session counts");
+        let other = value(r#"{"a":1,"b":[{"c":2,"d":3},1]}"#);
+        assert_ne!(fingerprint(&post, "S", &other), one, "list order counts");
+        let big = |n: &str| fingerprint(&post, "S", &value(&format!(r#"{{"a":{n}}}"#)));
+        assert_ne!(
+            big("123456789012345678901234567890"),
+            big("123456789012345678901234567891"),
+            "numbers keep their digits"
+        );
+    }
+
+    /// Records written by releases that hashed the bytes still match a retry with those bytes.
+    #[test]
+    fn the_legacy_fingerprint_is_the_old_one() {
+        let body = br#"{"changes":[]}"#;
+        let mut h = Sha256::new();
+        h.update(b"POST");
+        h.update([0]);
+        h.update(b"S");
+        h.update([0]);
+        h.update(body);
+        let old: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(legacy_fingerprint(&Method::POST, "S", body), old);
     }
 }

@@ -19,8 +19,16 @@ const MAX_REPLICA_ID: usize = 128;
 
 /// Parses and validates a sync request body.
 pub fn parse_batch(body: &[u8], ctx: &RequestContext<'_>) -> Result<Batch, String> {
-    let value: Value =
-        serde_json::from_slice(body).map_err(|e| format!("the body is not JSON: {e}"))?;
+    batch_from_value(&parse_json(body)?, ctx)
+}
+
+/// The body as a JSON value (a 400 when it is not JSON).
+pub fn parse_json(body: &[u8]) -> Result<Value, String> {
+    serde_json::from_slice(body).map_err(|e| format!("the body is not JSON: {e}"))
+}
+
+/// Validates a parsed sync request body into a [`Batch`].
+pub fn batch_from_value(value: &Value, ctx: &RequestContext<'_>) -> Result<Batch, String> {
     let Value::Object(obj) = value else {
         return Err(
             "the body must be a JSON object {\"changes\": [...], \"_sync_meta\": {...}}".into(),
