@@ -2,7 +2,8 @@
 //! kind is entirely crash-looping),
 //! `/readyz` (every kind has a ready instance), `/status` (every instance as JSON),
 //! `/metrics` (Prometheus: the supervisor's series and every worker's, one scrape). Each
-//! answers GET and HEAD.
+//! answers GET and HEAD. `POST /reload` asks for a rolling reload and answers once it has
+//! settled (what `firemode reload` calls).
 
 use crate::health::fetch;
 use crate::instance::InstanceState;
@@ -19,6 +20,8 @@ use std::time::Duration;
 
 pub struct Admin {
     pub registry: Arc<Registry>,
+    /// Where `POST /reload` hands its request to the run loop.
+    pub reload: tokio::sync::mpsc::Sender<crate::control::ReloadRequest>,
 }
 
 #[derive(Serialize)]
@@ -118,7 +121,42 @@ impl Admin {
         .into_response()
     }
 
+    /// `POST /reload`: 200 with the outcome once the reload has settled; 409 when it was
+    /// refused, 500 when the roll failed (the body says why either way).
+    async fn reload(&self, method: &Method) -> Response<Full<Bytes>> {
+        use crate::control::{ReloadOutcome, ReloadRequest};
+        if method != Method::POST {
+            let mut resp = Problem::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method-not-allowed",
+                "Method not allowed",
+                "POST /reload asks for a rolling reload",
+            )
+            .into_response::<Full<Bytes>>();
+            resp.headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static("POST"));
+            return resp;
+        }
+        let (reply, outcome) = tokio::sync::oneshot::channel();
+        if self.reload.send(ReloadRequest { reply }).await.is_err() {
+            return Problem::unavailable("the supervisor is stopping; nothing to reload")
+                .into_response();
+        }
+        let outcome = outcome.await.unwrap_or_else(|_| {
+            ReloadOutcome::Failed("the supervisor stopped before the reload settled".into())
+        });
+        let status = match outcome {
+            ReloadOutcome::Applied => StatusCode::OK,
+            ReloadOutcome::Refused(_) => StatusCode::CONFLICT,
+            ReloadOutcome::Failed(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        json(status, serde_json::to_vec(&outcome).unwrap_or_default())
+    }
+
     pub async fn handle(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        if req.uri().path() == "/reload" {
+            return self.reload(req.method()).await;
+        }
         // HEAD works wherever GET does (hyper leaves out the body); every 405 says `Allow`.
         if !matches!(*req.method(), Method::GET | Method::HEAD) {
             let mut resp = Problem::new(

@@ -127,6 +127,8 @@ pub struct InstanceStatus {
     pub degraded: bool,
     /// Seconds until the next start attempt, while in backoff.
     pub next_start_in_s: Option<f64>,
+    /// Resident memory of the process, from `/proc`.
+    pub rss_bytes: Option<u64>,
 }
 
 impl Instance {
@@ -340,6 +342,7 @@ impl Instance {
                         .map(|t| t.saturating_duration_since(Instant::now()).as_secs_f64())
                 })
                 .flatten(),
+            rss_bytes: self.pid().and_then(crate::supervise::rss_bytes),
         }
     }
 }

@@ -14,7 +14,8 @@
 //!   [`registry`] (instances and the ready wake-up), [`upstream`] (connections to workers),
 //!   [`buffered`] (answers taken off the worker at worker speed, spilled when large),
 //!   [`send_timeout`] (clients that stop taking bytes are dropped).
-//! * [`admin`]: `/healthz`, `/readyz`, `/status`.
+//! * [`admin`]: `/healthz`, `/readyz`, `/status`, `/metrics`, `POST /reload`.
+//! * [`control`]: `firemode status` and `firemode reload` against a running supervisor.
 //! * [`signals`]: what each signal means.
 //! * [`plan`]: `firemode plan`, the timeline the config implies.
 
@@ -24,6 +25,7 @@ pub mod backoff;
 pub mod buffered;
 pub mod child_log;
 pub mod choose;
+pub mod control;
 pub mod fleet;
 pub mod front;
 pub mod health;

@@ -41,6 +41,17 @@ enum Command {
     CheckConfig,
     /// Print what the config implies: restart timeline, failure detection, stop budget.
     Plan,
+    /// Show the running supervisor's instances as a table (via server.admin_listen).
+    /// Exit 0 when every kind has a ready instance, 3 when not, 1 when unreachable.
+    Status,
+    /// Ask the running supervisor to reload its config (a rolling restart) and wait for the
+    /// outcome: exit 0 when applied, 2 when the new config was refused, 1 when the roll
+    /// failed or the supervisor is unreachable.
+    Reload {
+        /// How long to wait for the reload to settle.
+        #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
     /// Print a signed JWT for the configured key.
     Token {
         /// The `sub` claim (who the token is for).
@@ -84,6 +95,45 @@ fn main() -> ExitCode {
         Command::Plan => {
             print!("{}", firemode::plan::render(&config));
             ExitCode::SUCCESS
+        }
+        Command::Status => {
+            match firemode::control::status(&config.server.admin_listen, Duration::from_secs(10)) {
+                Ok((table, ready)) => {
+                    print!("{table}");
+                    if ready {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::from(3)
+                    }
+                }
+                Err(e) => {
+                    eprintln!("firemode status: {e:#}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        Command::Reload { timeout } => {
+            use firemode::control::ReloadOutcome;
+            match firemode::control::reload(&config.server.admin_listen, timeout) {
+                Ok(ReloadOutcome::Applied) => {
+                    println!("reloaded: every instance runs the new configuration");
+                    ExitCode::SUCCESS
+                }
+                Ok(ReloadOutcome::Refused(why)) => {
+                    eprintln!(
+                        "firemode reload: refused, the running configuration stays in force: {why}"
+                    );
+                    ExitCode::from(2)
+                }
+                Ok(ReloadOutcome::Failed(why)) => {
+                    eprintln!("firemode reload: the roll failed: {why}");
+                    ExitCode::from(1)
+                }
+                Err(e) => {
+                    eprintln!("firemode reload: {e:#}");
+                    ExitCode::from(1)
+                }
+            }
         }
         Command::Token { sub, org, ttl } => {
             match firemode::auth::mint(&config, &sub, org.as_deref(), ttl) {

@@ -6,6 +6,7 @@
 use crate::admin::Admin;
 use crate::auth::Verifier;
 use crate::child_log::Style;
+use crate::control::{ReloadOutcome, ReloadRequest};
 use crate::fleet::Fleet;
 use crate::front::{Front, FrontSettings};
 use crate::instance::Kind;
@@ -101,8 +102,10 @@ pub async fn run(config: Config, source: ConfigSource, log_style: Style) -> anyh
         },
     ));
     let (stop_admin, stop_admin_rx) = watch::channel(false);
+    let (reload_tx, mut reload_rx) = tokio::sync::mpsc::channel(16);
     let admin = Arc::new(Admin {
         registry: registry.clone(),
+        reload: reload_tx,
     });
     let admin_task = tokio::spawn(listener::serve(
         Listening {
@@ -123,47 +126,11 @@ pub async fn run(config: Config, source: ConfigSource, log_style: Style) -> anyh
         let event = tokio::select! {
             s = signals.next() => Event::Signal(s),
             Some(inst) = recycle_rx.recv() => Event::Recycle(inst),
+            Some(req) = reload_rx.recv() => Event::Reload(req),
         };
-        match event {
-            Event::Signal(SupervisorSignal::Reload) => {
-                // A SIGHUP that arrives during a reload asks for one more afterwards; a stop
-                // signal ends the reload (new instances already started are drained too).
-                let mut again = true;
-                while again {
-                    again = false;
-                    systemd::reloading();
-                    tracing::info!("SIGHUP: reloading the configuration");
-                    let outcome = {
-                        let reloading = reload(&config, &signing_key, &source, &mut fleet, &front);
-                        tokio::pin!(reloading);
-                        loop {
-                            tokio::select! {
-                                r = &mut reloading => break Ok(r),
-                                s = signals.next() => match s {
-                                    SupervisorSignal::Reload => again = true,
-                                    stop => break Err(stop),
-                                },
-                            }
-                        }
-                    };
-                    match outcome {
-                        Err(stop) => {
-                            tracing::warn!(signal = ?stop, "stop signal during reload");
-                            break 'serve stop;
-                        }
-                        Ok(Ok(Some(new))) => {
-                            config = new;
-                            tracing::info!("reload complete");
-                        }
-                        Ok(Ok(None)) => {}
-                        Ok(Err(e)) => {
-                            tracing::error!(error = %format!("{e:#}"), "reload failed; instances not yet replaced keep the old configuration")
-                        }
-                    }
-                    let (ready, total) = registry.ready_counts();
-                    systemd::ready(&format!("{ready}/{total} instances ready"));
-                }
-            }
+        let waiters = match event {
+            Event::Signal(SupervisorSignal::Reload) => Vec::new(),
+            Event::Reload(req) => vec![req.reply],
             Event::Signal(s) => break s,
             Event::Recycle(inst) => {
                 let outcome = tokio::select! {
@@ -180,8 +147,23 @@ pub async fn run(config: Config, source: ConfigSource, log_style: Style) -> anyh
                 if let Err(e) = outcome {
                     tracing::error!(error = %format!("{e:#}"), "recycling failed");
                 }
+                continue;
             }
+        };
+        let mut reloading = Reloading {
+            config: &mut config,
+            signing_key: &signing_key,
+            source: &source,
+            fleet: &mut fleet,
+            front: &front,
+            signals: &mut signals,
+            requests: &mut reload_rx,
+        };
+        if let Err(stop) = reloading.settle(waiters).await {
+            break stop;
         }
+        let (ready, total) = registry.ready_counts();
+        systemd::ready(&format!("{ready}/{total} instances ready"));
     };
     notifier.abort();
     let drain_timeout = config.supervisor.drain_timeout.get();
@@ -282,48 +264,132 @@ fn describe_metrics() {
 enum Event {
     Signal(SupervisorSignal),
     Recycle(Arc<crate::instance::Instance>),
+    Reload(ReloadRequest),
 }
 
-/// Re-reads the config; `Ok(None)` when it is refused (logged, nothing changes): invalid,
-/// empty or unreadable, or changing what needs a restart (the store, the signing key, the
-/// listeners, the runtime dir).
+/// What a reload works on, borrowed from the run loop for as long as reloads keep coming.
+struct Reloading<'a> {
+    config: &'a mut Arc<Config>,
+    signing_key: &'a Option<Vec<u8>>,
+    source: &'a ConfigSource,
+    fleet: &'a mut Fleet,
+    front: &'a Front,
+    signals: &'a mut Signals,
+    requests: &'a mut tokio::sync::mpsc::Receiver<ReloadRequest>,
+}
+
+impl Reloading<'_> {
+    /// Reloads until no more are asked for: a SIGHUP or `POST /reload` that arrives during a
+    /// reload asks for one more afterwards, and each `POST /reload` is answered with the
+    /// outcome of the first reload that started after it. `Err` is a stop signal that ended
+    /// the reload (new instances already started are drained with the rest).
+    async fn settle(
+        &mut self,
+        mut waiters: Vec<tokio::sync::oneshot::Sender<ReloadOutcome>>,
+    ) -> Result<(), SupervisorSignal> {
+        loop {
+            systemd::reloading();
+            tracing::info!("reloading the configuration");
+            let mut next_waiters = Vec::new();
+            let mut again = false;
+            let outcome = {
+                let reloading = reload(
+                    self.config,
+                    self.signing_key,
+                    self.source,
+                    self.fleet,
+                    self.front,
+                );
+                tokio::pin!(reloading);
+                loop {
+                    tokio::select! {
+                        r = &mut reloading => break Ok(r),
+                        s = self.signals.next() => match s {
+                            SupervisorSignal::Reload => again = true,
+                            stop => break Err(stop),
+                        },
+                        Some(req) = self.requests.recv() => {
+                            again = true;
+                            next_waiters.push(req.reply);
+                        }
+                    }
+                }
+            };
+            let outcome = match outcome {
+                Ok(outcome) => outcome,
+                Err(stop) => {
+                    tracing::warn!(signal = ?stop, "stop signal during reload");
+                    let stopped = ReloadOutcome::Failed("the supervisor is stopping".into());
+                    for w in waiters.into_iter().chain(next_waiters) {
+                        let _ = w.send(stopped.clone());
+                    }
+                    return Err(stop);
+                }
+            };
+            match &outcome {
+                (ReloadOutcome::Applied, Some(new)) => {
+                    *self.config = new.clone();
+                    tracing::info!("reload complete");
+                }
+                (ReloadOutcome::Failed(e), _) => tracing::error!(
+                    error = %e,
+                    "reload failed; instances not yet replaced keep the old configuration"
+                ),
+                _ => {}
+            }
+            for w in waiters {
+                let _ = w.send(outcome.0.clone());
+            }
+            if !again {
+                return Ok(());
+            }
+            waiters = next_waiters;
+        }
+    }
+}
+
+/// Re-reads the config and rolls every instance onto it. Refused (logged, nothing changes)
+/// when it is invalid, empty or unreadable, or changes what needs a restart (the store, the
+/// signing key, the listeners, the runtime dir); the new config comes back when applied.
 async fn reload(
     current: &Arc<Config>,
     signing_key: &Option<Vec<u8>>,
     source: &ConfigSource,
     fleet: &mut Fleet,
     front: &Front,
-) -> anyhow::Result<Option<Arc<Config>>> {
+) -> (ReloadOutcome, Option<Arc<Config>>) {
+    let refused = |reason: String| {
+        tracing::error!(error = %reason, "reload refused; the running configuration stays in force");
+        (ReloadOutcome::Refused(reason), None)
+    };
     let next = match load_for_reload(source.file.as_deref(), &source.overrides) {
         Ok(c) => c,
-        Err(e) => {
-            tracing::error!(error = %e, "the new configuration is invalid; keeping the running one");
-            return Ok(None);
-        }
+        Err(e) => return refused(format!("the new configuration is invalid: {e}")),
     };
     let changed = current.restart_only_changes(&next);
     if !changed.is_empty() {
-        tracing::error!(
-            keys = %changed.join(", "),
-            "reload refused: the new configuration changes {}, which needs a restart; the running configuration stays in force",
+        return refused(format!(
+            "the new configuration changes {}, which needs a restart",
             changed.join(", ")
-        );
-        return Ok(None);
+        ));
     }
     if key_material(&next) != *signing_key {
-        tracing::error!(
-            keys = "auth.public_key_file, data_dir/jwt_secret",
-            "reload refused: the signing key's file changed or vanished since start, which needs a restart; the running configuration stays in force"
+        return refused(
+            "the signing key's file (auth.public_key_file or data_dir/jwt_secret) changed or vanished since start, which needs a restart".into(),
         );
-        return Ok(None);
     }
     let next = Arc::new(next);
-    let verifier = Verifier::new(&next)?;
-    fleet.roll(&next).await?;
+    let verifier = match Verifier::new(&next) {
+        Ok(v) => v,
+        Err(e) => return refused(format!("{e:#}")),
+    };
+    if let Err(e) = fleet.roll(&next).await {
+        return (ReloadOutcome::Failed(format!("{e:#}")), None);
+    }
     // The front switches (limits, timeouts, issuer, audience) once every instance runs the
     // new config.
     front.reconfigure(FrontSettings::new(&next, verifier));
-    Ok(Some(next))
+    (ReloadOutcome::Applied, Some(next))
 }
 
 /// The bytes the front's key is made from: `auth.jwt_secret`, the generated secret's file, or

@@ -112,8 +112,8 @@ async fn an_empty_or_vanished_config_on_sighup_is_refused_and_the_running_one_ke
             Some(text) => std::fs::write(&sys.config_path, text).unwrap(),
             None => std::fs::remove_file(&sys.config_path).unwrap(),
         }
-        sighup_and_wait_for(&sys, "keeping the running one").await;
-        let refusal = lines_with(&sys, "keeping the running one");
+        sighup_and_wait_for(&sys, "the new configuration is invalid").await;
+        let refusal = lines_with(&sys, "the new configuration is invalid");
         let last = refusal.last().unwrap();
         assert!(
             last.contains(&sys.config_path.display().to_string()),

@@ -4,6 +4,7 @@
 mod auth;
 mod classify;
 mod config;
+mod control;
 mod faults;
 mod fuzz_corpus;
 mod hostile;
