@@ -327,11 +327,18 @@ impl Instance {
 
     pub fn status(&self) -> InstanceStatus {
         let d = self.details();
+        // A retired instance is out of rotation from the moment it is retired, before its
+        // task has acted on the drain: report it as draining.
+        let state = match self.state() {
+            InstanceState::Stopped => InstanceState::Stopped,
+            _ if self.retired.load(Ordering::Acquire) => InstanceState::Draining,
+            state => state,
+        };
         InstanceStatus {
             kind: self.kind,
             instance: self.index,
             pid: self.pid(),
-            state: self.state(),
+            state,
             restarts: self.restarts.load(Ordering::Relaxed),
             uptime_s: d.started_at.map(|t| t.elapsed().as_secs_f64()),
             last_exit: d.last_exit.clone(),
