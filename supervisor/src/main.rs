@@ -67,12 +67,14 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             eprintln!("{e}");
-            eprintln!(
-                "firemode: fix the key named above (file: {})",
-                file.as_ref()
-                    .map(|f| f.display().to_string())
-                    .unwrap_or_else(|| "none, built-in defaults".into())
-            );
+            if !e.is_about_the_file() {
+                eprintln!(
+                    "firemode: fix the key named above (file: {})",
+                    file.as_ref()
+                        .map(|f| f.display().to_string())
+                        .unwrap_or_else(|| "none, built-in defaults".into())
+                );
+            }
             return ExitCode::from(2);
         }
     };
