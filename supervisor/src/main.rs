@@ -100,6 +100,14 @@ fn main() -> ExitCode {
             }
         }
         Command::Run => {
+            // Before anything touches the runtime dir (stale sockets are removed at start).
+            let _lock = match firemode::runtime_dir::lock(&config.supervisor.runtime_dir) {
+                Ok(lock) => lock,
+                Err(e) => {
+                    eprintln!("firemode: {e}");
+                    return ExitCode::from(2);
+                }
+            };
             let style = firemode::logging::style(config.telemetry.log_format);
             let runtime = match tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
