@@ -15,6 +15,7 @@
 //! * [`admin`]: `/healthz`, `/readyz`, `/status`.
 //! * [`signals`]: what each signal means.
 //! * [`plan`]: `firemode plan`, the timeline the config implies.
+//! * [`preflight`]: `firemode check-config`'s checks of files, commands, directories, store.
 
 pub mod admin;
 pub mod auth;
@@ -29,6 +30,7 @@ pub mod listener;
 pub mod logging;
 pub mod plan;
 pub mod poison;
+pub mod preflight;
 pub mod registry;
 pub mod run;
 pub mod runtime_dir;

@@ -37,8 +37,13 @@ struct Cli {
 enum Command {
     /// Run the supervisor, the front and the workers (the default).
     Run,
-    /// Print the effective config (secrets redacted); exit non-zero on any error.
-    CheckConfig,
+    /// Print the effective config (secrets redacted) and check files, worker commands and
+    /// directories; exit 2 on any error.
+    CheckConfig {
+        /// Also connect to the store: reachable, login, database present, schema known.
+        #[arg(long)]
+        connect: bool,
+    },
     /// Print what the config implies: restart timeline, failure detection, stop budget.
     Plan,
     /// Print a signed JWT for the configured key.
@@ -79,10 +84,7 @@ fn main() -> ExitCode {
         }
     };
     match cli.command.unwrap_or(Command::Run) {
-        Command::CheckConfig => {
-            print!("{}", config.redacted().to_toml());
-            ExitCode::SUCCESS
-        }
+        Command::CheckConfig { connect } => check_config(&config, connect),
         Command::Plan => {
             print!("{}", firemode::plan::render(&config));
             ExitCode::SUCCESS
@@ -145,4 +147,24 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// `firemode check-config [--connect]`: the effective config on stdout, problems on stderr.
+fn check_config(config: &firemode_config::Config, connect: bool) -> ExitCode {
+    use firemode::preflight;
+    print!("{}", config.redacted().to_toml());
+    let mut findings = preflight::check(config);
+    if connect {
+        match preflight::connect(config) {
+            Ok(summary) => eprintln!("firemode check-config: {summary}"),
+            Err(f) => findings.push(f),
+        }
+    }
+    if findings.is_empty() {
+        return ExitCode::SUCCESS;
+    }
+    for f in &findings {
+        eprintln!("{f}");
+    }
+    ExitCode::from(2)
 }
