@@ -269,10 +269,23 @@ async fn relative_paths_in_a_file_resolve_against_its_directory_and_env_paths_ag
 async fn a_second_supervisor_on_the_same_runtime_dir_exits_2_and_leaves_the_first_serving() {
     let sys = TestSystem::start(SystemOptions::default()).await;
     let before = sys.worker_pids().await;
-    let out = firemode(&["--config", sys.config_path.to_str().unwrap()], false)
+    let mut second = firemode(&["--config", sys.config_path.to_str().unwrap()], false)
         .env("RUST_LOG", "info")
-        .output()
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
         .unwrap();
+    // Polls until it exits; one that keeps running fails the test (and is killed).
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while second.try_wait().ok().flatten().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = second.kill();
+            let _ = second.wait();
+            panic!("a second supervisor on the same runtime dir kept running");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let out = second.wait_with_output().unwrap();
     let err = text(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("supervisor.runtime_dir"), "{err}");
