@@ -75,9 +75,14 @@ fn catalog_file(path: &Path) -> Result<(), Finding> {
             ),
         )
     })?;
-    serde_json::from_str::<serde_json::Value>(&text)
+    firemode_catalog::Catalog::from_json(&text)
         .map(drop)
-        .map_err(|e| finding(key, format!("{} is not JSON: {e}", path.display())))
+        .map_err(|e| {
+            finding(
+                key,
+                format!("{} is not a valid catalog: {e}", path.display()),
+            )
+        })
 }
 
 /// The program a worker kind runs, as [`crate::spawn`] finds it: `command` (a path, or a

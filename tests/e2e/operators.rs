@@ -313,7 +313,7 @@ async fn a_second_supervisor_on_the_same_runtime_dir_exits_2_and_leaves_the_firs
 }
 
 #[test]
-fn check_config_finds_a_missing_catalog_and_worker_command_and_a_non_executable_one() {
+fn check_config_finds_a_missing_or_invalid_catalog_and_missing_or_non_executable_commands() {
     let dir = temp_dir("cmds");
     let script = dir.join("worker.sh");
     std::fs::write(&script, "#!/bin/sh\n").unwrap();
@@ -350,6 +350,23 @@ fn check_config_finds_a_missing_catalog_and_worker_command_and_a_non_executable_
     );
     assert!(
         err.contains("workers.sync.command:") && err.contains("not executable"),
+        "{err}"
+    );
+    // A catalog that exists but is not one (the classify workers would crash-loop on it).
+    std::fs::write(dir.join("bad-catalog.json"), r#"{"version":"x"}"#).unwrap();
+    let out = check_config(
+        &format!(
+            "data_dir = \"{d}/data\"\n[supervisor]\nruntime_dir = \"{d}/run\"\n\
+             [catalog]\nfile = \"{d}/bad-catalog.json\"\n",
+            d = dir.display()
+        ),
+        &[],
+        &[],
+    );
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("catalog.file:") && err.contains("not a valid catalog"),
         "{err}"
     );
     // The same file with the defaults (the binaries beside firemode) passes.
