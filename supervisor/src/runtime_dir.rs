@@ -24,10 +24,22 @@ use std::sync::Arc;
 /// The lock file's name inside the runtime dir; it holds the owner's pid.
 pub const LOCK_FILE: &str = "supervisor.lock";
 
+/// The lock file this process holds (see [`lock`]); kept here so that [`ensure`] can take
+/// the lock again in a runtime dir it had to recreate.
+static HELD: std::sync::Mutex<Option<std::fs::File>> = std::sync::Mutex::new(None);
+
 /// The runtime dir's lock, held until this is dropped (at exit).
 #[derive(Debug)]
-pub struct RuntimeDirLock {
-    _file: std::fs::File,
+pub struct RuntimeDirLock(());
+
+impl Drop for RuntimeDirLock {
+    fn drop(&mut self) {
+        held().take();
+    }
+}
+
+fn held() -> std::sync::MutexGuard<'static, Option<std::fs::File>> {
+    HELD.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Why the runtime dir could not be locked.
@@ -45,12 +57,21 @@ pub enum LockError {
 /// Creates the dir (mode 0700) and takes its lock, writing our pid into the lock file; a
 /// second supervisor gets [`LockError::Held`] with the holder's pid when it is known.
 pub fn lock(dir: &Path) -> Result<RuntimeDirLock, LockError> {
+    std::fs::create_dir_all(dir).map_err(|source| LockError::Io {
+        path: dir.display().to_string(),
+        source,
+    })?;
+    let file = lock_file(dir)?;
+    *held() = Some(file);
+    Ok(RuntimeDirLock(()))
+}
+
+fn lock_file(dir: &Path) -> Result<std::fs::File, LockError> {
     let path = dir.join(LOCK_FILE);
     let io = |source| LockError::Io {
         path: path.display().to_string(),
         source,
     };
-    std::fs::create_dir_all(dir).map_err(io)?;
     let mut file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -74,7 +95,20 @@ pub fn lock(dir: &Path) -> Result<RuntimeDirLock, LockError> {
     }
     file.set_len(0).map_err(io)?;
     writeln!(file, "{}", std::process::id()).map_err(io)?;
-    Ok(RuntimeDirLock { _file: file })
+    Ok(file)
+}
+
+/// After the dir was recreated: the lock went with the old one, so take it again (when this
+/// process holds one at all).
+fn relock(dir: &Path) {
+    let mut held = held();
+    if held.is_none() {
+        return;
+    }
+    match lock_file(dir) {
+        Ok(file) => *held = Some(file),
+        Err(e) => tracing::error!(error = %e, "cannot take the runtime dir's lock again"),
+    }
 }
 
 /// At start: creates the dir with mode 0700, removes stale sockets and worker config files
@@ -111,6 +145,7 @@ pub fn ensure(dir: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir)
         .with_context(|| format!("supervisor.runtime_dir: cannot create {}", dir.display()))?;
     make_private(dir)?;
+    relock(dir);
     tracing::warn!(path = %dir.display(), "supervisor.runtime_dir was missing; created it again");
     Ok(())
 }

@@ -265,17 +265,15 @@ async fn relative_paths_in_a_file_resolve_against_its_directory_and_env_paths_ag
     let _ = std::fs::remove_dir_all(cwd);
 }
 
-#[tokio::test]
-async fn a_second_supervisor_on_the_same_runtime_dir_exits_2_and_leaves_the_first_serving() {
-    let sys = TestSystem::start(SystemOptions::default()).await;
-    let before = sys.worker_pids().await;
+/// Starts a second supervisor on `sys`'s config; its exit code and stderr. One that keeps
+/// running fails the test (and is killed).
+async fn second_supervisor(sys: &TestSystem) -> (Option<i32>, String) {
     let mut second = firemode(&["--config", sys.config_path.to_str().unwrap()], false)
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    // Polls until it exits; one that keeps running fails the test (and is killed).
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while second.try_wait().ok().flatten().is_none() {
         if std::time::Instant::now() > deadline {
@@ -286,8 +284,15 @@ async fn a_second_supervisor_on_the_same_runtime_dir_exits_2_and_leaves_the_firs
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let out = second.wait_with_output().unwrap();
-    let err = text(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
+    (out.status.code(), text(&out.stderr))
+}
+
+#[tokio::test]
+async fn a_second_supervisor_on_the_same_runtime_dir_exits_2_and_leaves_the_first_serving() {
+    let sys = TestSystem::start(SystemOptions::default()).await;
+    let before = sys.worker_pids().await;
+    let (code, err) = second_supervisor(&sys).await;
+    assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("supervisor.runtime_dir"), "{err}");
     assert!(err.contains(&format!("pid {}", sys.pid())), "{err}");
     // The first one's sockets are untouched: its workers answer, none was replaced.
@@ -310,6 +315,32 @@ async fn a_second_supervisor_on_the_same_runtime_dir_exits_2_and_leaves_the_firs
     assert_eq!(sys.worker_pids().await, before);
     let ready = sys.admin_get("/readyz").await;
     assert_eq!(ready.status, 200);
+}
+
+#[tokio::test]
+async fn a_runtime_dir_deleted_under_a_supervisor_comes_back_locked() {
+    let sys = TestSystem::start(SystemOptions {
+        classify_instances: 1,
+        ..SystemOptions::default()
+    })
+    .await;
+    let run = sys.dir.join("run");
+    std::fs::remove_dir_all(&run).unwrap();
+    // The supervisor recreates the dir when it replaces its (now unreachable) workers.
+    let lock = run.join("supervisor.lock");
+    let pid = sys.pid().to_string();
+    eventually(
+        "the lock file back in the runtime dir",
+        Duration::from_secs(30),
+        || {
+            let back = std::fs::read_to_string(&lock).is_ok_and(|t| t.trim() == pid);
+            async move { back.then_some(()) }
+        },
+    )
+    .await;
+    let (code, err) = second_supervisor(&sys).await;
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains(&format!("pid {pid}")), "{err}");
 }
 
 #[test]
