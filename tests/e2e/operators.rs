@@ -572,3 +572,57 @@ async fn database_url_makes_the_system_use_postgresql_when_database_url_is_not_s
     .unwrap();
     assert_eq!(r.json()["document"]["test"], "data", "{}", text(&r.body));
 }
+
+#[test]
+fn every_path_like_key_in_a_file_resolves_against_the_file_from_any_cwd() {
+    let srv = temp_dir("paths");
+    let cwd = temp_dir("paths-cwd");
+    std::fs::create_dir_all(srv.join("keys")).unwrap();
+    std::fs::create_dir_all(srv.join("bin")).unwrap();
+    std::fs::write(srv.join("keys/pub.pem"), "not checked here\n").unwrap();
+    std::fs::write(srv.join("bin/worker"), "#!/bin/sh\n").unwrap();
+    std::fs::set_permissions(
+        srv.join("bin/worker"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    std::fs::copy(
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../config/catalog.json"),
+        srv.join("catalog.json"),
+    )
+    .unwrap();
+    std::fs::write(
+        srv.join("fm.toml"),
+        "data_dir = \"state/data\"\n\
+         [supervisor]\nruntime_dir = \"./state/run\"\n\
+         [workers.classify]\ncommand = \"./bin/worker\"\n\
+         [workers.sync]\ncommand = \"bin/worker\"\n\
+         [catalog]\nfile = \"catalog.json\"\n\
+         [auth]\nalgorithm = \"EdDSA\"\npublic_key_file = \"keys/pub.pem\"\n",
+    )
+    .unwrap();
+    let config = PathBuf::from("..")
+        .join(srv.file_name().unwrap())
+        .join("fm.toml");
+    let out = firemode(
+        &["check-config", "--config", config.to_str().unwrap()],
+        false,
+    )
+    .current_dir(&cwd)
+    .output()
+    .unwrap();
+    let (stdout, err) = (text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "{err}");
+    let base = config.parent().unwrap().display().to_string();
+    for line in [
+        format!("data_dir = \"{base}/state/data\""),
+        format!("runtime_dir = \"{base}/state/run\""),
+        format!("command = \"{base}/bin/worker\""),
+        format!("file = \"{base}/catalog.json\""),
+        format!("public_key_file = \"{base}/keys/pub.pem\""),
+    ] {
+        assert!(stdout.contains(&line), "{line} in:\n{stdout}");
+    }
+    let _ = std::fs::remove_dir_all(srv);
+    let _ = std::fs::remove_dir_all(cwd);
+}
