@@ -4,7 +4,10 @@
 //! # Layout
 //! * [`model`]: the tree of tables and keys, with defaults.
 //! * [`HumanDuration`]: durations written as `"250ms"`, `"30s"`.
-//! * [`load`]: reading, merging and validating; every error names the key it is about.
+//! * [`load`]: reading, merging and validating; every error names the key it is about (and
+//!   the `FIREMODE_*` variable when the value came from the environment). Relative paths
+//!   in a file resolve against the file's directory; `DATABASE_URL` fills an empty
+//!   `database.url`.
 //! * [`Config::redacted`]: the effective config with secrets hidden, for `check-config` and logs.
 
 mod bytesize;
@@ -12,13 +15,14 @@ mod duration;
 pub mod model;
 mod redact;
 mod reload;
+mod sources;
 mod validate;
 
 pub use bytesize::ByteSize;
 pub use duration::HumanDuration;
 pub use model::*;
 pub use reload::{load_for_reload, RESTART_ONLY_KEYS};
-pub use validate::{ConfigErrors, KILL_GRACE};
+pub use validate::{ConfigErrors, FILE_KEY, KILL_GRACE};
 
 use figment::providers::{Env, Format, Toml};
 use figment::value::{Dict, Map};
@@ -64,25 +68,45 @@ pub(crate) struct FileText {
 
 impl FileText {
     pub(crate) fn read(path: &Path) -> Result<Self, ConfigErrors> {
-        if !path.is_file() {
-            return Err(ConfigErrors::one(
-                "--config",
-                format!(
-                    "config file {} does not exist or is not a file",
-                    path.display()
-                ),
-            ));
+        match std::fs::read_to_string(path) {
+            Ok(text) => Ok(Self {
+                path: path.to_path_buf(),
+                text,
+            }),
+            Err(e) => Err(ConfigErrors::one(FILE_KEY, unreadable(path, &e))),
         }
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            ConfigErrors::one(
-                "--config",
-                format!("cannot read config file {}: {e}", path.display()),
+    }
+}
+
+/// Why a config file cannot be read, and what to do about it.
+fn unreadable(path: &Path, e: &std::io::Error) -> String {
+    use std::os::unix::fs::MetadataExt as _;
+    let shown = path.display();
+    match e.kind() {
+        std::io::ErrorKind::NotFound => {
+            format!("config file {shown} does not exist")
+        }
+        std::io::ErrorKind::PermissionDenied => {
+            // Our effective uid owns /proc/self; no libc needed.
+            let uid = std::fs::metadata("/proc/self")
+                .map(|m| m.uid().to_string())
+                .unwrap_or_else(|_| "unknown".into());
+            let file = std::fs::metadata(path)
+                .map(|m| {
+                    format!(
+                        " (the file is mode {:04o}, owner uid {} gid {})",
+                        m.mode() & 0o7777,
+                        m.uid(),
+                        m.gid()
+                    )
+                })
+                .unwrap_or_default();
+            format!(
+                "config file {shown} cannot be read by uid {uid}: {e}{file}. Make the file (and its directories) readable by the user FireMode runs as, e.g. `chmod 0644 {shown}`, and keep secrets out of it: put them in the environment (FIREMODE_AUTH__JWT_SECRET, DATABASE_URL; with systemd an EnvironmentFile= that only root reads)"
             )
-        })?;
-        Ok(Self {
-            path: path.to_path_buf(),
-            text,
-        })
+        }
+        _ if path.is_dir() => format!("config file {shown} is a directory, not a file"),
+        _ => format!("cannot read config file {shown}: {e}"),
     }
 }
 
@@ -100,12 +124,17 @@ pub(crate) fn load_text(
     file: Option<FileText>,
     overrides: &Overrides,
 ) -> Result<Config, ConfigErrors> {
+    let path = file.as_ref().map(|f| f.path.clone());
     let mut figment = Figment::new();
     if let Some(file) = file {
         figment = figment.merge(file);
     }
-    figment = figment.merge(Env::prefixed("FIREMODE_").split("__"));
+    figment = figment.merge(Env::prefixed(sources::ENV_PREFIX).split("__"));
     let mut config: Config = figment.extract().map_err(ConfigErrors::from_figment)?;
+    if let Some(path) = &path {
+        sources::resolve_file_paths(&mut config, &figment, path);
+    }
+    let database_url_from_env = sources::apply_database_url(&mut config);
 
     if let Ok(port) = std::env::var("PORT") {
         let port: u16 = port.trim().parse().map_err(|_| {
@@ -125,7 +154,9 @@ pub(crate) fn load_text(
     if let Some(dir) = &overrides.data_dir {
         config.data_dir.clone_from(dir);
     }
-    config.validate()?;
+    config
+        .validate()
+        .map_err(|e| sources::name_env_sources(e, &figment, database_url_from_env))?;
     Ok(config)
 }
 

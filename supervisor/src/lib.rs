@@ -18,6 +18,7 @@
 //! * [`control`]: `firemode status` and `firemode reload` against a running supervisor.
 //! * [`signals`]: what each signal means.
 //! * [`plan`]: `firemode plan`, the timeline the config implies.
+//! * [`preflight`]: `firemode check-config`'s checks of files, commands, directories, store.
 
 pub mod admin;
 pub mod auth;
@@ -34,6 +35,7 @@ pub mod listener;
 pub mod logging;
 pub mod plan;
 pub mod poison;
+pub mod preflight;
 pub mod registry;
 pub mod run;
 pub mod runtime_dir;

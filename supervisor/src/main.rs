@@ -37,8 +37,13 @@ struct Cli {
 enum Command {
     /// Run the supervisor, the front and the workers (the default).
     Run,
-    /// Print the effective config (secrets redacted); exit non-zero on any error.
-    CheckConfig,
+    /// Print the effective config (secrets redacted) and check files, worker commands and
+    /// directories; exit 2 on any error.
+    CheckConfig {
+        /// Also connect to the store: reachable, login, database present, schema known.
+        #[arg(long)]
+        connect: bool,
+    },
     /// Print what the config implies: restart timeline, failure detection, stop budget.
     Plan,
     /// Show the running supervisor's instances as a table (via server.admin_listen).
@@ -78,20 +83,19 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             eprintln!("{e}");
-            eprintln!(
-                "firemode: fix the key named above (file: {})",
-                file.as_ref()
-                    .map(|f| f.display().to_string())
-                    .unwrap_or_else(|| "none, built-in defaults".into())
-            );
+            if !e.is_about_the_file() {
+                eprintln!(
+                    "firemode: fix the key named above (file: {})",
+                    file.as_ref()
+                        .map(|f| f.display().to_string())
+                        .unwrap_or_else(|| "none, built-in defaults".into())
+                );
+            }
             return ExitCode::from(2);
         }
     };
     match cli.command.unwrap_or(Command::Run) {
-        Command::CheckConfig => {
-            print!("{}", config.redacted().to_toml());
-            ExitCode::SUCCESS
-        }
+        Command::CheckConfig { connect } => check_config(&config, connect),
         Command::Plan => {
             print!("{}", firemode::plan::render(&config));
             ExitCode::SUCCESS
@@ -148,6 +152,14 @@ fn main() -> ExitCode {
             }
         }
         Command::Run => {
+            // Before anything touches the runtime dir (stale sockets are removed at start).
+            let _lock = match firemode::runtime_dir::lock(&config.supervisor.runtime_dir) {
+                Ok(lock) => lock,
+                Err(e) => {
+                    eprintln!("firemode: {e}");
+                    return ExitCode::from(2);
+                }
+            };
             let style = firemode::logging::style(config.telemetry.log_format);
             let runtime = match tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -185,4 +197,24 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// `firemode check-config [--connect]`: the effective config on stdout, problems on stderr.
+fn check_config(config: &firemode_config::Config, connect: bool) -> ExitCode {
+    use firemode::preflight;
+    print!("{}", config.redacted().to_toml());
+    let mut findings = preflight::check(config);
+    if connect {
+        match preflight::connect(config) {
+            Ok(summary) => eprintln!("firemode check-config: {summary}"),
+            Err(f) => findings.push(f),
+        }
+    }
+    if findings.is_empty() {
+        return ExitCode::SUCCESS;
+    }
+    for f in &findings {
+        eprintln!("{f}");
+    }
+    ExitCode::from(2)
 }

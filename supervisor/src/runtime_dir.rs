@@ -8,6 +8,11 @@
 //! dir (a tmp cleaner, an operator) costs a restart of the instances, never an outage. A
 //! generation's file is deleted when the last instance started from it stops
 //! ([`WorkerConfigFile`]'s `Drop`), so a secret is on disk only while a process needs it.
+//!
+//! One supervisor owns a runtime dir: [`lock`] takes an exclusive `flock` on
+//! `supervisor.lock` in it for the process's life (the kernel releases it when the process
+//! dies, however it dies), so a second supervisor started on the same dir exits before it
+//! touches the first one's sockets.
 
 use anyhow::Context as _;
 use firemode_config::Config;
@@ -15,6 +20,96 @@ use std::io::Write as _;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+
+/// The lock file's name inside the runtime dir; it holds the owner's pid.
+pub const LOCK_FILE: &str = "supervisor.lock";
+
+/// The lock file this process holds (see [`lock`]); kept here so that [`ensure`] can take
+/// the lock again in a runtime dir it had to recreate.
+static HELD: std::sync::Mutex<Option<std::fs::File>> = std::sync::Mutex::new(None);
+
+/// The runtime dir's lock, held until this is dropped (at exit).
+#[derive(Debug)]
+pub struct RuntimeDirLock(());
+
+impl Drop for RuntimeDirLock {
+    fn drop(&mut self) {
+        held().take();
+    }
+}
+
+fn held() -> std::sync::MutexGuard<'static, Option<std::fs::File>> {
+    HELD.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Why the runtime dir could not be locked.
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    #[error("supervisor.runtime_dir {dir} is in use by another firemode supervisor{}; one supervisor per runtime dir: stop that one, or give this one its own supervisor.runtime_dir (and listeners)", holder.map(|p| format!(" (pid {p})")).unwrap_or_default())]
+    Held { dir: String, holder: Option<u32> },
+    #[error("supervisor.runtime_dir: cannot lock {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+/// Creates the dir (mode 0700) and takes its lock, writing our pid into the lock file; a
+/// second supervisor gets [`LockError::Held`] with the holder's pid when it is known.
+pub fn lock(dir: &Path) -> Result<RuntimeDirLock, LockError> {
+    std::fs::create_dir_all(dir).map_err(|source| LockError::Io {
+        path: dir.display().to_string(),
+        source,
+    })?;
+    let file = lock_file(dir)?;
+    *held() = Some(file);
+    Ok(RuntimeDirLock(()))
+}
+
+fn lock_file(dir: &Path) -> Result<std::fs::File, LockError> {
+    let path = dir.join(LOCK_FILE);
+    let io = |source| LockError::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&path)
+        .map_err(io)?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let holder = std::fs::read_to_string(&path)
+                .ok()
+                .and_then(|t| t.trim().parse().ok());
+            return Err(LockError::Held {
+                dir: dir.display().to_string(),
+                holder,
+            });
+        }
+        Err(std::fs::TryLockError::Error(e)) => return Err(io(e)),
+    }
+    file.set_len(0).map_err(io)?;
+    writeln!(file, "{}", std::process::id()).map_err(io)?;
+    Ok(file)
+}
+
+/// After the dir was recreated: the lock went with the old one, so take it again (when this
+/// process holds one at all).
+fn relock(dir: &Path) {
+    let mut held = held();
+    if held.is_none() {
+        return;
+    }
+    match lock_file(dir) {
+        Ok(file) => *held = Some(file),
+        Err(e) => tracing::error!(error = %e, "cannot take the runtime dir's lock again"),
+    }
+}
 
 /// At start: creates the dir with mode 0700, removes stale sockets and worker config files
 /// left by an earlier run.
@@ -50,6 +145,7 @@ pub fn ensure(dir: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir)
         .with_context(|| format!("supervisor.runtime_dir: cannot create {}", dir.display()))?;
     make_private(dir)?;
+    relock(dir);
     tracing::warn!(path = %dir.display(), "supervisor.runtime_dir was missing; created it again");
     Ok(())
 }

@@ -15,6 +15,7 @@ mod install;
 mod journal;
 mod observability;
 mod operations;
+mod operators;
 mod store_contract;
 mod supervision;
 mod sync;

@@ -529,4 +529,38 @@ fn the_replit_config_builds_and_runs_the_release_binary_on_port() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("listen = \"0.0.0.0:3000\""));
+
+    // A reserved VM, not autoscale (which loses ./data on every cold start).
+    assert_eq!(
+        replit["deployment"]["deploymentTarget"].as_str(),
+        Some("gce")
+    );
+    // The signing key and the store are documented as Secrets.
+    assert!(text.contains("FIREMODE_AUTH__JWT_SECRET") && text.contains("DATABASE_URL"));
+    // The original load test, as its authors ran it.
+    let workflows = replit["workflows"]["workflow"].as_array().unwrap();
+    let commands: Vec<&str> = workflows
+        .iter()
+        .flat_map(|w| w["tasks"].as_array().unwrap())
+        .filter_map(|t| t["args"].as_str())
+        .collect();
+    assert!(
+        commands.iter().any(|c| c.contains(
+            "locust -f tests/load/locustfile.py --headless -u 500 -r 10 --run-time 2m --host"
+        )),
+        "{commands:?}"
+    );
+    // DATABASE_URL (what Replit's PostgreSQL sets) is the store when database.url is unset.
+    let out = std::process::Command::new(bin_dir().join("firemode"))
+        .arg("check-config")
+        .env("DATABASE_URL", "postgres://app:hunter2@db.replit/fm")
+        .env_remove("FIREMODE_DATABASE__URL")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("url = \"postgres://app:<redacted>@db.replit/fm\""),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("hunter2"));
 }

@@ -145,7 +145,7 @@ impl TestSystem {
             .stderr(Stdio::piped())
             .env("RUST_LOG", "info");
         for (k, _) in std::env::vars() {
-            if k.starts_with("FIREMODE_") || k == "PORT" {
+            if k.starts_with("FIREMODE_") || k == "PORT" || k == "DATABASE_URL" {
                 cmd.env_remove(k);
             }
         }

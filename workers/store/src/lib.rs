@@ -10,9 +10,11 @@
 //! * [`migrations`]: the schema, applied at start under a lock (advisory lock / immediate
 //!   transaction), so concurrent workers never race.
 //! * `sqlite`, `postgres`: the two backends, with the same queries.
+//! * [`check`]: one connection attempt for `firemode check-config --connect`.
 //!
 //! Architecture invariant: the workers see only [`Store`]; no SQL outside this crate.
 
+pub mod check;
 mod migrations;
 mod postgres;
 mod sessions;

@@ -33,7 +33,51 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
+    if std::env::args().nth(1).as_deref() == Some("--check-store") {
+        return check_store();
+    }
     firemode_worker::run("sync", SyncApp::start)
+}
+
+/// `firemode-sync --check-store`, run by `firemode check-config --connect` (the supervisor
+/// does not link the store): the effective config as JSON on stdin; connects once, reads the
+/// schema version, prints a summary (exit 0) or what is wrong (stderr, exit 2).
+fn check_store() -> ExitCode {
+    use std::io::Read as _;
+    let mut text = String::new();
+    if let Err(e) = std::io::stdin().read_to_string(&mut text) {
+        eprintln!("firemode-sync --check-store: cannot read the config on stdin: {e}");
+        return ExitCode::from(2);
+    }
+    let config = match Config::from_json(&text) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    else {
+        eprintln!("firemode-sync --check-store: cannot start the async runtime");
+        return ExitCode::from(1);
+    };
+    let checking = firemode_store::check::check_connection(
+        &config.database.url,
+        &config.data_dir,
+        Duration::from_secs(5),
+    );
+    match runtime.block_on(checking) {
+        Ok(summary) => {
+            println!("{summary}");
+            ExitCode::SUCCESS
+        }
+        Err(problem) => {
+            eprintln!("{problem}");
+            ExitCode::from(2)
+        }
+    }
 }
 
 /// The catalog as the bundle embeds it, rendered once per version.
