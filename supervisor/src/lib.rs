@@ -16,6 +16,7 @@
 //!   [`send_timeout`] (clients that stop taking bytes are dropped).
 //! * [`admin`]: `/healthz`, `/readyz`, `/status`, `/metrics`, `POST /reload`.
 //! * [`control`]: `firemode status` and `firemode reload` against a running supervisor.
+//! * [`backup`]: `firemode backup FILE`, made by the sync worker binary.
 //! * [`signals`]: what each signal means.
 //! * [`plan`]: `firemode plan`, the timeline the config implies.
 //! * [`preflight`]: `firemode check-config`'s checks of files, commands, directories, store.
@@ -23,6 +24,7 @@
 pub mod admin;
 pub mod auth;
 pub mod backoff;
+pub mod backup;
 pub mod buffered;
 pub mod child_log;
 pub mod choose;

@@ -57,6 +57,12 @@ enum Command {
         #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
         timeout: Duration,
     },
+    /// Copy the embedded SQLite store to FILE while the system runs (online backup; never
+    /// overwrites). PostgreSQL stores are backed up with pg_dump.
+    Backup {
+        /// Where to write the copy.
+        file: PathBuf,
+    },
     /// Print a signed JWT for the configured key.
     Token {
         /// The `sub` claim (who the token is for).
@@ -139,6 +145,16 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Backup { file } => match firemode::backup::run(&config, &file) {
+            Ok(summary) => {
+                println!("{summary}");
+                ExitCode::SUCCESS
+            }
+            Err(failed) => {
+                eprintln!("firemode backup: {}", failed.message);
+                ExitCode::from(failed.exit)
+            }
+        },
         Command::Token { sub, org, ttl } => {
             match firemode::auth::mint(&config, &sub, org.as_deref(), ttl) {
                 Ok(token) => {

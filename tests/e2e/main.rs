@@ -2,6 +2,7 @@
 //! Each test starts its own `firemode` in its own temporary directory.
 
 mod auth;
+mod backup;
 mod classify;
 mod config;
 mod control;

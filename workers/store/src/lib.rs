@@ -11,9 +11,11 @@
 //!   transaction), so concurrent workers never race.
 //! * `sqlite`, `postgres`: the two backends, with the same queries.
 //! * [`check`]: one connection attempt for `firemode check-config --connect`.
+//! * [`backup`]: an online copy of the SQLite store for `firemode backup FILE`.
 //!
 //! Architecture invariant: the workers see only [`Store`]; no SQL outside this crate.
 
+pub mod backup;
 pub mod check;
 mod migrations;
 mod postgres;

@@ -33,28 +33,68 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
-    if std::env::args().nth(1).as_deref() == Some("--check-store") {
-        return check_store();
+    let mut args = std::env::args().skip(1);
+    match args.next().as_deref() {
+        Some("--check-store") => return check_store(),
+        Some("--backup") => return backup(args.next()),
+        _ => {}
     }
     firemode_worker::run("sync", SyncApp::start)
+}
+
+/// The effective config a one-shot command gets on stdin from `firemode`.
+fn config_from_stdin(what: &str) -> Result<Config, ExitCode> {
+    use std::io::Read as _;
+    let mut text = String::new();
+    if let Err(e) = std::io::stdin().read_to_string(&mut text) {
+        eprintln!("firemode-sync {what}: cannot read the config on stdin: {e}");
+        return Err(ExitCode::from(2));
+    }
+    Config::from_json(&text).map_err(|e| {
+        eprintln!("{e}");
+        ExitCode::from(2)
+    })
+}
+
+/// `firemode-sync --backup FILE`, run by `firemode backup FILE`: an online copy of the
+/// embedded SQLite store (the supervisor does not link the store).
+fn backup(dest: Option<String>) -> ExitCode {
+    let Some(dest) = dest else {
+        eprintln!("firemode-sync --backup: name the file to write");
+        return ExitCode::from(2);
+    };
+    let config = match config_from_stdin("--backup") {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    use firemode_store::backup::{backup_sqlite, BackupError};
+    match backup_sqlite(
+        &config.database.url,
+        &config.data_dir,
+        std::path::Path::new(&dest),
+    ) {
+        Ok(summary) => {
+            println!("{summary}");
+            ExitCode::SUCCESS
+        }
+        Err(e @ BackupError::Failed { .. }) => {
+            eprintln!("{e}");
+            ExitCode::from(1)
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::from(2)
+        }
+    }
 }
 
 /// `firemode-sync --check-store`, run by `firemode check-config --connect` (the supervisor
 /// does not link the store): the effective config as JSON on stdin; connects once, reads the
 /// schema version, prints a summary (exit 0) or what is wrong (stderr, exit 2).
 fn check_store() -> ExitCode {
-    use std::io::Read as _;
-    let mut text = String::new();
-    if let Err(e) = std::io::stdin().read_to_string(&mut text) {
-        eprintln!("firemode-sync --check-store: cannot read the config on stdin: {e}");
-        return ExitCode::from(2);
-    }
-    let config = match Config::from_json(&text) {
+    let config = match config_from_stdin("--check-store") {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("{e}");
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
     let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
         .enable_all()
