@@ -400,3 +400,66 @@ async fn assert_converged(hosts: &[&TestSystem], acked: &[(usize, u64)]) {
         );
     }
 }
+
+/// A balancer health-checks `/readyz`: from the moment a host starts draining it must say
+/// "not ready" (it takes no new connections), even while it still finishes a request.
+#[tokio::test]
+async fn a_draining_host_reports_not_ready_while_it_finishes_requests() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut sys = TestSystem::start(SystemOptions {
+        classify_instances: 1,
+        sync_instances: 1,
+        set: vec![
+            ("supervisor.drain_timeout", "30s".into()),
+            ("server.request_timeout", "30s".into()),
+        ],
+        ..SystemOptions::default()
+    })
+    .await;
+    // A request in flight: its headers and half its body sent, the rest held back.
+    let body = r#"{"item_code":"FE-DCP","observed_condition":"pressure_low"}"#;
+    let (first, rest) = body.split_at(body.len() / 2);
+    let mut conn = tokio::net::TcpStream::connect(sys.front)
+        .await
+        .expect("connect");
+    let head = format!(
+        "POST /v1/classify HTTP/1.1\r\nhost: fm\r\nauthorization: Bearer {}\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{first}",
+        token("tablet-1", Some(ORG)),
+        body.len()
+    );
+    conn.write_all(head.as_bytes()).await.expect("send head");
+
+    sys.signal(Signal::SIGTERM);
+    let admin = sys.admin;
+    let reply = eventually(
+        "/readyz to say 503 once the drain began",
+        Duration::from_secs(10),
+        || async move {
+            request(admin, Method::GET, "/readyz", &[], "")
+                .await
+                .ok()
+                .filter(|r| r.status == 503)
+        },
+    )
+    .await;
+    let problem = reply.problem(503);
+    assert!(
+        problem["detail"]
+            .as_str()
+            .unwrap_or("")
+            .contains("draining"),
+        "{problem}"
+    );
+    assert_eq!(sys.admin_get("/status").await.json()["ready"], false);
+
+    // The request in flight is still answered.
+    conn.write_all(rest.as_bytes())
+        .await
+        .expect("send the rest");
+    let mut answer = String::new();
+    conn.read_to_string(&mut answer).await.expect("answer");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let status = sys.wait_exit(Duration::from_secs(30)).await;
+    assert!(status.success(), "{status}");
+}
