@@ -1,6 +1,7 @@
 //! The admin listener (default 127.0.0.1:9090): `/healthz` (the supervisor is alive and no
-//! kind is entirely crash-looping),
-//! `/readyz` (every kind has a ready instance), `/status` (every instance as JSON),
+//! kind is entirely crash-looping), `/readyz` (every kind has a ready instance, and the
+//! supervisor is not draining: a load balancer checking it stops sending work the moment a
+//! drain begins), `/status` (every instance as JSON),
 //! `/metrics` (Prometheus: the supervisor's series and every worker's, one scrape). Each
 //! answers GET and HEAD. `POST /reload` asks for a rolling reload and answers once it has
 //! settled (what `firemode reload` calls).
@@ -15,6 +16,7 @@ use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use serde::Serialize;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,6 +24,8 @@ pub struct Admin {
     pub registry: Arc<Registry>,
     /// Where `POST /reload` hands its request to the run loop.
     pub reload: tokio::sync::mpsc::Sender<crate::control::ReloadRequest>,
+    /// Set when the drain begins: the front takes no new connections from then on.
+    pub draining: Arc<AtomicBool>,
 }
 
 #[derive(Serialize)]
@@ -121,6 +125,34 @@ impl Admin {
         .into_response()
     }
 
+    /// Ready: not draining, and every kind has a ready instance.
+    fn is_ready(&self) -> bool {
+        !self.draining.load(Ordering::Acquire) && self.registry.all_kinds_ready()
+    }
+
+    /// `/readyz`: 200 when ready; otherwise a 503 saying why (draining, or the kinds
+    /// without a ready instance).
+    fn readyz(&self) -> Response<Full<Bytes>> {
+        if self.draining.load(Ordering::Acquire) {
+            return Problem::unavailable(
+                "draining: this host is stopping; it finishes its open requests but takes no new ones",
+            )
+            .into_response();
+        }
+        if self.is_ready() {
+            return json(StatusCode::OK, br#"{"ready":true}"#.to_vec());
+        }
+        let waiting: Vec<&str> = self
+            .registry
+            .kinds()
+            .iter()
+            .filter(|k| k.ready_count() == 0)
+            .map(|k| k.kind.name())
+            .collect();
+        Problem::unavailable(format!("no ready instance of: {}", waiting.join(", ")))
+            .into_response()
+    }
+
     /// `POST /reload`: 200 with the outcome once the reload has settled; 409 when it was
     /// refused, 500 when the roll failed (the body says why either way).
     async fn reload(&self, method: &Method) -> Response<Full<Bytes>> {
@@ -172,21 +204,7 @@ impl Admin {
         }
         match req.uri().path() {
             "/healthz" => self.healthz(),
-            "/readyz" => {
-                if self.registry.all_kinds_ready() {
-                    json(StatusCode::OK, br#"{"ready":true}"#.to_vec())
-                } else {
-                    let waiting: Vec<&str> = self
-                        .registry
-                        .kinds()
-                        .iter()
-                        .filter(|k| k.ready_count() == 0)
-                        .map(|k| k.kind.name())
-                        .collect();
-                    Problem::unavailable(format!("no ready instance of: {}", waiting.join(", ")))
-                        .into_response()
-                }
-            }
+            "/readyz" => self.readyz(),
             "/metrics" => {
                 let mut resp = Response::new(Full::new(Bytes::from(self.metrics().await)));
                 resp.headers_mut().insert(
@@ -204,7 +222,7 @@ impl Admin {
                         .filter(|i| !i.is_gone())
                         .map(|i| i.status())
                         .collect(),
-                    ready: self.registry.all_kinds_ready(),
+                    ready: self.is_ready(),
                     note: None,
                 };
                 json(

@@ -103,9 +103,11 @@ pub async fn run(config: Config, source: ConfigSource, log_style: Style) -> anyh
     ));
     let (stop_admin, stop_admin_rx) = watch::channel(false);
     let (reload_tx, mut reload_rx) = tokio::sync::mpsc::channel(16);
+    let draining = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let admin = Arc::new(Admin {
         registry: registry.clone(),
         reload: reload_tx,
+        draining: draining.clone(),
     });
     let admin_task = tokio::spawn(listener::serve(
         Listening {
@@ -185,7 +187,9 @@ pub async fn run(config: Config, source: ConfigSource, log_style: Style) -> anyh
         }
     });
 
-    // 1. The front stops accepting and finishes what it accepted.
+    // 1. `/readyz` says 503 from now on (a load balancer stops sending work); the front
+    //    stops accepting and finishes what it accepted.
+    draining.store(true, std::sync::atomic::Ordering::Release);
     let _ = stop_front.send(true);
     let front_clean = front_task.await.unwrap_or(false);
     if !front_clean {

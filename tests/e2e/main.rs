@@ -14,6 +14,7 @@ mod hostile_ops;
 mod hostile_sync;
 mod install;
 mod journal;
+mod multihost;
 mod observability;
 mod operations;
 mod operators;

@@ -77,6 +77,7 @@ pub struct TestSystem {
     pub admin: SocketAddr,
     child: Child,
     logs: Arc<Mutex<Vec<String>>>,
+    launch: Launch,
 }
 
 fn set_path(table: &mut toml::Table, dotted: &str, value: Value) {
@@ -95,7 +96,6 @@ fn set_path(table: &mut toml::Table, dotted: &str, value: Value) {
 
 impl TestSystem {
     pub async fn start(opts: SystemOptions) -> TestSystem {
-        let bin = bin_dir().join("firemode");
         let dir = std::env::temp_dir().join(format!("fm-{:08x}", rand::random::<u32>()));
         std::fs::create_dir_all(&dir).expect("temp dir");
         let mut config = toml::Table::new();
@@ -130,72 +130,19 @@ impl TestSystem {
         let config_path = dir.join("firemode.toml");
         std::fs::write(&config_path, toml::to_string(&config).expect("toml")).expect("config");
 
-        let mut cmd = match opts.wrapper.split_first() {
-            Some((program, args)) => {
-                let mut c = Command::new(program);
-                c.args(args).arg(&bin);
-                c
-            }
-            None => Command::new(&bin),
+        let launch = Launch {
+            wrapper: opts.wrapper,
+            env: opts.env,
         };
-        cmd.arg("--config")
-            .arg(&config_path)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .env("RUST_LOG", "info");
-        for (k, _) in std::env::vars() {
-            if k.starts_with("FIREMODE_") || k == "PORT" || k == "DATABASE_URL" {
-                cmd.env_remove(k);
-            }
-        }
-        cmd.envs(opts.env.iter().map(|(k, v)| (k, v)));
-        let mut child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {}: {e}", bin.display()));
-
-        let logs: Arc<Mutex<Vec<String>>> = Arc::default();
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let stderr = child.stderr.take().expect("piped stderr");
-        let sink = logs.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
-                    if v["message"] == "listening" {
-                        let addr = v["addr"]
-                            .as_str()
-                            .and_then(|a| a.parse::<SocketAddr>().ok());
-                        let name = v["listener"].as_str().unwrap_or("").to_string();
-                        if let Some(addr) = addr {
-                            let _ = tx.send((name, addr));
-                        }
-                    }
-                }
-                sink.lock().unwrap_or_else(|p| p.into_inner()).push(line);
-            }
-        });
-        let mut front = None;
-        let mut admin = None;
-        while front.is_none() || admin.is_none() {
-            match tokio::time::timeout(Duration::from_secs(30), rx.recv()).await {
-                Ok(Some((name, addr))) if name == "front" => front = Some(addr),
-                Ok(Some((name, addr))) if name == "admin" => admin = Some(addr),
-                Ok(Some(_)) => {}
-                _ => {
-                    let _ = child.kill();
-                    let logs = logs.lock().map(|l| l.join("\n")).unwrap_or_default();
-                    panic!("firemode did not report its listeners; log:\n{logs}");
-                }
-            }
-        }
+        let (child, logs, front, admin) = launch.spawn(&config_path).await;
         let sys = TestSystem {
             dir,
             config_path,
-            front: front.expect("front"),
-            admin: admin.expect("admin"),
+            front,
+            admin,
             child,
             logs,
+            launch,
         };
         if opts.wait_ready {
             sys.wait_ready().await;
@@ -226,6 +173,27 @@ impl TestSystem {
             set_path(&mut config, k, v);
         }
         std::fs::write(&self.config_path, toml::to_string(&config).expect("toml")).expect("config");
+    }
+
+    /// Starts the supervisor again after it exited, with the same config file, on the
+    /// addresses it listened on before (a restart of the same host).
+    pub async fn start_again(&mut self) {
+        assert!(
+            matches!(self.child.try_wait(), Ok(Some(_))),
+            "start_again needs the previous supervisor to have exited"
+        );
+        let (front, admin) = (self.front.to_string(), self.admin.to_string());
+        self.rewrite_config(vec![
+            ("server.listen", front.into()),
+            ("server.admin_listen", admin.into()),
+        ]);
+        let (child, logs, front, admin) = self.launch.spawn(&self.config_path).await;
+        let earlier = self.logs();
+        if let Ok(mut l) = logs.lock() {
+            l.insert(0, format!("{earlier}\n---- started again ----"));
+        }
+        (self.child, self.logs, self.front, self.admin) = (child, logs, front, admin);
+        self.wait_ready().await;
     }
 
     pub fn pid(&self) -> u32 {
@@ -314,5 +282,81 @@ impl Drop for TestSystem {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// How the supervisor process is started, kept so [`TestSystem::start_again`] starts it the
+/// same way.
+struct Launch {
+    wrapper: Vec<String>,
+    env: Vec<(String, String)>,
+}
+
+type Logs = Arc<Mutex<Vec<String>>>;
+
+impl Launch {
+    /// Spawns `firemode --config FILE`, captures its log, and waits for both listeners.
+    async fn spawn(&self, config_path: &Path) -> (Child, Logs, SocketAddr, SocketAddr) {
+        let bin = bin_dir().join("firemode");
+        let mut cmd = match self.wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(&bin);
+                c
+            }
+            None => Command::new(&bin),
+        };
+        cmd.arg("--config")
+            .arg(config_path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .env("RUST_LOG", "info");
+        for (k, _) in std::env::vars() {
+            if k.starts_with("FIREMODE_") || k == "PORT" || k == "DATABASE_URL" {
+                cmd.env_remove(k);
+            }
+        }
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {}: {e}", bin.display()));
+
+        let logs: Arc<Mutex<Vec<String>>> = Arc::default();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let stderr = child.stderr.take().expect("piped stderr");
+        let sink = logs.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                    if v["message"] == "listening" {
+                        let addr = v["addr"]
+                            .as_str()
+                            .and_then(|a| a.parse::<SocketAddr>().ok());
+                        let name = v["listener"].as_str().unwrap_or("").to_string();
+                        if let Some(addr) = addr {
+                            let _ = tx.send((name, addr));
+                        }
+                    }
+                }
+                sink.lock().unwrap_or_else(|p| p.into_inner()).push(line);
+            }
+        });
+        let mut front = None;
+        let mut admin = None;
+        while front.is_none() || admin.is_none() {
+            match tokio::time::timeout(Duration::from_secs(30), rx.recv()).await {
+                Ok(Some((name, addr))) if name == "front" => front = Some(addr),
+                Ok(Some((name, addr))) if name == "admin" => admin = Some(addr),
+                Ok(Some(_)) => {}
+                _ => {
+                    let _ = child.kill();
+                    let logs = logs.lock().map(|l| l.join("\n")).unwrap_or_default();
+                    panic!("firemode did not report its listeners; log:\n{logs}");
+                }
+            }
+        }
+        (child, logs, front.expect("front"), admin.expect("admin"))
     }
 }
