@@ -487,7 +487,10 @@ impl<'a> Poisoning<'a> {
             return None;
         }
         let fp = self.fingerprint();
-        let n = self.list.strike(fp, Instant::now().into_std());
+        // Strikes count dying processes: a pid seen again adds nothing. Without a pid the
+        // process had not started; nothing died.
+        let pid = pid?;
+        let n = self.list.strike(fp, pid, Instant::now().into_std());
         if n < self.list.threshold() {
             return None;
         }

@@ -1,10 +1,12 @@
 //! Poison requests: one exact request that workers keep dying on. A fingerprint names one
 //! request — method, path (route and session id), the verified identity (tenant and user)
-//! and body — never a whole route. When worker connections die under the same fingerprint
-//! `server.poison_threshold` times within [`WINDOW`], the front refuses that request (503
+//! and body — never a whole route. When `server.poison_threshold` distinct worker processes
+//! die under the same fingerprint within [`WINDOW`], the front refuses that request (503
 //! with `Retry-After`) until the window since its last strike has passed. Reads (GET,
 //! HEAD) are never fingerprinted, and deaths the supervisor caused itself (health kills,
-//! recycling, drains) are not strikes: the front decides both before calling in here.
+//! recycling, drains) are not strikes: the front decides both before calling in here. One
+//! death is one strike however many copies of the request were in flight at that process
+//! (identical batches from a load test, say): strikes count processes, not attempts.
 //! Bounded in size and time; no cost while nothing has struck.
 
 use std::collections::HashMap;
@@ -20,10 +22,17 @@ const MAX_TRACKED: usize = 1024;
 
 pub struct PoisonList {
     threshold: u32,
-    strikes: Mutex<HashMap<u64, (u32, Instant)>>,
+    strikes: Mutex<HashMap<u64, Strikes>>,
     /// Entries in `strikes`, readable without the lock (the request path checks it first).
     tracked: AtomicUsize,
     hasher: std::collections::hash_map::RandomState,
+}
+
+/// The worker processes that died under one fingerprint, and when the last one did.
+struct Strikes {
+    /// Distinct pids (at most `threshold` kept: enough to decide).
+    deaths: Vec<u32>,
+    last: Instant,
 }
 
 /// What identifies one request for poison accounting.
@@ -47,7 +56,7 @@ impl PoisonList {
         }
     }
 
-    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<u64, (u32, Instant)>> {
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Strikes>> {
         self.strikes.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -81,27 +90,34 @@ impl PoisonList {
             return None;
         }
         let map = self.map();
-        let (n, last) = map.get(&fp)?;
-        let left = WINDOW.checked_sub(now.saturating_duration_since(*last))?;
-        (*n >= self.threshold && !left.is_zero()).then_some(left)
+        let strikes = map.get(&fp)?;
+        let left = WINDOW.checked_sub(now.saturating_duration_since(strikes.last))?;
+        (strikes.count() >= self.threshold && !left.is_zero()).then_some(left)
     }
 
-    /// Records that a worker died with `fp` in flight; returns the strike count.
-    pub fn strike(&self, fp: u64, now: Instant) -> u32 {
+    /// Records that worker process `pid` died with `fp` in flight; returns the number of
+    /// distinct processes that did. The same process seen again (other copies of the request
+    /// in flight at it, a retry's report of the same death) adds nothing.
+    pub fn strike(&self, fp: u64, pid: u32, now: Instant) -> u32 {
         if self.threshold == 0 {
             return 0;
         }
         let mut map = self.map();
-        map.retain(|_, (_, last)| now.saturating_duration_since(*last) < WINDOW);
+        map.retain(|_, s| now.saturating_duration_since(s.last) < WINDOW);
         if map.len() >= MAX_TRACKED && !map.contains_key(&fp) {
-            if let Some(oldest) = map.iter().min_by_key(|(_, (_, t))| *t).map(|(k, _)| *k) {
+            if let Some(oldest) = map.iter().min_by_key(|(_, s)| s.last).map(|(k, _)| *k) {
                 map.remove(&oldest);
             }
         }
-        let entry = map.entry(fp).or_insert((0, now));
-        entry.0 += 1;
-        entry.1 = now;
-        let n = entry.0;
+        let entry = map.entry(fp).or_insert(Strikes {
+            deaths: Vec::new(),
+            last: now,
+        });
+        if !entry.deaths.contains(&pid) && entry.count() < self.threshold {
+            entry.deaths.push(pid);
+            entry.last = now;
+        }
+        let n = entry.count();
         self.tracked.store(map.len(), Ordering::Relaxed);
         n
     }
@@ -117,6 +133,12 @@ impl PoisonList {
 
     pub fn threshold(&self) -> u32 {
         self.threshold
+    }
+}
+
+impl Strikes {
+    fn count(&self) -> u32 {
+        u32::try_from(self.deaths.len()).unwrap_or(u32::MAX)
     }
 }
 
@@ -142,11 +164,11 @@ mod tests {
         let fp = p.fingerprint(&key("/v1/classify", a, b"{\"x\":1}"));
         assert_eq!(fp, p.fingerprint(&key("/v1/classify", a, b"{\"x\":1}")));
         assert_ne!(fp, p.fingerprint(&key("/v1/classify", a, b"{\"x\":2}")));
-        assert_eq!(p.strike(fp, now), 1);
+        assert_eq!(p.strike(fp, 101, now), 1);
         assert!(p.active());
-        assert_eq!(p.strike(fp, now), 2);
+        assert_eq!(p.strike(fp, 102, now), 2);
         assert_eq!(p.refused_for(fp, now), None);
-        assert_eq!(p.strike(fp, now), 3);
+        assert_eq!(p.strike(fp, 103, now), 3);
         assert_eq!(p.refused_for(fp, now), Some(WINDOW));
         assert_eq!(
             p.refused_for(fp, now + Duration::from_secs(60)),
@@ -192,22 +214,36 @@ mod tests {
     fn a_success_clears_the_strikes() {
         let p = PoisonList::new(2);
         let now = Instant::now();
-        p.strike(7, now);
+        p.strike(7, 101, now);
         p.forgive(7);
         assert!(!p.active());
-        p.strike(7, now);
+        p.strike(7, 102, now);
         assert_eq!(p.refused_for(7, now), None, "one strike after forgiveness");
+    }
+
+    #[test]
+    fn one_death_is_one_strike_however_many_copies_were_in_flight() {
+        let p = PoisonList::new(3);
+        let now = Instant::now();
+        for _ in 0..6 {
+            assert_eq!(p.strike(9, 4242, now), 1, "six copies at one dying process");
+        }
+        assert_eq!(p.refused_for(9, now), None);
+        assert_eq!(p.strike(9, 4243, now), 2);
+        assert_eq!(p.strike(9, 4243, now), 2);
+        assert_eq!(p.strike(9, 4244, now), 3);
+        assert!(p.refused_for(9, now).is_some());
     }
 
     #[test]
     fn disabled_and_bounded() {
         let off = PoisonList::new(0);
-        assert_eq!(off.strike(1, Instant::now()), 0);
+        assert_eq!(off.strike(1, 101, Instant::now()), 0);
         assert_eq!(off.refused_for(1, Instant::now()), None);
         let p = PoisonList::new(2);
         let now = Instant::now();
         for fp in 0..(MAX_TRACKED as u64 + 10) {
-            p.strike(fp, now);
+            p.strike(fp, 101, now);
         }
         assert!(p.map().len() <= MAX_TRACKED);
     }

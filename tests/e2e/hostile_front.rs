@@ -604,3 +604,81 @@ async fn head_through_the_front_gets_the_get_head_without_a_body() {
     );
     assert!(head.header("x-request-id").is_some());
 }
+
+/// One worker death with many identical requests in flight (the original load test posts
+/// one body with fresh keys; an OOM kill takes the process) is one strike, not one per copy:
+/// the request is never refused after a single death.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_death_under_many_identical_requests_is_one_strike() {
+    let dir = std::env::temp_dir().join(format!("fm-peak-{:08x}", rand::random::<u32>()));
+    std::fs::create_dir_all(&dir).expect("peak dir");
+    let peak = dir.join("peak");
+    let peak_arg = peak.display().to_string();
+    let sys = TestSystem::start(SystemOptions {
+        sync_instances: 1,
+        set: [
+            firemode_tests::fixture_worker(
+                "sync",
+                &[
+                    "--status",
+                    "200",
+                    "--delay-ms",
+                    "1500",
+                    "--peak-file",
+                    &peak_arg,
+                ],
+            ),
+            vec![("server.poison_threshold", 3.into())],
+        ]
+        .concat(),
+        ..SystemOptions::default()
+    })
+    .await;
+    let auth = format!("Bearer {}", token("bob", Some("good")));
+    let body = r#"{"changes":[{"op":"set","path":"/test","value":"data"}],"_sync_meta":{"vector_clock":{}}}"#;
+    let post = |key: String| {
+        let (front, auth) = (sys.front, auth.clone());
+        async move {
+            request(
+                front,
+                Method::POST,
+                "/v1/tests/sessions/123/results",
+                &[("authorization", &auth), ("idempotency-key", &key)],
+                body,
+            )
+            .await
+            .map(|r| r.status.as_u16())
+        }
+    };
+    let copies: Vec<_> = (0..6)
+        .map(|i| tokio::spawn(post(format!("copy-{i}"))))
+        .collect();
+    eventually(
+        "six copies in flight at the worker",
+        Duration::from_secs(10),
+        || {
+            let n = std::fs::read_to_string(&peak)
+                .ok()
+                .and_then(|t| t.trim().parse::<u32>().ok())
+                .unwrap_or(0);
+            async move { (n >= 6).then_some(()) }
+        },
+    )
+    .await;
+    let pid = sys.instances("sync").await[0]["pid"].as_u64().expect("pid");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill");
+    // Each copy is retried on the restarted worker (it carries an Idempotency-Key); none is
+    // refused as poison.
+    for (i, c) in copies.into_iter().enumerate() {
+        let status = c.await.expect("task").expect("an answer");
+        assert_eq!(status, 200, "copy {i} after one worker death");
+    }
+    sys.wait_ready().await;
+    let status = post("after".into()).await.expect("an answer");
+    assert_eq!(status, 200, "refused as poison after one worker death");
+    let _ = std::fs::remove_dir_all(&dir);
+}
