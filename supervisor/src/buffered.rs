@@ -20,8 +20,10 @@ use tokio::io::{AsyncRead, AsyncSeekExt, AsyncWriteExt, ReadBuf};
 pub const MEMORY_PER_RESPONSE: usize = 1024 * 1024;
 /// Memory all buffered answers may hold together; beyond it they spill to disk.
 pub const MEMORY_BUDGET: usize = 64 * 1024 * 1024;
-/// How much of a spilled answer is read back at a time.
-const READ_CHUNK: usize = 64 * 1024;
+/// How much of a spilled answer is written or read back at a time. Small: a stalled client
+/// holds one chunk here, one in the file's buffer and up to the connection's write buffer in
+/// hyper (`listener::MAX_BUF`), so hundreds of stalled readers cost little memory.
+const READ_CHUNK: usize = 32 * 1024;
 
 /// The memory every buffered answer shares.
 #[derive(Debug)]
@@ -69,7 +71,6 @@ pub struct Buffered {
 struct Spill {
     file: tokio::fs::File,
     left: u64,
-    scratch: Vec<u8>,
 }
 
 /// Why an answer could not be taken off the worker connection.
@@ -135,11 +136,14 @@ impl Buffered {
             self.spill = Some(Spill {
                 file: tokio::fs::File::from_std(spill_file(spill_dir).map_err(spilled)?),
                 left: 0,
-                scratch: Vec::new(),
             });
         }
         if let Some(spill) = &mut self.spill {
-            spill.file.write_all(&data).await.map_err(spilled)?;
+            // In small slices: tokio's file keeps a buffer as large as the largest write for
+            // as long as the answer lives (the whole time a stalled client takes to read).
+            for slice in data.chunks(READ_CHUNK) {
+                spill.file.write_all(slice).await.map_err(spilled)?;
+            }
             spill.left += n as u64;
         }
         Ok(())
@@ -198,8 +202,10 @@ impl Body for Buffered {
             return Poll::Ready(None);
         }
         let want = READ_CHUNK.min(usize::try_from(spill.left).unwrap_or(READ_CHUNK));
-        spill.scratch.resize(want, 0);
-        let mut buf = ReadBuf::new(&mut spill.scratch);
+        // A fresh buffer per chunk, handed to hyper without a copy; nothing is kept here
+        // between chunks.
+        let mut chunk = vec![0u8; want];
+        let mut buf = ReadBuf::new(&mut chunk);
         ready!(Pin::new(&mut spill.file).poll_read(cx, &mut buf))?;
         let got = buf.filled().len();
         if got == 0 {
@@ -208,7 +214,8 @@ impl Body for Buffered {
                 "the spilled answer ended early",
             ))));
         }
-        let chunk = Bytes::copy_from_slice(buf.filled());
+        chunk.truncate(got);
+        let chunk = Bytes::from(chunk);
         spill.left -= got as u64;
         this.left -= got as u64;
         Poll::Ready(Some(Ok(Frame::data(chunk))))

@@ -403,6 +403,7 @@ impl Exchange<'_> {
         budget: &Arc<Budget>,
     ) -> Result<Result<Response<Buffered>, UpstreamError>, Reply> {
         let threshold = self.settings.traffic_threshold;
+        let answered_before = instance.answered();
         let sent = upstream::exchange(
             instance,
             self.upstream.request(),
@@ -422,7 +423,12 @@ impl Exchange<'_> {
                 Ok(Err(e))
             }
             Err(_) => {
-                set.record_outcome(instance, None, threshold);
+                // A worker that finished other answers meanwhile is busy, not broken: a
+                // timeout there says the request was slow (a heavy read, a long queue),
+                // and replacing the worker would only add to the load.
+                if instance.answered() == answered_before {
+                    set.record_outcome(instance, None, threshold);
+                }
                 Err(self.settings.timeout())
             }
         }

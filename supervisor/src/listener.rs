@@ -40,6 +40,12 @@ pub struct Listening {
 /// closed. A connection silent for longer is closed unanswered.
 const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(2);
 
+/// Per connection, hyper buffers at most this much of an answer the client has not taken
+/// (and reads request heads up to this size). hyper's default (~400 KiB) times hundreds of
+/// stalled readers is hundreds of MiB; answers are already buffered (or spilled) whole in
+/// `buffered`, so a small window here costs nothing in throughput.
+pub const MAX_BUF: usize = 64 * 1024;
+
 /// Serves `listening` until `stop` turns true, then takes what the kernel already accepted
 /// and waits up to `grace` for open requests. Returns whether every connection closed
 /// within the grace period. A client that takes no bytes for `send_timeout` is dropped.
@@ -74,7 +80,8 @@ where
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(header_read_timeout);
+        .header_read_timeout(header_read_timeout)
+        .max_buf_size(MAX_BUF);
     let first_request_grace = FIRST_REQUEST_GRACE.min(header_read_timeout);
     let start = |stream: TcpStream| {
         let _ = stream.set_nodelay(true);

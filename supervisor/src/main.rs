@@ -177,8 +177,11 @@ fn main() -> ExitCode {
                 }
             };
             let style = firemode::logging::style(config.telemetry.log_format);
+            // Blocking threads serve file I/O (spilled answers); a few keep a burst of large
+            // answers from spawning hundreds of threads, each with its own stack and heap.
             let runtime = match tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
+                .max_blocking_threads(16)
                 .build()
             {
                 Ok(rt) => rt,

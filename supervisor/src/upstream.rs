@@ -114,7 +114,12 @@ impl UpstreamPool {
         let stream = UnixStream::connect(&self.socket)
             .await
             .map_err(UpstreamError::Connect)?;
-        let (sender, conn) = http1::handshake(TokioIo::new(stream))
+        // A small read buffer: a pooled connection keeps it while idle, and 64 of them per
+        // instance at hyper's default (~400 KiB) would be tens of MiB after one burst of
+        // large answers.
+        let (sender, conn) = http1::Builder::new()
+            .max_buf_size(crate::listener::MAX_BUF)
+            .handshake(TokioIo::new(stream))
             .await
             .map_err(UpstreamError::Handshake)?;
         tokio::spawn(async move {

@@ -682,3 +682,68 @@ async fn one_death_under_many_identical_requests_is_one_strike() {
     assert_eq!(status, 200, "refused as poison after one worker death");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Hundreds of stalled readers of large answers cost the front its answer budget plus a
+/// small, fixed amount each (one read-back chunk and a 64 KiB write window), not the
+/// ~1 MiB each that hyper's default write buffer and a kept scratch buffer cost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_readers_cost_little_memory_each() {
+    const READERS: usize = 160;
+    const ANSWER: usize = 5 * 1024 * 1024;
+    let sys = TestSystem::start(SystemOptions {
+        classify_instances: 1,
+        sync_instances: 2,
+        set: [
+            firemode_tests::fixture_worker(
+                "sync",
+                &["--status", "200", "--body-bytes", &ANSWER.to_string()],
+            ),
+            vec![("server.request_timeout", "60s".into())],
+        ]
+        .concat(),
+        ..SystemOptions::default()
+    })
+    .await;
+    let t = token("reader", Some("org-big"));
+    let before = rss_bytes(sys.pid());
+    let mut stalled = Vec::new();
+    for _ in 0..READERS {
+        stalled.push(stalled_reader(sys.front, "/v1/tests/sessions/BIG", &t).await);
+    }
+    let answered = |text: &str| {
+        metric_sum(
+            text,
+            "http_request_duration_seconds_count",
+            &["endpoint=\"/v1/tests/sessions/{id}\"", "method=\"GET\""],
+        )
+    };
+    eventually(
+        "every stalled read taken off the workers",
+        Duration::from_secs(120),
+        || async { (answered(&metrics(&sys).await) >= READERS as f64).then_some(()) },
+    )
+    .await;
+    // What stays held while the readers stall (transient buffers of the copying are freed
+    // and returned by the allocator within a moment): the lowest figure over 3 s.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut settled = u64::MAX;
+    for _ in 0..30 {
+        settled = settled.min(rss_bytes(sys.pid()));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let grown = settled.saturating_sub(before);
+    let budget = 64 * 1024 * 1024;
+    let per_reader = grown.saturating_sub(budget) / READERS as u64;
+    eprintln!(
+        "stalled readers: {READERS}, front grew {} MiB, {} KiB each beyond the budget",
+        grown >> 20,
+        per_reader >> 10
+    );
+    assert!(
+        per_reader < 640 * 1024,
+        "{READERS} stalled readers grew the front by {} MiB: {} KiB each beyond the 64 MiB answer budget",
+        grown >> 20,
+        per_reader >> 10
+    );
+    drop(stalled);
+}
