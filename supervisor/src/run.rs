@@ -32,6 +32,7 @@ pub struct ConfigSource {
 
 pub async fn run(config: Config, source: ConfigSource, log_style: Style) -> anyhow::Result<bool> {
     let mut config = Arc::new(config);
+    log_startup(&source);
     let mut signals = Signals::install()?;
     firemode_telemetry::install_metrics();
     describe_metrics();
@@ -106,6 +107,7 @@ pub async fn run(config: Config, source: ConfigSource, log_style: Style) -> anyh
     let admin = Arc::new(Admin {
         registry: registry.clone(),
         reload: reload_tx,
+        published_slots: Default::default(),
     });
     let admin_task = tokio::spawn(listener::serve(
         Listening {
@@ -213,6 +215,22 @@ pub async fn run(config: Config, source: ConfigSource, log_style: Style) -> anyh
     Ok(clean)
 }
 
+/// The first line: which build runs, and with which config (what an operator checks first
+/// after an upgrade or a config change).
+fn log_startup(source: &ConfigSource) {
+    let config = match &source.file {
+        Some(path) => path.display().to_string(),
+        None => "built-in defaults".to_string(),
+    };
+    tracing::info!(
+        version = firemode_telemetry::build_info::VERSION,
+        commit = firemode_telemetry::build_info::COMMIT,
+        config = %config,
+        pid = std::process::id(),
+        "firemode starting"
+    );
+}
+
 /// Names and explains the supervisor's series, and makes the counters visible at zero.
 fn describe_metrics() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
@@ -246,6 +264,10 @@ fn describe_metrics() {
         "firemode_upstream_retries_total",
         "Requests retried on another instance"
     );
+    describe_counter!(
+        "firemode_poison_requests_total",
+        "Requests that reached the poison threshold (workers died under them) and are refused from then on"
+    );
     describe_histogram!(
         "firemode_queue_wait_seconds",
         Unit::Seconds,
@@ -257,6 +279,7 @@ fn describe_metrics() {
         metrics::counter!("firemode_health_check_failures_total", "kind" => k).absolute(0);
         metrics::counter!("firemode_traffic_replacements_total", "kind" => k).absolute(0);
         metrics::counter!("firemode_upstream_retries_total", "kind" => k).absolute(0);
+        metrics::counter!("firemode_poison_requests_total", "kind" => k).absolute(0);
     }
     metrics::gauge!("active_connections", "listener" => "front").set(0.0);
 }

@@ -15,6 +15,7 @@ mod install;
 mod journal;
 mod observability;
 mod operations;
+mod operator_view;
 mod store_contract;
 mod supervision;
 mod sync;
