@@ -36,6 +36,7 @@ pub async fn run(config: Config, source: ConfigSource, log_style: Style) -> anyh
     let mut signals = Signals::install()?;
     firemode_telemetry::install_metrics();
     describe_metrics();
+    publish_limits(&config);
     let runtime_dir = config.supervisor.runtime_dir.clone();
     crate::runtime_dir::prepare(&runtime_dir)?;
     let verifier = Verifier::new(&config)?;
@@ -231,6 +232,15 @@ fn log_startup(source: &ConfigSource) {
     );
 }
 
+/// Publishes each kind's `max_rss` (0: none) as `firemode_worker_max_rss_bytes{kind}`, so
+/// dashboards and alerts can put worker RSS beside its limit; again after each reload.
+fn publish_limits(config: &Config) {
+    for kind in Kind::ALL {
+        let limit = config.worker(kind.name()).map_or(0, |w| w.max_rss.0);
+        metrics::gauge!("firemode_worker_max_rss_bytes", "kind" => kind.name()).set(limit as f64);
+    }
+}
+
 /// Names and explains the supervisor's series, and makes the counters visible at zero.
 fn describe_metrics() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
@@ -267,6 +277,10 @@ fn describe_metrics() {
     describe_counter!(
         "firemode_poison_requests_total",
         "Requests that reached the poison threshold (workers died under them) and are refused from then on"
+    );
+    describe_gauge!(
+        "firemode_worker_max_rss_bytes",
+        "workers.<kind>.max_rss: an instance is recycled at this resident memory (0: never)"
     );
     describe_histogram!(
         "firemode_queue_wait_seconds",
@@ -352,6 +366,7 @@ impl Reloading<'_> {
             match &outcome {
                 (ReloadOutcome::Applied, Some(new)) => {
                     *self.config = new.clone();
+                    publish_limits(new);
                     tracing::info!("reload complete");
                 }
                 (ReloadOutcome::Failed(e), _) => tracing::error!(

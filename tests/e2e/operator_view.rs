@@ -117,6 +117,7 @@ async fn the_scrape_has_build_info_and_process_series_for_the_supervisor_and_eac
     let sys = TestSystem::start(SystemOptions {
         classify_instances: 1,
         sync_instances: 1,
+        set: vec![("workers.sync.max_rss", "1GiB".into())],
         ..SystemOptions::default()
     })
     .await;
@@ -187,6 +188,15 @@ async fn the_scrape_has_build_info_and_process_series_for_the_supervisor_and_eac
             .find(|s| s.labels.get("kind").map(String::as_str) == Some(kind))
             .unwrap_or_else(|| panic!("firemode_poison_requests_total{{kind={kind}}} at 0"));
         assert_eq!(poison.value, 0.0);
+    }
+    // Each kind's max_rss beside its workers' RSS (0: no limit).
+    for (kind, limit) in [("classify", 0.0), ("sync", 1_073_741_824.0)] {
+        let max_rss = all
+            .iter()
+            .filter(|s| s.name == "firemode_worker_max_rss_bytes")
+            .find(|s| s.labels.get("kind").map(String::as_str) == Some(kind))
+            .unwrap_or_else(|| panic!("firemode_worker_max_rss_bytes{{kind={kind}}}"));
+        assert_eq!(max_rss.value, limit, "{kind}");
     }
 
     // The startup lines: which build runs, with which config.
