@@ -283,6 +283,9 @@ pub struct Telemetry {
     pub slow_request_threshold: HumanDuration,
     /// `OTEL_EXPORTER_OTLP_ENDPOINT` wins when set.
     pub otlp_endpoint: String,
+    /// One info line per front request (target `firemode::access`): method, route
+    /// template, status, duration, request id, bytes out. Applied on reload.
+    pub access_log: bool,
 }
 
 impl Default for Telemetry {
@@ -291,6 +294,7 @@ impl Default for Telemetry {
             log_format: LogFormat::Auto,
             slow_request_threshold: HumanDuration::from_millis(300),
             otlp_endpoint: String::new(),
+            access_log: false,
         }
     }
 }

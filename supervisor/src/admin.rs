@@ -16,8 +16,9 @@ use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use serde::Serialize;
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 pub struct Admin {
@@ -26,6 +27,8 @@ pub struct Admin {
     pub reload: tokio::sync::mpsc::Sender<crate::control::ReloadRequest>,
     /// Set when the drain begins: the front takes no new connections from then on.
     pub draining: Arc<AtomicBool>,
+    /// The slots whose per-slot gauges the last scrape set, so a retired one is zeroed.
+    pub published_slots: Mutex<HashSet<(&'static str, u32)>>,
 }
 
 #[derive(Serialize)]
@@ -46,6 +49,12 @@ fn json(status: StatusCode, body: Vec<u8>) -> Response<Full<Bytes>> {
     resp
 }
 
+fn set_slot_gauges((kind, index): (&'static str, u32), up: bool, backoff: bool) {
+    let labels = [("kind", kind.to_string()), ("instance", index.to_string())];
+    metrics::gauge!("firemode_worker_up", &labels).set(if up { 1.0 } else { 0.0 });
+    metrics::gauge!("firemode_worker_backoff", &labels).set(if backoff { 1.0 } else { 0.0 });
+}
+
 /// How long the scrape waits for one worker's `/metrics`.
 const WORKER_SCRAPE_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -54,30 +63,9 @@ impl Admin {
     /// worker's, fetched over its socket and labelled with `kind` and `instance`.
     async fn metrics(&self) -> String {
         let members = self.registry.members();
-        for set in self.registry.kinds() {
-            for inst in set.instances().iter() {
-                let labels = [
-                    ("kind", inst.kind.name().to_string()),
-                    ("instance", inst.index.to_string()),
-                ];
-                metrics::gauge!("firemode_worker_up", &labels).set(if inst.is_ready() {
-                    1.0
-                } else {
-                    0.0
-                });
-                metrics::gauge!("firemode_worker_backoff", &labels).set(
-                    if inst.state() == InstanceState::Backoff {
-                        1.0
-                    } else {
-                        0.0
-                    },
-                );
-            }
-        }
+        self.publish_slot_gauges();
         let mut merged = Merged::default();
-        if let Some(handle) = firemode_telemetry::metrics_handle() {
-            merged.add(&handle.render(), &[]);
-        }
+        merged.add(&firemode_telemetry::render_metrics(), &[]);
         let mut scrapes = tokio::task::JoinSet::new();
         for inst in members.iter().filter(|i| !i.is_gone() && i.pid().is_some()) {
             let inst = inst.clone();
@@ -109,6 +97,29 @@ impl Admin {
             }
         }
         merged.render()
+    }
+
+    /// Sets `firemode_worker_up` and `firemode_worker_backoff` for every slot, and zeroes
+    /// those of slots retired since the last scrape (scaled down): the recorder cannot
+    /// drop a series, and a retired slot must not look up (or backing off) forever.
+    fn publish_slot_gauges(&self) {
+        let mut now = HashSet::new();
+        for set in self.registry.kinds() {
+            for inst in set.instances().iter() {
+                let slot = (inst.kind.name(), inst.index);
+                let backoff = inst.state() == InstanceState::Backoff;
+                set_slot_gauges(slot, inst.is_ready(), backoff);
+                now.insert(slot);
+            }
+        }
+        let mut published = self
+            .published_slots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        for &slot in published.difference(&now) {
+            set_slot_gauges(slot, false, false);
+        }
+        *published = now;
     }
 
     /// Liveness: the supervisor answers, and no kind is down with every instance

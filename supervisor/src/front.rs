@@ -89,6 +89,8 @@ pub struct FrontSettings {
     queue_timeout: Duration,
     request_timeout: Duration,
     slow_threshold: Duration,
+    /// `telemetry.access_log`: one line per request (see `access_log`).
+    access_log: bool,
     traffic_threshold: u32,
     /// Where answers too large for memory are spilled (`supervisor.runtime_dir`).
     spill_dir: PathBuf,
@@ -103,6 +105,7 @@ impl FrontSettings {
             queue_timeout: config.server.queue_timeout.get(),
             request_timeout: config.server.request_timeout.get(),
             slow_threshold: config.telemetry.slow_request_threshold.get(),
+            access_log: config.telemetry.access_log,
             spill_dir: config.supervisor.runtime_dir.clone(),
         }
     }
@@ -220,6 +223,16 @@ impl Front {
                 duration_ms = elapsed.as_secs_f64() * 1000.0,
                 "slow request"
             );
+        }
+        if settings.access_log {
+            crate::access_log::record(&crate::access_log::Access {
+                method: &method,
+                route: route.template(),
+                status: resp.status(),
+                elapsed,
+                request_id: request_id.to_str().unwrap_or(""),
+                bytes: hyper::body::Body::size_hint(resp.body()).exact(),
+            });
         }
         resp
     }

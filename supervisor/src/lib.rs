@@ -15,12 +15,14 @@
 //!   [`buffered`] (answers taken off the worker at worker speed, spilled when large),
 //!   [`send_timeout`] (clients that stop taking bytes are dropped).
 //! * [`admin`]: `/healthz`, `/readyz`, `/status`, `/metrics`, `POST /reload`.
+//! * [`access_log`]: the optional line per front request (`telemetry.access_log`).
 //! * [`control`]: `firemode status` and `firemode reload` against a running supervisor.
 //! * [`backup`]: `firemode backup FILE`, made by the sync worker binary.
 //! * [`signals`]: what each signal means.
 //! * [`plan`]: `firemode plan`, the timeline the config implies.
 //! * [`preflight`]: `firemode check-config`'s checks of files, commands, directories, store.
 
+pub mod access_log;
 pub mod admin;
 pub mod auth;
 pub mod backoff;

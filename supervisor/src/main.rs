@@ -13,7 +13,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[derive(Parser)]
 #[command(
     name = "firemode",
-    version,
+    version = firemode_telemetry::build_info::VERSION_LINE,
     about = "FireMode: supervisor and front for the classify and sync workers"
 )]
 struct Cli {

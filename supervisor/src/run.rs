@@ -32,9 +32,11 @@ pub struct ConfigSource {
 
 pub async fn run(config: Config, source: ConfigSource, log_style: Style) -> anyhow::Result<bool> {
     let mut config = Arc::new(config);
+    log_startup(&source);
     let mut signals = Signals::install()?;
     firemode_telemetry::install_metrics();
     describe_metrics();
+    publish_limits(&config);
     let runtime_dir = config.supervisor.runtime_dir.clone();
     crate::runtime_dir::prepare(&runtime_dir)?;
     let verifier = Verifier::new(&config)?;
@@ -108,6 +110,7 @@ pub async fn run(config: Config, source: ConfigSource, log_style: Style) -> anyh
         registry: registry.clone(),
         reload: reload_tx,
         draining: draining.clone(),
+        published_slots: Default::default(),
     });
     let admin_task = tokio::spawn(listener::serve(
         Listening {
@@ -217,6 +220,31 @@ pub async fn run(config: Config, source: ConfigSource, log_style: Style) -> anyh
     Ok(clean)
 }
 
+/// The first line: which build runs, and with which config (what an operator checks first
+/// after an upgrade or a config change).
+fn log_startup(source: &ConfigSource) {
+    let config = match &source.file {
+        Some(path) => path.display().to_string(),
+        None => "built-in defaults".to_string(),
+    };
+    tracing::info!(
+        version = firemode_telemetry::build_info::VERSION,
+        commit = firemode_telemetry::build_info::COMMIT,
+        config = %config,
+        pid = std::process::id(),
+        "firemode starting"
+    );
+}
+
+/// Publishes each kind's `max_rss` (0: none) as `firemode_worker_max_rss_bytes{kind}`, so
+/// dashboards and alerts can put worker RSS beside its limit; again after each reload.
+fn publish_limits(config: &Config) {
+    for kind in Kind::ALL {
+        let limit = config.worker(kind.name()).map_or(0, |w| w.max_rss.0);
+        metrics::gauge!("firemode_worker_max_rss_bytes", "kind" => kind.name()).set(limit as f64);
+    }
+}
+
 /// Names and explains the supervisor's series, and makes the counters visible at zero.
 fn describe_metrics() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
@@ -250,6 +278,14 @@ fn describe_metrics() {
         "firemode_upstream_retries_total",
         "Requests retried on another instance"
     );
+    describe_counter!(
+        "firemode_poison_requests_total",
+        "Requests that reached the poison threshold (workers died under them) and are refused from then on"
+    );
+    describe_gauge!(
+        "firemode_worker_max_rss_bytes",
+        "workers.<kind>.max_rss: an instance is recycled at this resident memory (0: never)"
+    );
     describe_histogram!(
         "firemode_queue_wait_seconds",
         Unit::Seconds,
@@ -261,6 +297,7 @@ fn describe_metrics() {
         metrics::counter!("firemode_health_check_failures_total", "kind" => k).absolute(0);
         metrics::counter!("firemode_traffic_replacements_total", "kind" => k).absolute(0);
         metrics::counter!("firemode_upstream_retries_total", "kind" => k).absolute(0);
+        metrics::counter!("firemode_poison_requests_total", "kind" => k).absolute(0);
     }
     metrics::gauge!("active_connections", "listener" => "front").set(0.0);
 }
@@ -333,6 +370,7 @@ impl Reloading<'_> {
             match &outcome {
                 (ReloadOutcome::Applied, Some(new)) => {
                     *self.config = new.clone();
+                    publish_limits(new);
                     tracing::info!("reload complete");
                 }
                 (ReloadOutcome::Failed(e), _) => tracing::error!(

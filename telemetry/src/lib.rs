@@ -8,7 +8,11 @@
 //! * [`traces`]: logging and OpenTelemetry span export, and W3C trace context across the
 //!   process hop.
 //! * [`journal`]: syslog priority prefixes when stderr is the journal.
+//! * [`build_info`]: the version and git commit of this build.
+//! * [`render_metrics`]: one scrape of this process, with its `process_*` series read from
+//!   `/proc` at that moment.
 
+pub mod build_info;
 pub mod journal;
 pub mod scrape;
 pub mod traces;
@@ -37,6 +41,7 @@ pub const SIZE_BUCKETS: &[f64] = &[
 ];
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+static PROCESS: OnceLock<metrics_process::Collector> = OnceLock::new();
 
 /// Installs the Prometheus recorder once per process and returns its handle; later calls
 /// return the same handle. Must run inside a tokio runtime (it spawns the upkeep task).
@@ -52,6 +57,7 @@ pub fn install_metrics() -> &'static PrometheusHandle {
         let handle = recorder.handle();
         // Another recorder already installed (tests): metrics then go there; keep going.
         let _ = metrics::set_global_recorder(recorder);
+        describe_process_series();
         let upkeep = handle.clone();
         tokio::spawn(async move {
             loop {
@@ -66,4 +72,31 @@ pub fn install_metrics() -> &'static PrometheusHandle {
 /// The handle, if [`install_metrics`] ran.
 pub fn metrics_handle() -> Option<&'static PrometheusHandle> {
     HANDLE.get()
+}
+
+/// Series every process has from its start: `firemode_build_info`, the `process_*`
+/// descriptions, and counters that would otherwise appear only at their first increment
+/// (an alert's `increase()` needs the 0 before it).
+fn describe_process_series() {
+    build_info::record();
+    let process = PROCESS.get_or_init(metrics_process::Collector::default);
+    process.describe();
+    process.collect();
+    metrics::describe_counter!(
+        "firemode_span_export_failures_total",
+        "Spans dropped because the OTLP export failed"
+    );
+    metrics::counter!("firemode_span_export_failures_total").absolute(0);
+}
+
+/// This process's scrape in Prometheus text, with the `process_*` series (RSS, CPU,
+/// open fds, start time, threads) read from `/proc` now; empty before [`install_metrics`].
+pub fn render_metrics() -> String {
+    let Some(handle) = HANDLE.get() else {
+        return String::new();
+    };
+    if let Some(process) = PROCESS.get() {
+        process.collect();
+    }
+    handle.render()
 }

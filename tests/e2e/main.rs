@@ -17,6 +17,7 @@ mod journal;
 mod multihost;
 mod observability;
 mod operations;
+mod operator_view;
 mod operators;
 mod store_contract;
 mod supervision;

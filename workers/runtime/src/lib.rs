@@ -19,7 +19,6 @@ mod server;
 pub use health::Readiness;
 
 use bytes::Bytes;
-use clap::Parser;
 use firemode_config::Config;
 use firemode_store::{Store, StoreOptions};
 use http::request::Parts;
@@ -32,7 +31,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// The command line the supervisor gives a worker.
-#[derive(Parser, Debug)]
+#[derive(clap::Parser, Debug)]
 pub struct WorkerArgs {
     /// Unix socket to serve HTTP/1.1 on (created; a stale file is replaced).
     #[arg(long)]
@@ -43,6 +42,21 @@ pub struct WorkerArgs {
     /// Instance number within the kind, for logs.
     #[arg(long, default_value_t = 0)]
     pub instance: u32,
+}
+
+/// Parses the command line as `firemode-<kind>`, whose `--version` shows the version and
+/// the git commit of the build.
+fn parse_args(kind: &'static str) -> WorkerArgs {
+    use clap::{CommandFactory, FromArgMatches};
+    // Once per process: the program name clap prints in `--version` and `--help`.
+    let name: &'static str = Box::leak(format!("firemode-{kind}").into_boxed_str());
+    let matches = WorkerArgs::command()
+        .name(name)
+        .bin_name(name)
+        .version(firemode_telemetry::build_info::VERSION_LINE)
+        .about("A FireMode worker; the supervisor starts it (see `firemode plan`)")
+        .get_matches();
+    WorkerArgs::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
 }
 
 /// Everything a worker kind needs to build its [`App`].
@@ -70,7 +84,7 @@ where
     F: FnOnce(WorkerContext) -> Fut,
     Fut: Future<Output = anyhow::Result<A>>,
 {
-    let args = WorkerArgs::parse();
+    let args = parse_args(kind);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -129,7 +143,14 @@ where
         readiness: readiness.clone(),
     };
     let app = Arc::new(make_app(ctx).await?);
-    tracing::info!(kind, instance = args.instance, socket = %args.socket.display(), "worker starting");
+    tracing::info!(
+        kind,
+        instance = args.instance,
+        socket = %args.socket.display(),
+        version = firemode_telemetry::build_info::VERSION,
+        commit = firemode_telemetry::build_info::COMMIT,
+        "worker starting"
+    );
     server::serve(kind, &args.socket, app, readiness).await
 }
 

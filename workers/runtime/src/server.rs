@@ -153,9 +153,7 @@ async fn route<A: App>(
             json_response(StatusCode::OK, Bytes::from_static(body.as_bytes()))
         }
         "/metrics" => {
-            let text = firemode_telemetry::metrics_handle()
-                .map(|h| h.render())
-                .unwrap_or_default();
+            let text = firemode_telemetry::render_metrics();
             let mut resp = Response::new(Full::new(Bytes::from(text)));
             resp.headers_mut().insert(
                 http::header::CONTENT_TYPE,
