@@ -316,17 +316,38 @@ async fn a_database_outage_gives_fast_503s_then_heals_without_losing_writes() {
         acked.push(k);
     }
 
-    cluster.stop();
-    // The workers notice and report not ready; requests get a fast 503, never a hang.
+    // Both sync instances in service first (readiness needs only one per kind): one still
+    // starting when the database stops would stay "starting", never "unhealthy".
     eventually(
-        "sync instances to report not ready",
-        Duration::from_secs(15),
+        "every sync instance ready",
+        Duration::from_secs(20),
         || async {
             let s = sys.instances("sync").await;
-            s.iter().all(|i| i["state"] == "unhealthy").then_some(())
+            s.iter().all(|i| i["state"] == "ready").then_some(())
         },
     )
     .await;
+    cluster.stop();
+    // The workers notice and report not ready; requests get a fast 503, never a hang.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let s = sys.instances("sync").await;
+        if s.iter().all(|i| i["state"] == "unhealthy") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "sync instances did not report not ready: {s:?}\n{}",
+            sys.logs()
+                .lines()
+                .filter(|l| l.contains("sync"))
+                .rev()
+                .take(30)
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let mut outage_503 = 0;
     for k in 6..=10 {
         let started = std::time::Instant::now();
