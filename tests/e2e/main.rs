@@ -23,3 +23,4 @@ mod store_contract;
 mod supervision;
 mod sync;
 mod tenants;
+mod upgrade;

@@ -20,6 +20,9 @@ struct Flags {
     app: AtomicBool,
     /// Serving needs the store right now (false for a kind that answers from memory).
     store_optional: AtomicBool,
+    /// The schema was migrated (or found current) once: never serve on a schema this
+    /// binary does not know, even from memory.
+    schema: AtomicBool,
 }
 
 impl Readiness {
@@ -37,7 +40,8 @@ impl Readiness {
 
     pub fn is_ready(&self) -> bool {
         let app = self.inner.app.load(Ordering::Acquire);
-        app && (self.store_ready() || self.inner.store_optional.load(Ordering::Acquire))
+        app && self.inner.schema.load(Ordering::Acquire)
+            && (self.store_ready() || self.inner.store_optional.load(Ordering::Acquire))
     }
 }
 
@@ -53,12 +57,16 @@ pub fn spawn_store_probe(store: Store, readiness: Readiness) {
             } else {
                 let r = store.migrate().await;
                 migrated = r.is_ok();
+                readiness.inner.schema.store(migrated, Ordering::Release);
                 r
             };
             let ok = result.is_ok();
             if was_ok != Some(ok) {
                 match &result {
                     Ok(()) => tracing::info!(backend = ?store.backend(), "store ready"),
+                    Err(e @ firemode_store::StoreError::SchemaTooNew { .. }) => {
+                        tracing::error!(backend = ?store.backend(), error = %e, "store refused")
+                    }
                     Err(e) => {
                         tracing::warn!(backend = ?store.backend(), error = %e, "store not ready")
                     }

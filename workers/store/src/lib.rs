@@ -59,6 +59,10 @@ pub enum StoreError {
     /// Stored data that does not parse.
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+    /// A newer release migrated the database past what this binary knows: it refuses to
+    /// run on it rather than misread it.
+    #[error("the database schema is at version {found}, newer than this binary knows ({known}): a newer FireMode release migrated it; run that release (or restore a backup taken before the upgrade)")]
+    SchemaTooNew { found: i64, known: i64 },
 }
 
 /// Which backend a store uses, for logs and `/status`.

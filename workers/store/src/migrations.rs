@@ -53,3 +53,19 @@ pub const SCHEMA_TABLE: &str = "CREATE TABLE IF NOT EXISTS firemode_schema (
     version    BIGINT PRIMARY KEY,
     applied_at BIGINT NOT NULL
 )";
+
+/// The newest schema version this binary knows.
+pub fn latest_version() -> i64 {
+    MIGRATIONS.last().map_or(0, |(version, _)| *version)
+}
+
+/// Refuses a database that a newer release has migrated past [`latest_version`].
+pub fn refuse_newer(applied: Option<i64>) -> Result<(), crate::StoreError> {
+    match applied {
+        Some(found) if found > latest_version() => Err(crate::StoreError::SchemaTooNew {
+            found,
+            known: latest_version(),
+        }),
+        _ => Ok(()),
+    }
+}

@@ -102,6 +102,12 @@ impl PgStore {
             .await
             .map_err(unavailable)?;
         tx.batch_execute(SCHEMA_TABLE).await.map_err(unavailable)?;
+        let applied: Option<i64> = tx
+            .query_one("SELECT max(version) FROM firemode_schema", &[])
+            .await
+            .map_err(unavailable)?
+            .get(0);
+        crate::migrations::refuse_newer(applied)?;
         for (version, sql) in MIGRATIONS {
             let done = tx
                 .query_opt(

@@ -101,6 +101,10 @@ impl SqliteStore {
             let tx = conn
                 .transaction_with_behavior(TransactionBehavior::Immediate)
                 .map_err(unavailable)?;
+            let applied: Option<i64> = tx
+                .query_row("SELECT max(version) FROM firemode_schema", [], |r| r.get(0))
+                .map_err(unavailable)?;
+            crate::migrations::refuse_newer(applied)?;
             for (version, sql) in MIGRATIONS {
                 let done: Option<i64> = tx
                     .query_row(
