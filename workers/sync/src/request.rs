@@ -73,6 +73,11 @@ pub fn batch_from_value(value: &Value, ctx: &RequestContext<'_>) -> Result<Batch
         Some(_) => return Err("`_sync_meta.replica_id` must be a string".into()),
     };
     check_replica_id(&replica_id, "`_sync_meta.replica_id`")?;
+    // Like the identity claims: no control characters in a new replica's name. (Clock
+    // entries may still name a replica an older release accepted.)
+    if replica_id.chars().any(char::is_control) {
+        return Err("`_sync_meta.replica_id` must not contain control characters".into());
+    }
     let ceiling = ctx
         .now_ms
         .saturating_add(ctx.max_clock_skew.as_millis() as u64);
@@ -186,6 +191,8 @@ mod tests {
             (br#"{"changes":[],"_sync_meta":{"vector_clock":{"t":-1}}}"#, "non-negative"),
             (br#"{"changes":[],"_sync_meta":{"vector_clock":{"t":1.5}}}"#, "non-negative"),
             (br#"{"changes":[],"_sync_meta":{"replica_id":""}}"#, "replica_id"),
+            (br#"{"changes":[],"_sync_meta":{"replica_id":"tab\u0000A"}}"#, "control characters"),
+            (br#"{"changes":[],"_sync_meta":{"replica_id":"tab\nA"}}"#, "control characters"),
             (br#"{"changes":[{"op":"remove","path":"/a"},{"op":"remove","path":"/b"},{"op":"remove","path":"/c"},{"op":"remove","path":"/d"}]}"#, "at most 3"),
         ] {
             let err = parse_batch(body, &ctx()).unwrap_err();
