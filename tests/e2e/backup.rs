@@ -2,7 +2,7 @@
 //! a new system started on it serves unchanged; never an overwrite; PostgreSQL is refused
 //! with the pg_dump hint.
 
-use firemode_tests::{bin_dir, pg_database, request, token, SystemOptions, TestSystem};
+use firemode_tests::{bin_dir, request, token, SystemOptions, TestSystem};
 use http::Method;
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -128,14 +128,9 @@ async fn an_online_backup_restores_into_a_working_system() {
 
 #[tokio::test]
 async fn a_postgresql_store_is_pointed_at_pg_dump() {
-    let Some(db) = pg_database().await else {
+    let Some((_db, sys)) = TestSystem::start_on_postgres(SystemOptions::default()).await else {
         return;
     };
-    let sys = TestSystem::start(SystemOptions {
-        database_url: Some(db.url.clone()),
-        ..SystemOptions::default()
-    })
-    .await;
     let file = sys.dir.join("never.sqlite3");
     let out = backup(&sys, &file);
     assert_eq!(out.status.code(), Some(2));

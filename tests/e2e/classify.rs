@@ -1,6 +1,6 @@
 //! `POST /v1/classify` through the front, on both stores.
 
-use firemode_tests::{pg_database, request, token, SystemOptions, TestSystem};
+use firemode_tests::{request, token, SystemOptions, TestSystem};
 use http::Method;
 
 const CLASSIFY: &str = "/v1/classify";
@@ -134,14 +134,9 @@ async fn classify_contract_on_sqlite() {
 
 #[tokio::test]
 async fn classify_contract_on_postgres() {
-    let Some(db) = pg_database().await else {
+    let Some((_db, sys)) = TestSystem::start_on_postgres(SystemOptions::default()).await else {
         return;
     };
-    let sys = TestSystem::start(SystemOptions {
-        database_url: Some(db.url.clone()),
-        ..SystemOptions::default()
-    })
-    .await;
     check_classify_contract(&sys).await;
     assert!(!sys.dir.join("data/firemode.sqlite3").exists());
 }

@@ -5,8 +5,7 @@
 //! with a lifetime that overflows.
 
 use firemode_tests::{
-    bin_dir, eventually, pg_database, request, token, token_with, SystemOptions, TestSystem,
-    TEST_SECRET,
+    bin_dir, eventually, request, token, token_with, SystemOptions, TestSystem, TEST_SECRET,
 };
 use http::Method;
 use nix::sys::signal::Signal;
@@ -147,14 +146,9 @@ async fn an_empty_or_vanished_config_on_sighup_is_refused_and_the_running_one_ke
 /// change still reloads.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_that_changes_the_store_the_key_or_a_listener_is_refused() {
-    let Some(db) = pg_database().await else {
+    let Some((_db, sys)) = TestSystem::start_on_postgres(SystemOptions::default()).await else {
         return;
     };
-    let sys = TestSystem::start(SystemOptions {
-        database_url: Some(db.url.clone()),
-        ..SystemOptions::default()
-    })
-    .await;
     write_session(&sys, "PGKEEP").await;
     let before = all_pids(&sys).await;
     let original = std::fs::read_to_string(&sys.config_path).unwrap();

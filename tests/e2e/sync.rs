@@ -376,14 +376,9 @@ async fn sync_contract_on_sqlite() {
 
 #[tokio::test]
 async fn sync_contract_on_postgres() {
-    let Some(db) = pg_database().await else {
+    let Some((_db, sys)) = TestSystem::start_on_postgres(SystemOptions::default()).await else {
         return;
     };
-    let sys = TestSystem::start(SystemOptions {
-        database_url: Some(db.url.clone()),
-        ..SystemOptions::default()
-    })
-    .await;
     check_sync_contract(&sys).await;
 }
 

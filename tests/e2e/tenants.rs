@@ -3,9 +3,7 @@
 //! cannot read. On SQLite and on PostgreSQL.
 
 use bytes::Bytes;
-use firemode_tests::{
-    pg_database, request, token_claims, unix_now, Reply, SystemOptions, TestSystem,
-};
+use firemode_tests::{request, token_claims, unix_now, Reply, SystemOptions, TestSystem};
 use http::Method;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
@@ -148,14 +146,9 @@ async fn tenants_are_exact_on_sqlite() {
 
 #[tokio::test]
 async fn tenants_are_exact_on_postgres() {
-    let Some(db) = pg_database().await else {
+    let Some((_db, sys)) = TestSystem::start_on_postgres(SystemOptions::default()).await else {
         return;
     };
-    let sys = TestSystem::start(SystemOptions {
-        database_url: Some(db.url.clone()),
-        ..SystemOptions::default()
-    })
-    .await;
     every_tenant_sees_only_its_own_sessions(&sys).await;
     odd_claims_are_refused(&sys).await;
 }

@@ -95,6 +95,18 @@ fn set_path(table: &mut toml::Table, dotted: &str, value: Value) {
 }
 
 impl TestSystem {
+    /// A system on a throwaway PostgreSQL database of its own, dropped after the system;
+    /// `None` when no server is reachable outside CI (after `pg_database`'s loud skip).
+    pub async fn start_on_postgres(opts: SystemOptions) -> Option<(crate::PgDatabase, TestSystem)> {
+        let db = crate::pg_database().await?;
+        let sys = TestSystem::start(SystemOptions {
+            database_url: Some(db.url.clone()),
+            ..opts
+        })
+        .await;
+        Some((db, sys))
+    }
+
     pub async fn start(opts: SystemOptions) -> TestSystem {
         let dir = std::env::temp_dir().join(format!("fm-{:08x}", rand::random::<u32>()));
         std::fs::create_dir_all(&dir).expect("temp dir");
