@@ -235,6 +235,12 @@ pub struct Sync {
     /// At most this many conflicts are listed in a merge answer (`conflicts_total` counts
     /// them all), so one batch cannot make an answer of millions of pairs.
     pub max_conflicts_reported: u32,
+    /// Tombstones older than this may be compacted (design §3). Accepted and checked now so
+    /// a config written from the brief loads; compaction itself is not built yet.
+    pub tombstone_retention: HumanDuration,
+    /// How long the conflict journal keeps a conflict (design §3). Accepted and checked now;
+    /// the journal itself is not built yet.
+    pub conflict_retention: HumanDuration,
 }
 
 impl Default for Sync {
@@ -245,6 +251,8 @@ impl Default for Sync {
             max_bundle_bytes: 52_428_800,
             max_changes_per_batch: 1000,
             max_conflicts_reported: 100,
+            tombstone_retention: HumanDuration::from_secs(30 * 24 * 3600),
+            conflict_retention: HumanDuration::from_secs(30 * 24 * 3600),
         }
     }
 }

@@ -246,6 +246,20 @@ impl Config {
                 format!("must be at most {MAX_CONFLICTS_REPORTED} (every listed conflict carries two values; 0 lists none and still counts them)"),
             );
         }
+        for (key, retention) in [
+            (
+                "sync.tombstone_retention",
+                self.sync.tombstone_retention.get(),
+            ),
+            (
+                "sync.conflict_retention",
+                self.sync.conflict_retention.get(),
+            ),
+        ] {
+            if retention.is_zero() {
+                err(key, "must be more than 0 (e.g. \"30d\")".into());
+            }
+        }
         if errors.is_empty() {
             Ok(())
         } else {

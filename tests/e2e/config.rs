@@ -110,3 +110,25 @@ fn the_shipped_example_config_is_valid() {
     let out = check_config(&text, &[]);
     assert!(out.status.success(), "{}", stderr(&out));
 }
+
+/// The config block of the product brief (design §4), copied as is into
+/// `tests/fixtures/design-section-4.toml`: operators' files and outside tests use these
+/// keys, so it must load. (Its paths are relative to the file, which check-config creates.)
+#[test]
+fn the_briefs_config_block_loads() {
+    let brief = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/design-section-4.toml"),
+    )
+    .unwrap();
+    let out = check_config(&brief, &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let printed = String::from_utf8_lossy(&out.stdout);
+    for key in [
+        "tombstone_retention",
+        "conflict_retention",
+        "access_log",
+        "max_conflicts_reported",
+    ] {
+        assert!(printed.contains(key), "{key} missing from:\n{printed}");
+    }
+}
