@@ -240,7 +240,11 @@ pub fn secret_path(config: &Config) -> PathBuf {
 
 fn load_or_generate_secret(path: &Path) -> anyhow::Result<Vec<u8>> {
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)
+        use std::os::unix::fs::DirBuilderExt as _;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
             .with_context(|| format!("data_dir: cannot create {}", dir.display()))?;
     }
     let random: [u8; 32] = rand::random();

@@ -79,6 +79,7 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let cli_admin = cli.admin_listen.clone();
     let overrides = Overrides {
         listen: cli.listen.clone(),
         admin_listen: cli.admin_listen.clone(),
@@ -107,7 +108,8 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Status => {
-            match firemode::control::status(&config.server.admin_listen, Duration::from_secs(10)) {
+            let admin = admin_address(&cli_admin, &config);
+            match firemode::control::status(&admin, Duration::from_secs(10)) {
                 Ok((table, ready)) => {
                     print!("{table}");
                     if ready {
@@ -124,7 +126,7 @@ fn main() -> ExitCode {
         }
         Command::Reload { timeout } => {
             use firemode::control::ReloadOutcome;
-            match firemode::control::reload(&config.server.admin_listen, timeout) {
+            match firemode::control::reload(&admin_address(&cli_admin, &config), timeout) {
                 Ok(ReloadOutcome::Applied) => {
                     println!("reloaded: every instance runs the new configuration");
                     ExitCode::SUCCESS
@@ -236,4 +238,12 @@ fn check_config(config: &firemode_config::Config, connect: bool) -> ExitCode {
         eprintln!("{f}");
     }
     ExitCode::from(2)
+}
+
+/// Where the running supervisor's admin listener is: `--admin-listen`, else the address it
+/// recorded in its runtime dir, else `server.admin_listen`.
+fn admin_address(flag: &Option<String>, config: &firemode_config::Config) -> String {
+    flag.clone()
+        .or_else(|| firemode::runtime_dir::read_admin_addr(&config.supervisor.runtime_dir))
+        .unwrap_or_else(|| config.server.admin_listen.clone())
 }

@@ -66,6 +66,7 @@ pub async fn run(config: Config, source: ConfigSource, log_style: Style) -> anyh
         })?;
     tracing::info!(listener = "front", addr = %front_listener.local_addr()?, "listening");
     tracing::info!(listener = "admin", addr = %admin_listener.local_addr()?, "listening");
+    crate::runtime_dir::write_admin_addr(&runtime_dir, admin_listener.local_addr()?);
 
     let registry = Arc::new(Registry::new(Kind::ALL));
     let (recycle_tx, mut recycle_rx) = tokio::sync::mpsc::unbounded_channel();

@@ -9,6 +9,10 @@
 //! generation's file is deleted when the last instance started from it stops
 //! ([`WorkerConfigFile`]'s `Drop`), so a secret is on disk only while a process needs it.
 //!
+//! `admin.addr` holds the address the admin listener is bound to, so `firemode status` and
+//! `firemode reload` find the running supervisor even after `server.admin_listen` was
+//! changed in the file (or when it is port 0).
+//!
 //! One supervisor owns a runtime dir: [`lock`] takes an exclusive `flock` on
 //! `supervisor.lock` in it for the process's life (the kernel releases it when the process
 //! dies, however it dies), so a second supervisor started on the same dir exits before it
@@ -204,6 +208,26 @@ impl Drop for WorkerConfigFile {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.path);
     }
+}
+
+/// The file in `dir` that names the running admin listener.
+pub fn admin_addr_file(dir: &Path) -> std::path::PathBuf {
+    dir.join("admin.addr")
+}
+
+/// Records the admin listener's bound address for the operator commands.
+pub fn write_admin_addr(dir: &Path, addr: std::net::SocketAddr) {
+    let path = admin_addr_file(dir);
+    if let Err(e) = std::fs::write(&path, addr.to_string()) {
+        tracing::warn!(path = %path.display(), error = %e, "cannot record the admin address; `firemode status` will use server.admin_listen");
+    }
+}
+
+/// The admin address a running supervisor recorded in `dir`, if any.
+pub fn read_admin_addr(dir: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(admin_addr_file(dir)).ok()?;
+    let addr: std::net::SocketAddr = text.trim().parse().ok()?;
+    Some(addr.to_string())
 }
 
 /// Removes every worker config file in `dir` (at start: an earlier run's; at exit: ours).

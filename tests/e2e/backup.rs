@@ -97,6 +97,16 @@ async fn an_online_backup_restores_into_a_working_system() {
     assert!(summary.contains("backed up 2 sessions"), "{summary}");
     assert!(written >= acked_before_backup);
 
+    // Private, like the store it copies (the data dir FireMode made is 0700).
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&file), 0o600, "the backup is readable by others");
+    assert_eq!(
+        mode(&sys.dir.join("data")),
+        0o700,
+        "the data dir is open to others"
+    );
+
     // Never overwrites.
     let again = backup(&sys, &file);
     assert_eq!(again.status.code(), Some(2));

@@ -33,6 +33,8 @@ async fn pids(sys: &TestSystem) -> HashSet<u64> {
 #[tokio::test]
 async fn status_prints_every_instance_with_memory_and_uptime() {
     let sys = TestSystem::start(SystemOptions::default()).await;
+    // Readiness needs one instance per kind; the table is checked with all of them up.
+    sys.wait_all_ready().await;
     let out = firemode(&sys, &["status"]);
     let table = String::from_utf8_lossy(&out.stdout);
     assert_eq!(
@@ -120,4 +122,32 @@ fn the_unit_reloads_with_the_command_that_reports_the_outcome() {
             && reload.contains("--config /etc/firemode/firemode.toml"),
         "{reload}"
     );
+}
+
+/// The commands find the running supervisor through the address it recorded in its runtime
+/// dir: with `server.admin_listen` at port 0, and after it was changed in the file (a reload
+/// must then say why it is refused, not fail to connect).
+#[tokio::test]
+async fn the_commands_find_the_supervisor_without_being_told_where() {
+    let sys = TestSystem::start(SystemOptions::default()).await;
+    let bare = |args: &[&str]| {
+        std::process::Command::new(bin_dir().join("firemode"))
+            .args(args)
+            .arg("--config")
+            .arg(&sys.config_path)
+            .output()
+            .unwrap()
+    };
+    let out = bare(&["status"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    sys.rewrite_config(vec![("server.admin_listen", "127.0.0.1:1".into())]);
+    let out = bare(&["reload"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("server.admin_listen"), "{stderr}");
 }

@@ -91,25 +91,36 @@ async fn the_documented_systemd_install_starts_as_an_unprivileged_user() {
     let root = std::env::temp_dir().join(format!("fm-install-{:08x}", rand::random::<u32>()));
     std::fs::create_dir_all(&root).unwrap();
     std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755)).unwrap();
-    // The README's step, with the mode it gives:
-    // `sudo install -D -m MODE config/firemode.toml /etc/firemode/firemode.toml`
+    // The README's step, with the file and the mode it gives:
+    // `sudo install -D -m MODE systemd/firemode.toml /etc/firemode/firemode.toml`
     let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
-    let mode = readme
+    let (mode, source) = readme
         .lines()
         .find_map(|l| {
-            l.split("install -D -m ")
-                .nth(1)?
-                .strip_suffix(" config/firemode.toml /etc/firemode/firemode.toml")
+            let rest = l.split("install -D -m ").nth(1)?;
+            let rest = rest.strip_suffix(" /etc/firemode/firemode.toml")?;
+            rest.split_once(' ')
         })
-        .expect("the README installs config/firemode.toml to /etc/firemode/firemode.toml");
+        .expect("the README installs a config to /etc/firemode/firemode.toml");
     let mode = u32::from_str_radix(mode, 8).expect("an octal mode");
     let config = root.join("etc/firemode/firemode.toml");
-    install(&repo().join("config/firemode.toml"), &config, mode);
-    std::fs::set_permissions(
-        config.parent().unwrap(),
-        std::fs::Permissions::from_mode(0o755),
-    )
-    .unwrap();
+    install(&repo().join(source), &config, mode);
+    // The installed config names the unit's directories; here they live under `root`.
+    let text = std::fs::read_to_string(&config).unwrap();
+    assert!(
+        text.contains("\"/var/lib/firemode/data\"") && text.contains("\"/run/firemode\""),
+        "the systemd config names the unit's state and runtime directories:\n{text}"
+    );
+    let moved = text
+        .replace(
+            "\"/var/lib/firemode",
+            &format!("\"{}/var/lib/firemode", root.display()),
+        )
+        .replace(
+            "\"/run/firemode",
+            &format!("\"{}/run/firemode", root.display()),
+        );
+    std::fs::write(&config, moved).unwrap();
     // systemd: StateDirectory=firemode, RuntimeDirectory=firemode, for the dynamic user.
     std::fs::create_dir_all(root.join("var/lib")).unwrap();
     service_dir(&root.join("var/lib/firemode"));

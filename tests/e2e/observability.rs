@@ -75,6 +75,8 @@ async fn one_scrape_shows_front_supervisor_and_workers_with_route_templates() {
     .unwrap()
     .problem(404);
 
+    // Every instance up (readiness needs only one per kind) before the scrape is read.
+    sys.wait_all_ready().await;
     let scrape = sys.admin_get("/metrics").await;
     assert_eq!(scrape.status, 200);
     assert!(scrape

@@ -177,6 +177,16 @@ impl TestSystem {
         .await;
     }
 
+    /// Waits until every instance is ready (`/readyz` needs only one per kind).
+    pub async fn wait_all_ready(&self) {
+        eventually("every instance ready", Duration::from_secs(30), || async {
+            let status = self.admin_get("/status").await.json();
+            let all = status["instances"].as_array()?;
+            all.iter().all(|i| i["state"] == "ready").then_some(())
+        })
+        .await;
+    }
+
     /// Rewrites the config file (for a reload).
     pub fn rewrite_config(&self, set: Vec<(&'static str, Value)>) {
         let text = std::fs::read_to_string(&self.config_path).expect("config");

@@ -91,6 +91,22 @@ pub fn backup_sqlite(
 fn copy(source: &Path, to: &Path) -> rusqlite::Result<()> {
     let src = Connection::open_with_flags(source, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
     src.busy_timeout(Duration::from_secs(10))?;
+    // The copy holds every tenant's sessions: created private (mode 0600) before SQLite
+    // writes to it.
+    {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(to)
+            .map_err(|e| {
+                rusqlite::Error::SqliteFailure(
+                    rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CANTOPEN),
+                    Some(format!("{}: {e}", to.display())),
+                )
+            })?;
+    }
     let mut dst = Connection::open(to)?;
     let backup = rusqlite::backup::Backup::new(&src, &mut dst)?;
     backup.run_to_completion(256, Duration::from_millis(5), None)?;

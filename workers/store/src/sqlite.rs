@@ -6,6 +6,7 @@ use crate::migrations::{MIGRATIONS, SCHEMA_TABLE};
 use crate::sessions::{live_since, IdempotencyKey, MergeFn, MergeOutcome, StoredSession};
 use crate::{catalog_conflict, now_ms, StoreError, StoreOptions};
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+use std::os::unix::fs::DirBuilderExt as _;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -57,12 +58,18 @@ fn unavailable(e: impl std::fmt::Display) -> StoreError {
 
 impl SqliteStore {
     pub fn open(opts: &StoreOptions) -> Result<Self, StoreError> {
-        std::fs::create_dir_all(&opts.data_dir).map_err(|e| {
-            StoreError::Config(format!(
-                "cannot create data_dir {}: {e}",
-                opts.data_dir.display()
-            ))
-        })?;
+        // Private: the store holds every tenant's sessions (an existing dir is left as the
+        // operator made it).
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&opts.data_dir)
+            .map_err(|e| {
+                StoreError::Config(format!(
+                    "cannot create data_dir {}: {e}",
+                    opts.data_dir.display()
+                ))
+            })?;
         let path = opts.data_dir.join("firemode.sqlite3");
         let pool = bb8::Pool::builder()
             .max_size(opts.pool_size.clamp(1, 64))
