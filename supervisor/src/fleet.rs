@@ -184,7 +184,9 @@ impl Fleet {
     /// Replaces one instance the rolling way (recycling): a new process for its slot, ready
     /// before the old one drains.
     pub async fn replace(&mut self, old: &Arc<Instance>) -> anyhow::Result<()> {
-        if old.is_gone() || !self.members.iter().any(|m| Arc::ptr_eq(&m.inst, old)) {
+        // Already replaced (a reload rolled it, or a second request for the same instance):
+        // nothing to do.
+        if old.is_retired() || !self.members.iter().any(|m| Arc::ptr_eq(&m.inst, old)) {
             return Ok(());
         }
         let Some(ctx) = self

@@ -320,8 +320,13 @@ impl FrontSettings {
 }
 
 /// One request's way to a worker and back: pick a ready instance (queueing up to
-/// `queue_timeout`), take its whole answer, retry a safe request once on another instance,
-/// and keep the poison and traffic accounting.
+/// `queue_timeout`), take its whole answer, retry a safe request once on another instance
+/// (and any request, any number of times within `queue_timeout`, whose connection failed
+/// before anything was sent), and keep the poison and traffic accounting.
+/// How long a request waits before it tries another instance after a connection that
+/// failed before anything was sent.
+const NEVER_SENT_PAUSE: Duration = Duration::from_millis(10);
+
 struct Exchange<'a> {
     settings: &'a FrontSettings,
     kind: Kind,
@@ -366,45 +371,47 @@ impl Exchange<'_> {
                 found
             }
         };
-        let Some(instance) = picked else {
+        let Some(mut instance) = picked else {
             return Err(self.settings.no_instance(set.next_start_in(), kind));
         };
-        let first_pid = instance.pid();
-        let err = match self.attempt(set, &instance, budget).await? {
-            Ok(resp) => return Ok(resp),
-            Err(e) => e,
-        };
-        tracing::warn!(kind = kind.name(), instance = instance.index, error = %err, retry = self.retryable, "upstream request failed");
-        if let Some(refused) = self.poison.strike(&err, &instance, first_pid, self) {
-            return Err(refused);
-        }
-        if err.is_local() {
-            tracing::error!(kind = kind.name(), error = %err, "cannot buffer a worker's answer");
-            return Err(Problem::unavailable(format!(
-                "the front could not store the answer ({err}); retry shortly"
-            ))
-            .into());
-        }
-        if !self.retryable {
-            return Err(bad_gateway(&err));
-        }
-        metrics::counter!("firemode_upstream_retries_total", "kind" => kind.name()).increment(1);
-        let Some(other) = set
-            .wait_pick(
-                Some((&instance, first_pid)),
-                queue_deadline.max(Instant::now()),
-            )
-            .await
-        else {
-            return Err(bad_gateway(&err));
-        };
-        let other_pid = other.pid();
-        match self.attempt(set, &other, budget).await? {
-            Ok(resp) => Ok(resp),
-            Err(e) => Err(self
-                .poison
-                .strike(&e, &other, other_pid, self)
-                .unwrap_or_else(|| bad_gateway(&e))),
+        let mut retried = false;
+        loop {
+            let pid = instance.pid();
+            let err = match self.attempt(set, &instance, budget).await? {
+                Ok(resp) => return Ok(resp),
+                Err(e) => e,
+            };
+            tracing::warn!(kind = kind.name(), instance = instance.index, error = %err, retry = self.retryable, "upstream request failed");
+            if let Some(refused) = self.poison.strike(&err, &instance, pid, self) {
+                return Err(refused);
+            }
+            if err.is_local() {
+                tracing::error!(kind = kind.name(), error = %err, "cannot buffer a worker's answer");
+                return Err(Problem::unavailable(format!(
+                    "the front could not store the answer ({err}); retry shortly"
+                ))
+                .into());
+            }
+            if err.never_sent() {
+                // Nothing reached a worker (its socket refused or vanished: a process that
+                // just died, a deleted runtime dir): any request may go elsewhere, and this
+                // does not use up the one retry. A short pause keeps two dead sockets from
+                // being tried in a tight loop before the supervisor notices.
+                tokio::time::sleep(NEVER_SENT_PAUSE).await;
+            } else if !self.retryable || retried {
+                return Err(bad_gateway(&err));
+            } else {
+                retried = true;
+            }
+            metrics::counter!("firemode_upstream_retries_total", "kind" => kind.name())
+                .increment(1);
+            let Some(next) = set
+                .wait_pick(Some((&instance, pid)), queue_deadline.max(Instant::now()))
+                .await
+            else {
+                return Err(bad_gateway(&err));
+            };
+            instance = next;
         }
     }
 

@@ -168,6 +168,11 @@ impl Instance {
         self.retired.store(true, Ordering::Release);
     }
 
+    /// Taken out for good (replaced, scaled down, stopping), whether or not it has exited.
+    pub fn is_retired(&self) -> bool {
+        self.retired.load(Ordering::Acquire)
+    }
+
     /// Retired and stopped: nothing left to report.
     pub fn is_gone(&self) -> bool {
         self.retired.load(Ordering::Acquire) && self.state() == InstanceState::Stopped

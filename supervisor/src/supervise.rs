@@ -238,6 +238,13 @@ async fn run_child(
                         alive = true;
                     }
                     Probe::NoSocket if starting => {}
+                    // Its socket file is gone (a tmp cleaner, a deleted runtime dir): it serves
+                    // the connections it has but can take no new one. Replaced the rolling
+                    // way (the new process ready first), so nothing in flight fails.
+                    Probe::NoSocket if inst.ask_recycle() => {
+                        tracing::warn!(kind = inst.kind.name(), instance = inst.index, "its socket is gone; replacing the instance");
+                        let _ = ctx.recycle.send(inst.clone());
+                    }
                     Probe::NoSocket | Probe::Failed(_) => {
                         let reason = match result {
                             Probe::Failed(r) => r,

@@ -56,6 +56,15 @@ impl UpstreamError {
         )
     }
 
+    /// Nothing of the request reached a worker (the connection or its handshake failed):
+    /// safe to send anywhere else, whatever the method.
+    pub fn never_sent(&self) -> bool {
+        matches!(
+            self,
+            UpstreamError::Connect(_) | UpstreamError::Handshake(_)
+        )
+    }
+
     /// The worker is not to blame (the front could not store the answer).
     pub fn is_local(&self) -> bool {
         matches!(self, UpstreamError::Answer(TakeError::Spill { .. }))

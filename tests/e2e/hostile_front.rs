@@ -748,3 +748,83 @@ async fn stalled_readers_cost_little_memory_each() {
     );
     drop(stalled);
 }
+
+/// Worker sockets that vanish (a tmp cleaner in the runtime dir) refuse connections until
+/// the supervisor replaces the instances: a request that reached no worker waits for one
+/// instead of failing, so clients see no error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vanished_worker_sockets_cost_no_failed_request() {
+    let sys = TestSystem::start(SystemOptions::default()).await;
+    sys.wait_all_ready().await;
+    let t = token("tech", Some("acme"));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        let (stop, t, front) = (stop.clone(), t.clone(), sys.front);
+        clients.push(tokio::spawn(async move {
+            let mut failures = Vec::new();
+            let mut sent = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                sent += 1;
+                let r = request(
+                    front,
+                    Method::POST,
+                    "/v1/classify",
+                    &[("authorization", &format!("Bearer {t}"))],
+                    r#"{"item_code":"FE-DCP","observed_condition":"pressure_low"}"#,
+                )
+                .await;
+                match r {
+                    Ok(r) if r.status == 200 => {}
+                    Ok(r) => {
+                        failures.push(format!("{} {}", r.status, String::from_utf8_lossy(&r.body)))
+                    }
+                    Err(e) => failures.push(e.to_string()),
+                }
+            }
+            (sent, failures)
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let before: Vec<u64> = sys
+        .instances("classify")
+        .await
+        .iter()
+        .filter_map(|i| i["pid"].as_u64())
+        .collect();
+    for entry in std::fs::read_dir(sys.dir.join("run"))
+        .expect("runtime dir")
+        .flatten()
+    {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with("classify") && name.ends_with(".sock") {
+            std::fs::remove_file(entry.path()).expect("remove socket");
+        }
+    }
+    eventually(
+        "both classify instances replaced and ready",
+        Duration::from_secs(20),
+        || async {
+            let now = sys.instances("classify").await;
+            let replaced = now.iter().all(|i| {
+                i["state"] == "ready" && !before.contains(&i["pid"].as_u64().unwrap_or(0))
+            });
+            replaced.then_some(())
+        },
+    )
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut sent = 0;
+    let mut failures = Vec::new();
+    for c in clients {
+        let (n, f) = c.await.expect("client");
+        sent += n;
+        failures.extend(f);
+    }
+    assert!(sent > 20, "the clients sent only {sent} requests");
+    assert!(
+        failures.is_empty(),
+        "{} of {sent} failed: {failures:?}",
+        failures.len()
+    );
+}
