@@ -24,26 +24,15 @@ pub struct Access<'a> {
 /// Writes the line: `access` with `method`, `route`, `status`, `duration_ms`,
 /// `request_id` and, when known, `bytes`.
 pub fn record(a: &Access<'_>) {
-    let duration_ms = a.elapsed.as_secs_f64() * 1000.0;
-    match a.bytes {
-        Some(bytes) => tracing::info!(
-            target: TARGET,
-            method = %a.method,
-            route = a.route,
-            status = a.status.as_u16(),
-            duration_ms,
-            request_id = a.request_id,
-            bytes,
-            "access"
-        ),
-        None => tracing::info!(
-            target: TARGET,
-            method = %a.method,
-            route = a.route,
-            status = a.status.as_u16(),
-            duration_ms,
-            request_id = a.request_id,
-            "access"
-        ),
-    }
+    // An `Option` field is recorded only when `Some`.
+    tracing::info!(
+        target: TARGET,
+        method = %a.method,
+        route = a.route,
+        status = a.status.as_u16(),
+        duration_ms = a.elapsed.as_secs_f64() * 1000.0,
+        request_id = a.request_id,
+        bytes = a.bytes,
+        "access"
+    );
 }
