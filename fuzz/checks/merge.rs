@@ -136,6 +136,7 @@ fn generate(bytes: &mut Bytes<'_>) -> Vec<Generated> {
             .collect();
         let batch = Batch {
             replica_id: name.to_owned(),
+            replica_named: true,
             clock,
             timestamp_ms,
             changes,

@@ -83,14 +83,16 @@ pub fn check(data: &[u8]) {
             Change::Remove { path } => json!({"op": "remove", "path": path.as_str()}),
         })
         .collect();
-    let written = json!({
+    let mut written = json!({
         "changes": changes,
         "_sync_meta": {
-            "replica_id": batch.replica_id,
             "vector_clock": batch.clock,
             "timestamp": batch.timestamp_ms,
         },
     });
+    if batch.replica_named {
+        written["_sync_meta"]["replica_id"] = json!(batch.replica_id);
+    }
     let written =
         serde_json::to_vec(&written).unwrap_or_else(|e| panic!("a batch serializes: {e}"));
     match parse_batch(&written, &ctx) {

@@ -332,7 +332,7 @@ async fn check_sync_contract(sys: &TestSystem) {
         ),
         (
             "B1",
-            json!({"changes": [], "_sync_meta": {"vector_clock": {"tablet-7": 0}}}),
+            json!({"changes": [], "_sync_meta": {"replica_id": "tablet-7", "vector_clock": {"tablet-7": 0}}}),
             "0",
         ),
     ] {
@@ -366,6 +366,47 @@ async fn check_sync_contract(sys: &TestSystem) {
     r.problem(400);
     // Wrong method.
     get(f, &t, &results_path("B1"), &[]).await.problem(405);
+
+    check_overwritten_values_stay_gone(sys).await;
+}
+
+/// Design §3: `set /a 5`, `set /a/b 1`, `remove /a/b` reads `{"a":{}}`, never 5; and two
+/// tablets of one technician that send no `replica_id` are concurrent: the edit made later
+/// wins even when it arrives first, and the conflict is reported.
+async fn check_overwritten_values_stay_gone(sys: &TestSystem) {
+    let f = sys.front;
+    let t = token("tech-9", Some("acme"));
+    let steps = [
+        batch("t9", json!({}), 1_000, json!([set("/a", json!(5))])),
+        batch("t9", json!({}), 1_001, json!([set("/a/b", json!(1))])),
+        batch(
+            "t9",
+            json!({}),
+            1_002,
+            json!([{"op": "remove", "path": "/a/b"}]),
+        ),
+    ];
+    for (i, body) in steps.iter().enumerate() {
+        post_ok(f, &t, "GONE", Some(&format!("k-gone-{i}")), body).await;
+    }
+    assert_eq!(document(f, &t, "GONE").await["document"], json!({"a": {}}));
+
+    let unnamed = |ts: u64, value: &str| {
+        json!({"changes": [set("/door", json!(value))],
+               "_sync_meta": {"vector_clock": {}, "timestamp": ts}})
+    };
+    // Tablet A's edit was made at t=2000 and arrives first; tablet B's at t=1000 arrives last.
+    post_ok(f, &t, "TWO", Some("k-tab-a"), &unnamed(2_000, "closed")).await;
+    let late = post_ok(f, &t, "TWO", Some("k-tab-b"), &unnamed(1_000, "open"))
+        .await
+        .json();
+    assert_eq!(late["vector_clock"], json!({"tech-9": 2}));
+    assert_eq!(late["conflicts_total"], 1, "{late}");
+    assert_eq!(late["conflicts"][0]["winner"]["value"], "closed", "{late}");
+    assert_eq!(
+        document(f, &t, "TWO").await["document"],
+        json!({"door": "closed"})
+    );
 }
 
 #[tokio::test]
@@ -497,6 +538,7 @@ async fn two_supervisors_on_one_postgres_converge() {
         let changes = serde_json::from_value(body["changes"].clone()).unwrap();
         let batch = firemode_merge::Batch {
             replica_id: meta["replica_id"].as_str().unwrap().to_string(),
+            replica_named: true,
             clock: serde_json::from_value(meta["vector_clock"].clone()).unwrap(),
             timestamp_ms: meta["timestamp"].as_u64().unwrap(),
             changes,

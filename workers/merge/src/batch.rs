@@ -48,8 +48,14 @@ impl Change {
 /// One event of one replica: its changes, taking effect together and in list order.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Batch {
-    /// The writer (the `_sync_meta.replica_id`, defaulted by the caller).
+    /// The writer (the `_sync_meta.replica_id`, defaulted by the caller to the token's `sub`).
     pub replica_id: String,
+    /// Whether the client named its replica (`_sync_meta.replica_id` was sent). A named replica
+    /// is one device and has seen its own earlier events. A batch without one cannot name its
+    /// device (one technician may carry two tablets): its sequence number is always assigned
+    /// by the server and its causal past is only what its clock names, so two devices of one
+    /// user are concurrent and their conflicts are reported (design §3).
+    pub replica_named: bool,
     /// The client's vector clock as sent (may lack its own entry, then the server assigns the
     /// sequence number).
     pub clock: VectorClock,
@@ -74,7 +80,7 @@ impl Batch {
     /// Checks what the merge itself needs of a batch. Call it before
     /// [`SessionState::apply`](crate::SessionState::apply) and answer 400 on `Err`.
     pub fn validate(&self) -> Result<(), InvalidBatch> {
-        if self.clock.get(&self.replica_id) == Some(&0) {
+        if self.replica_named && self.clock.get(&self.replica_id) == Some(&0) {
             return Err(InvalidBatch::ZeroSequence {
                 replica_id: self.replica_id.clone(),
             });
@@ -83,9 +89,14 @@ impl Batch {
     }
 
     /// The batch's sequence number against a session clock: its own clock entry, or one past
-    /// what the session has seen of the replica when the entry is missing.
+    /// what the session has seen of the replica when the entry is missing or the replica was
+    /// not named.
     pub fn sequence(&self, session_clock: &VectorClock) -> u64 {
-        match self.clock.get(&self.replica_id) {
+        let own = self
+            .clock
+            .get(&self.replica_id)
+            .filter(|_| self.replica_named);
+        match own {
             Some(&sequence) => sequence,
             None => session_clock
                 .get(&self.replica_id)
@@ -96,10 +107,10 @@ impl Batch {
     }
 
     /// Whether the batch's clock covers the event `(replica_id, sequence)` when the batch itself
-    /// has sequence number `own_sequence`: every event it names, and its replica's earlier
+    /// has sequence number `own_sequence`: every event it names, and a named replica's earlier
     /// events whatever the clock says.
     pub(crate) fn covers(&self, own_sequence: u64, replica_id: &str, sequence: u64) -> bool {
-        if replica_id == self.replica_id {
+        if self.replica_named && replica_id == self.replica_id {
             sequence < own_sequence
         } else {
             sequence <= self.clock.get(replica_id).copied().unwrap_or(0)

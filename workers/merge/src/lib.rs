@@ -12,6 +12,7 @@
 //! let mut session = SessionState::default();
 //! let batch = Batch {
 //!     replica_id: "tablet-7".to_owned(),
+//!     replica_named: true, // `_sync_meta.replica_id` was sent: one device
 //!     clock: Default::default(), // `{"vector_clock": {}}`: the server assigns the sequence
 //!     timestamp_ms: 1_763_800_000_000,
 //!     changes: vec![Change::Set {
@@ -34,7 +35,9 @@
 //! * A [`Batch`] is one **event** of replica `r`. Its **dot** is `(r, c)`, where
 //!   `c = batch.clock[r]`, or `session_clock[r] + 1` when the client leaves its own entry out.
 //!   The batch's causal past is every `(q, 1..=clock[q])` plus `(r, 1..c)`: a replica has
-//!   always seen its own earlier events.
+//!   always seen its own earlier events. A batch whose client sent no `replica_id`
+//!   ([`Batch::replica_named`] false) always gets `c = session_clock[r] + 1` and its causal
+//!   past is only what its clock names: two tablets of one user are concurrent.
 //! * **Causal delivery.** A dot the session already covers (`c <= session_clock[r]`) is a
 //!   duplicate and changes nothing. A batch naming events the session has not applied
 //!   (`clock[q] > session_clock[q]` for `q != r`, or `c > session_clock[r] + 1`) is refused
@@ -50,18 +53,22 @@
 //! * **Registers.** Per path the largest-keyed write survives; a write at `/a` (a value or a
 //!   `remove` tombstone) also hides every write under `/a/…` with a smaller key, and hidden
 //!   writes are dropped for good. The surviving set depends only on the set of applied writes.
+//!   A tombstone remembers the largest key of a `set` it hid or replaced: at that key the set
+//!   turned the tombstone's parents into objects, which stays true after the set is gone.
 //! * **Conflicts.** A write conflicts with every held write at its path, an ancestor or a
 //!   descendant whose dot the batch does not cover. Each pair is reported with its winner and
 //!   loser; the order key alone decides who wins.
-//! * **Document.** The surviving writes replayed on `{}` in key order ([`document`] has the
-//!   rules). Every pointer token is an object key: `/a/0` makes `{"a":{"0":…}}`, never an array
+//! * **Document.** The surviving writes replayed on `{}` in key order, with each tombstone's
+//!   remembered parent-making ([`document`] has the rules). This equals replaying *every*
+//!   applied write in key order, so a value overwritten once never comes back. Every pointer token is an object key: `/a/0` makes `{"a":{"0":…}}`, never an array
 //!   element.
 //!
 //! # Invariants
 //!
 //! * Applying any set of batches in any causally valid order, with duplicates and refused
-//!   batches retried later, yields the same [`SessionState`] (compared with `==` and as
-//!   serialized JSON), hence the same document and clock. `tests/convergence.rs` checks it.
+//!   batches retried later, yields the same registers, clock and document; only what a
+//!   tombstone remembers of the sets it hid may differ, never changing the document.
+//!   `tests/convergence.rs` checks it against a model that replays every write.
 //! * `apply` either applies the whole batch or changes nothing.
 //! * The session clock is the pointwise max of the applied dots.
 //!

@@ -163,6 +163,15 @@ impl Winners {
         Some(&self.entries[position].1)
     }
 
+    /// The winner at exactly `tokens`, to update what a tombstone remembers.
+    pub(crate) fn get_mut(&mut self, tokens: &[String]) -> Option<&mut Register> {
+        let position = self
+            .entries
+            .binary_search_by(|(path, _)| path.tokens().cmp(tokens))
+            .ok()?;
+        Some(&mut self.entries[position].1)
+    }
+
     /// Counts every concurrent winner strictly below `write`'s path as a conflict, and lists
     /// as many as the limits leave room for.
     pub(crate) fn record_descendants(&self, write: &Register, conflicts: &mut Conflicts) {

@@ -28,6 +28,34 @@ pub(crate) struct Register {
     pub(crate) timestamp: u64,
     /// Position of the change within its batch.
     pub(crate) index: usize,
+    /// Tombstones only: the largest key of a `set` at this path or below that this tombstone
+    /// hid or replaced. At that key the set turned every parent of `path` into an object, and
+    /// that stays so after the set is gone (design §3: `set /a 5`, `set /a/b 1`, `remove /a/b`
+    /// reads `{"a":{}}`). `None` when no hidden set is known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) parents_made: Option<WriteKey>,
+}
+
+/// A write's place in the order that decides races, owned: (effective timestamp, replica id,
+/// sequence, index in its batch).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub(crate) struct WriteKey {
+    pub(crate) timestamp: u64,
+    pub(crate) replica_id: String,
+    pub(crate) sequence: u64,
+    pub(crate) index: usize,
+}
+
+impl WriteKey {
+    /// The key in its borrowed form, to compare with [`Register::order_key`].
+    pub(crate) fn order_key(&self) -> OrderKey<'_> {
+        OrderKey {
+            timestamp: self.timestamp,
+            replica_id: &self.replica_id,
+            sequence: self.sequence,
+            index: self.index,
+        }
+    }
 }
 
 /// A field that is present in the stored JSON is a value, even when it is `null`.
@@ -62,5 +90,35 @@ impl Register {
     /// Orders two writes by their keys.
     pub(crate) fn cmp_order(&self, other: &Register) -> Ordering {
         self.order_key().cmp(&other.order_key())
+    }
+
+    /// This write's key, owned.
+    pub(crate) fn write_key(&self) -> WriteKey {
+        WriteKey {
+            timestamp: self.timestamp,
+            replica_id: self.replica_id.clone(),
+            sequence: self.sequence,
+            index: self.index,
+        }
+    }
+
+    /// The latest key at which this write, or a `set` it hid, made the parents of its path
+    /// objects: its own key for a `set`, what it remembers for a tombstone.
+    pub(crate) fn parents_made_key(&self) -> Option<WriteKey> {
+        match self.value {
+            Some(_) => Some(self.write_key()),
+            None => self.parents_made.clone(),
+        }
+    }
+
+    /// A tombstone remembers `key` if it is later than what it knew; a `set` needs nothing:
+    /// its own, larger key makes the same parents objects later.
+    pub(crate) fn remember_parents_made(&mut self, key: Option<WriteKey>) {
+        if self.value.is_some() {
+            return;
+        }
+        if key > self.parents_made {
+            self.parents_made = key;
+        }
     }
 }

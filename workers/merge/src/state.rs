@@ -19,8 +19,9 @@ use crate::{Batch, Pointer, VectorClock};
 ///
 /// Invariants:
 /// * `clock[r]` is the number of events of `r` applied (delivery is causal, so they are
-///   `1..=clock[r]`), and `stamps[r]` holds their effective timestamps, `stamps[r][k-1]` for
-///   event `k`, non-decreasing in `k`. Replicas with no event have no entry in either.
+///   `1..=clock[r]`), and `stamps[r][k-1]` is the largest effective timestamp of events
+///   `1..=k` (for a named replica, the stamp of event `k`: its stamps grow). Replicas with no
+///   event have no entry in either.
 /// * `registers` holds, per path, the write with the largest order key, and only writes that no
 ///   write at an ancestor path with a larger key hides. Every register's dot is covered by
 ///   `clock` and its timestamp is its event's stamp.
@@ -29,7 +30,7 @@ use crate::{Batch, Pointer, VectorClock};
 pub struct SessionState {
     /// The pointwise max of the applied dots.
     pub(crate) clock: VectorClock,
-    /// Effective timestamps of every applied event, per replica, in sequence order.
+    /// Per replica, the largest effective timestamp up to each applied event, in sequence order.
     pub(crate) stamps: BTreeMap<String, Vec<u64>>,
     /// The surviving writes, keyed by path (sorted by tokens, so descendants follow a path).
     #[serde(serialize_with = "serialize_registers")]
@@ -170,22 +171,24 @@ impl SessionState {
         if sequence <= seen {
             return Ok(Outcome::Duplicate);
         }
-        let unseen_other = batch
-            .clock
-            .iter()
-            .any(|(other, &count)| other != replica && count > self.seen(other));
-        if sequence > seen.saturating_add(1) || unseen_other {
+        // Every clock entry must name applied events; a named replica's own entry is its dot,
+        // checked against `seen + 1` instead.
+        let unseen = batch.clock.iter().any(|(other, &count)| {
+            (other != replica || !batch.replica_named) && count > self.seen(other)
+        });
+        if sequence > seen.saturating_add(1) || unseen {
             return Err(MissingDependencies {
                 session_clock: self.clock.clone(),
             });
         }
 
         let effective_timestamp = self.effective_timestamp(batch, sequence);
-        // Concurrent: another replica's write from an event the batch does not cover. The
-        // replica's own held writes are its earlier events or this batch's earlier changes.
+        // Concurrent: a write from an event the batch does not cover, other than the batch's
+        // own earlier changes. A named replica covers its own earlier events.
         let is_concurrent = |existing: &Register| {
-            existing.replica_id != batch.replica_id
-                && !batch.covers(sequence, &existing.replica_id, existing.sequence)
+            let same_batch =
+                existing.replica_id == batch.replica_id && existing.sequence == sequence;
+            !same_batch && !batch.covers(sequence, &existing.replica_id, existing.sequence)
         };
         let event = (effective_timestamp, replica, sequence);
         let beats_batch = |existing: &Register| {
@@ -195,7 +198,7 @@ impl SessionState {
                 existing.sequence,
             ) > event
         };
-        let winners = Winners::set_aside(&mut self.registers, beats_batch, is_concurrent);
+        let mut winners = Winners::set_aside(&mut self.registers, beats_batch, is_concurrent);
         let mut conflicts = Conflicts::new(limits);
         let mut applied = 0;
         for (index, change) in batch.changes.iter().enumerate() {
@@ -206,17 +209,21 @@ impl SessionState {
                 sequence,
                 timestamp: effective_timestamp,
                 index,
+                parents_made: None,
             };
-            if self.put(write, &winners, is_concurrent, &mut conflicts) {
+            if self.put(write, &mut winners, is_concurrent, &mut conflicts) {
                 applied += 1;
             }
         }
         winners.restore(&mut self.registers);
         self.clock.insert(batch.replica_id.clone(), sequence);
-        self.stamps
-            .entry(batch.replica_id.clone())
-            .or_default()
-            .push(effective_timestamp);
+        let covered = self.stamps.entry(batch.replica_id.clone()).or_default();
+        let largest = covered
+            .last()
+            .copied()
+            .unwrap_or(0)
+            .max(effective_timestamp);
+        covered.push(largest);
         Ok(Outcome::Applied(Applied {
             dot: (batch.replica_id.clone(), sequence),
             effective_timestamp,
@@ -243,23 +250,26 @@ impl SessionState {
         self.clock.get(replica).copied().unwrap_or(0)
     }
 
-    /// The stamp of event `(replica, sequence)`, if applied.
+    /// The largest stamp of events `(replica, 1..=sequence)`, if applied.
     fn stamp(&self, replica: &str, sequence: u64) -> Option<u64> {
         let position = usize::try_from(sequence.checked_sub(1)?).ok()?;
         self.stamps.get(replica)?.get(position).copied()
     }
 
-    /// `max(timestamp_ms, 1 + the largest stamp of any event the batch covers)`. Stamps grow
-    /// with the sequence number, so the largest covered stamp of replica `q` is the stamp of
-    /// its last covered event.
+    /// `max(timestamp_ms, 1 + the largest stamp of any event the batch covers)`; `stamps` keeps
+    /// per replica the largest stamp up to each event (a named replica's stamps grow with its
+    /// sequence numbers; an unnamed one's two devices need not).
     fn effective_timestamp(&self, batch: &Batch, sequence: u64) -> u64 {
-        let others = batch
+        let named = batch
             .clock
             .iter()
-            .filter(|(other, _)| *other != &batch.replica_id)
+            .filter(|(other, _)| !batch.replica_named || *other != &batch.replica_id)
             .filter_map(|(other, &count)| self.stamp(other, count));
-        let own_previous = self.stamp(&batch.replica_id, sequence.saturating_sub(1));
-        let floor = others.chain(own_previous).max();
+        let own_previous = batch
+            .replica_named
+            .then(|| self.stamp(&batch.replica_id, sequence.saturating_sub(1)))
+            .flatten();
+        let floor = named.chain(own_previous).max();
         match floor {
             Some(floor) => batch.timestamp_ms.max(floor.saturating_add(1)),
             None => batch.timestamp_ms,
@@ -270,17 +280,22 @@ impl SessionState {
     /// writes it hides (same path or below, smaller key), and records a conflict for every
     /// overlapping write `is_concurrent` accepts. Returns whether `write` was stored.
     ///
+    /// A `set` that is hidden or dropped still made its parents objects at its key: the
+    /// tombstone that hides or drops it remembers that key (`Register::parents_made`).
+    ///
     /// `winners` holds the registers set aside for the batch (see [`crate::overlap`]); every
     /// register left in the map has a smaller key than `write`.
     fn put(
         &mut self,
-        write: Register,
-        winners: &Winners,
+        mut write: Register,
+        winners: &mut Winners,
         is_concurrent: impl Fn(&Register) -> bool,
         conflicts: &mut Conflicts,
     ) -> bool {
-        let tokens = write.path.tokens();
-        let mut hidden = false;
+        let tokens = write.path.tokens().to_vec();
+        // The deepest write at an ancestor or the path itself with a larger key, if any. Such
+        // writes are winners: everything left in the map has a smaller key.
+        let mut hider = None;
         // Ancestors, outermost first, then the path itself.
         for depth in 1..=tokens.len() {
             let prefix = &tokens[..depth];
@@ -291,34 +306,39 @@ impl SessionState {
                 if is_concurrent(existing) {
                     conflicts.record(&write, existing);
                 }
-                hidden |= existing.cmp_order(&write).is_gt();
+                if existing.cmp_order(&write).is_gt() {
+                    hider = Some(depth);
+                }
             }
         }
         // Descendants among the winners: counted by range, never replaced.
         winners.record_descendants(&write, conflicts);
-        // Descendants in the map: the entries right after the path that extend its tokens.
-        // Each has a smaller key, so each leaves the map now (when `write` is hidden there are
-        // none: the larger write above would have hidden them too).
+        if let Some(depth) = hider {
+            // Whatever `write` would hide, the larger write above it already hid (there is
+            // nothing of the map below it). A hidden set still made the parents objects.
+            if let Some(hiding) = winners.get_mut(&tokens[..depth]) {
+                hiding.remember_parents_made(write.parents_made_key());
+            }
+            return false;
+        }
+        // Descendants in the map: the entries right after the path that extend its tokens,
+        // and the entry at the path itself. Each has a smaller key and leaves the map now.
+        let below = (Bound::Included(tokens.as_slice()), Bound::Unbounded);
         let mut beaten = Vec::new();
-        let below = (Bound::Excluded(tokens), Bound::Unbounded);
         for (path, existing) in self
             .registers
             .range::<[String], _>(below)
-            .take_while(|(path, _)| path.tokens().starts_with(tokens))
+            .take_while(|(path, _)| path.tokens().starts_with(&tokens))
         {
-            if is_concurrent(existing) {
+            if path.tokens().len() > tokens.len() && is_concurrent(existing) {
                 conflicts.record(&write, existing);
             }
-            if existing.cmp_order(&write).is_lt() {
-                beaten.push(path.clone());
-            }
-        }
-        if hidden {
-            // Whatever `write` would hide, the larger write above it already hid.
-            return false;
+            beaten.push(path.clone());
         }
         for path in beaten {
-            self.registers.remove(&path);
+            if let Some(gone) = self.registers.remove(&path) {
+                write.remember_parents_made(gone.parents_made_key());
+            }
         }
         self.registers.insert(write.path.clone(), write);
         true

@@ -43,16 +43,7 @@ impl TryFrom<StoredSession> for SessionState {
         check_clock_and_stamps(&stored.clock, &stored.stamps)?;
         let mut registers: BTreeMap<Pointer, Register> = BTreeMap::new();
         for register in stored.registers {
-            let stamp = usize::try_from(register.sequence)
-                .ok()
-                .and_then(|sequence| sequence.checked_sub(1))
-                .and_then(|position| stored.stamps.get(&register.replica_id)?.get(position));
-            if stamp != Some(&register.timestamp) {
-                return Err(CorruptState(format!(
-                    "register {} claims event ({:?}, {}) stamped {}, which the stamps do not record",
-                    register.path, register.replica_id, register.sequence, register.timestamp
-                )));
-            }
+            check_register(&register, &stored.stamps)?;
             if let Some(previous) = registers.insert(register.path.clone(), register) {
                 return Err(CorruptState(format!("two registers at {}", previous.path)));
             }
@@ -78,8 +69,43 @@ impl TryFrom<StoredSession> for SessionState {
     }
 }
 
-/// `clock[r]` must count `stamps[r]`, with no empty entries, and stamps must increase (they can
-/// only repeat once saturated at `u64::MAX`).
+/// A register's event, and the hidden `set` a tombstone remembers, must be applied events with
+/// the stamps recorded for them; only a tombstone remembers, and only an earlier write.
+fn check_register(
+    register: &Register,
+    stamps: &BTreeMap<String, Vec<u64>>,
+) -> Result<(), CorruptState> {
+    let stamp_of = |replica: &str, sequence: u64| {
+        usize::try_from(sequence)
+            .ok()
+            .and_then(|sequence| sequence.checked_sub(1))
+            .and_then(|position| stamps.get(replica)?.get(position))
+            .copied()
+    };
+    let within = |replica: &str, sequence: u64, timestamp: u64| {
+        stamp_of(replica, sequence).is_some_and(|largest| timestamp <= largest)
+    };
+    if !within(&register.replica_id, register.sequence, register.timestamp) {
+        return Err(CorruptState(format!(
+            "register {} claims event ({:?}, {}) stamped {}, which the stamps do not allow",
+            register.path, register.replica_id, register.sequence, register.timestamp
+        )));
+    }
+    if let Some(made) = &register.parents_made {
+        let known = within(&made.replica_id, made.sequence, made.timestamp);
+        let earlier = made.order_key() < register.order_key();
+        if register.value.is_some() || !known || !earlier {
+            return Err(CorruptState(format!(
+                "register {} remembers a hidden write ({:?}, {}) that is not an earlier applied event, or is not a tombstone",
+                register.path, made.replica_id, made.sequence
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// `clock[r]` must count `stamps[r]`, with no empty entries, and the stamps (running maxima)
+/// must not decrease.
 fn check_clock_and_stamps(
     clock: &VectorClock,
     stamps: &BTreeMap<String, Vec<u64>>,
@@ -97,13 +123,9 @@ fn check_clock_and_stamps(
                 replica_stamps.len()
             )));
         }
-        let increasing = replica_stamps
-            .windows(2)
-            .all(|pair| pair[0] < pair[1] || pair[1] == u64::MAX);
+        let increasing = replica_stamps.windows(2).all(|pair| pair[0] <= pair[1]);
         if !increasing {
-            return Err(CorruptState(format!(
-                "the stamps of {replica:?} do not increase"
-            )));
+            return Err(CorruptState(format!("the stamps of {replica:?} decrease")));
         }
     }
     Ok(())

@@ -5,7 +5,7 @@ mod support;
 
 use firemode_merge::{InvalidBatch, MissingDependencies, Outcome, SessionState};
 use serde_json::json;
-use support::{apply_new, batch, clock, remove, session, set};
+use support::{apply_new, batch, clock, remove, session, set, unnamed_batch};
 
 #[test]
 fn an_empty_session_is_an_empty_object() {
@@ -185,4 +185,112 @@ fn stamps_are_lifted_over_every_event_the_clock_covers() {
     assert_eq!(applied.effective_timestamp, 401);
     assert_eq!(applied.applied, 0);
     assert_eq!(state.clock(), &clock(&[("a", 2), ("b", 1), ("c", 1)]));
+}
+
+/// Design §3: the document is every write applied in stamp order, so a value overwritten by
+/// a `set` below it never comes back when that `set` is removed, whatever the arrival order.
+#[test]
+fn a_value_overwritten_from_below_never_comes_back() {
+    let histories = [
+        // One replica, in order.
+        vec![
+            batch("a", &[], 1, vec![set("/a", json!(5))]),
+            batch("a", &[], 2, vec![set("/a/b", json!(1))]),
+            batch("a", &[], 3, vec![remove("/a/b")]),
+        ],
+        // Three replicas, each having seen the one before.
+        vec![
+            batch("x", &[], 1, vec![set("/a", json!(5))]),
+            batch("y", &[("x", 1)], 1, vec![set("/a/b/c", json!(1))]),
+            batch("z", &[("x", 1), ("y", 1)], 1, vec![remove("/a/b")]),
+        ],
+        // Within one batch.
+        vec![batch(
+            "a",
+            &[],
+            1,
+            vec![set("/a", json!(5)), set("/a/b", json!(1)), remove("/a/b")],
+        )],
+    ];
+    for history in histories {
+        assert_eq!(
+            session(&history).document(),
+            json!({"a": {}}),
+            "{history:?}"
+        );
+        let mut reversed_deliveries = SessionState::default();
+        // Concurrent copies of the same writes, delivered newest first.
+        for (position, original) in history.iter().enumerate().rev() {
+            let mut concurrent = original.clone();
+            concurrent.replica_id = format!("r{position}");
+            concurrent.clock = clock(&[]);
+            concurrent.timestamp_ms = 10 + position as u64;
+            apply_new(&mut reversed_deliveries, &concurrent);
+        }
+        assert_eq!(reversed_deliveries.document(), json!({"a": {}}));
+    }
+}
+
+/// A conflict's loser never reappears when the winner's child is later removed.
+#[test]
+fn a_conflict_loser_never_reappears() {
+    let loser = batch("a", &[], 10, vec![set("/pump", json!("ok"))]);
+    let winner = batch("b", &[], 20, vec![set("/pump/pressure", json!("low"))]);
+    let cleanup = batch(
+        "b",
+        &[("a", 1), ("b", 2)],
+        30,
+        vec![remove("/pump/pressure")],
+    );
+    for order in [
+        [&loser, &winner, &cleanup],
+        [&winner, &loser, &cleanup],
+        [&winner, &cleanup, &loser],
+    ] {
+        let mut state = SessionState::default();
+        let mut pending: Vec<&_> = order.to_vec();
+        while !pending.is_empty() {
+            // The cleanup waits for the loser it depends on.
+            pending.retain(|batch| state.apply(batch).is_err());
+        }
+        assert_eq!(state.document(), json!({"pump": {}}), "{order:?}");
+    }
+}
+
+/// Two tablets of one technician, neither sending `replica_id`: the second batch is not
+/// taken as having seen the first, so the edit made later wins and the conflict is reported.
+#[test]
+fn two_devices_without_replica_id_are_concurrent() {
+    // Tablet A edits at t=200, tablet B at t=100; B's batch arrives last.
+    let tablet_a = unnamed_batch("tech", &[], 200, vec![set("/door", json!("closed"))]);
+    let tablet_b = unnamed_batch("tech", &[], 100, vec![set("/door", json!("open"))]);
+    let mut state = session(&[tablet_a]);
+    let second = apply_new(&mut state, &tablet_b);
+    assert_eq!(second.dot, ("tech".to_owned(), 2));
+    assert_eq!(second.effective_timestamp, 100, "not lifted above tablet A");
+    assert_eq!(state.document(), json!({"door": "closed"}));
+    assert_eq!(second.conflicts.len(), 1);
+    assert_eq!(second.conflicts[0].winner.value, Some(json!("closed")));
+    assert_eq!(state.clock(), &clock(&[("tech", 2)]));
+
+    // A tablet that names what it saw ("tech": 2) is ordered after it, with no conflict.
+    let seen = unnamed_batch(
+        "tech",
+        &[("tech", 2)],
+        50,
+        vec![set("/door", json!("fixed"))],
+    );
+    let third = apply_new(&mut state, &seen);
+    assert_eq!(third.dot, ("tech".to_owned(), 3));
+    assert_eq!(third.effective_timestamp, 201);
+    assert!(third.conflicts.is_empty());
+    assert_eq!(state.document(), json!({"door": "fixed"}));
+
+    // Naming an event the session has not seen is refused.
+    let ahead = unnamed_batch("tech", &[("tech", 9)], 50, vec![]);
+    assert!(state.apply(&ahead).is_err());
+    // With replica_id, the same sender is one device that has seen its own past.
+    let named = batch("tech", &[], 10, vec![set("/door", json!("named"))]);
+    let fourth = apply_new(&mut state, &named);
+    assert_eq!(fourth.effective_timestamp, 202);
 }

@@ -66,9 +66,20 @@ fn a_saved_state_round_trips_and_a_corrupt_one_is_refused() {
     corrupt(&|value| value["stamps"]["b"] = json!([11, 12]));
     corrupt(&|value| {
         value["clock"]["b"] = json!(2);
-        value["stamps"]["b"] = json!([11, 11]);
+        value["stamps"]["b"] = json!([11, 10]);
     });
     corrupt(&|value| value["registers"][0]["timestamp"] = json!(99));
+    // What a tombstone remembers must be an earlier applied write, and only tombstones remember.
+    let made = json!({"timestamp": 10, "replica_id": "a", "sequence": 1, "index": 0});
+    corrupt(&|value| value["registers"][0]["parents_made"] = made.clone());
+    corrupt(&|value| {
+        value["registers"][2]["parents_made"] =
+            json!({"timestamp": 11, "replica_id": "b", "sequence": 1, "index": 0})
+    });
+    corrupt(&|value| {
+        value["registers"][2]["parents_made"] =
+            json!({"timestamp": 10, "replica_id": "zz", "sequence": 1, "index": 0})
+    });
     corrupt(&|value| value["registers"][0]["sequence"] = json!(0));
     corrupt(&|value| value["registers"][0]["path"] = json!("no-slash"));
     corrupt(&|value| value["surprise"] = json!(1));

@@ -67,9 +67,9 @@ pub fn batch_from_value(value: &Value, ctx: &RequestContext<'_>) -> Result<Batch
             )
         }
     };
-    let replica_id = match meta.get("replica_id") {
-        None | Some(Value::Null) => ctx.subject.to_string(),
-        Some(Value::String(s)) => s.clone(),
+    let (replica_id, replica_named) = match meta.get("replica_id") {
+        None | Some(Value::Null) => (ctx.subject.to_string(), false),
+        Some(Value::String(s)) => (s.clone(), true),
         Some(_) => return Err("`_sync_meta.replica_id` must be a string".into()),
     };
     check_replica_id(&replica_id, "`_sync_meta.replica_id`")?;
@@ -90,6 +90,7 @@ pub fn batch_from_value(value: &Value, ctx: &RequestContext<'_>) -> Result<Batch
     };
     let batch = Batch {
         replica_id,
+        replica_named,
         clock,
         timestamp_ms,
         changes,

@@ -44,9 +44,23 @@ pub fn batch(
 ) -> Batch {
     Batch {
         replica_id: replica.to_owned(),
+        replica_named: true,
         clock: clock(sent_clock),
         timestamp_ms,
         changes,
+    }
+}
+
+/// A batch sent without `replica_id`: the server used the token's `sub` (`subject`).
+pub fn unnamed_batch(
+    subject: &str,
+    sent_clock: &[(&str, u64)],
+    timestamp_ms: u64,
+    changes: Vec<Change>,
+) -> Batch {
+    Batch {
+        replica_named: false,
+        ..batch(subject, sent_clock, timestamp_ms, changes)
     }
 }
 
