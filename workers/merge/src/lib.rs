@@ -78,6 +78,7 @@
 //! * `batch`: what a client sends ([`Batch`], [`Change`]) and its validation.
 //! * [`state`]: [`SessionState`] and [`SessionState::apply`], registers and conflicts.
 //! * [`document`]: replaying the registers into plain JSON.
+//! * [`delta`]: the changes a client at an older clock needs ([`SessionState::changes_since`]).
 //! * `overlap`: a write's overlapping registers found by range, conflicts capped and counted.
 //! * `register`, `stored`: the stored write and the checked deserialization of a saved state.
 
@@ -85,6 +86,7 @@
 #![warn(missing_docs, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod batch;
+pub mod delta;
 pub mod document;
 mod overlap;
 pub mod pointer;
@@ -93,6 +95,7 @@ pub mod state;
 mod stored;
 
 pub use batch::{Batch, Change, InvalidBatch};
+pub use delta::SinceAhead;
 pub use overlap::ReportLimits;
 pub use pointer::{Pointer, PointerError, MAX_POINTER_DEPTH};
 pub use state::{Applied, Conflict, ConflictSide, MissingDependencies, Outcome, SessionState};

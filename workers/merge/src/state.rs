@@ -6,10 +6,11 @@ use std::ops::Bound;
 use serde::{Serialize, Serializer};
 use serde_json::Value;
 
+use crate::delta::{changes_since, check_since, SinceAhead};
 use crate::document::materialise;
 use crate::overlap::{Conflicts, ReportLimits, Winners};
 use crate::register::Register;
-use crate::{Batch, Pointer, VectorClock};
+use crate::{Batch, Change, Pointer, VectorClock};
 
 /// Everything the merge remembers about one session.
 ///
@@ -142,6 +143,21 @@ impl SessionState {
     /// session is `{}`. See [`crate::document`] for the replay rules.
     pub fn document(&self) -> Value {
         materialise(self.registers.values())
+    }
+
+    /// The changes that take the document of exactly the batches `since` covers to this
+    /// session's document (design §3, `GET …/changes`): applied in order (`set` writes the value,
+    /// creating missing parents and replacing non-object ones; `remove` deletes the key if
+    /// present), they give [`SessionState::document`]. Empty when `since` covers the clock;
+    /// `since = {}` rebuilds the document from nothing. Refused when `since` names events the
+    /// session has not applied. See [`crate::delta`].
+    pub fn changes_since(&self, since: &VectorClock) -> Result<Vec<Change>, SinceAhead> {
+        check_since(since, &self.clock)?;
+        Ok(changes_since(
+            self.registers.values(),
+            &self.document(),
+            since,
+        ))
     }
 
     /// Applies one batch with the rules of design §3; on `Err` nothing changed.

@@ -2,6 +2,7 @@
 
 #![allow(dead_code)] // Each test binary uses its own subset.
 
+pub mod history;
 pub mod model;
 
 use firemode_merge::{Applied, Batch, Change, Outcome, Pointer, SessionState, VectorClock};
