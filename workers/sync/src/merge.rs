@@ -120,3 +120,82 @@ fn answer(
     })
     .to_string()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::request::{parse_batch, RequestContext};
+    use serde_json::Value;
+    use std::time::Duration;
+
+    fn input(subject: &str, body: &str) -> MergeInput {
+        let ctx = RequestContext {
+            subject,
+            now_ms: 1_000,
+            max_clock_skew: Duration::from_secs(300),
+            max_changes: 10,
+        };
+        MergeInput {
+            session_id: "S".into(),
+            subject: subject.into(),
+            batch: parse_batch(body.as_bytes(), &ctx).expect("test batch"),
+            limits: ReportLimits {
+                max_conflicts: 10,
+                max_bytes: CONFLICT_BYTES_FLOOR,
+            },
+        }
+    }
+
+    fn body(step: &MergeStep) -> Value {
+        serde_json::from_str(&step.body).expect("answer is JSON")
+    }
+
+    const SET: &str =
+        r#"{"changes":[{"op":"set","path":"/a","value":1}],"_sync_meta":{"replica_id":"t1"}}"#;
+
+    #[test]
+    fn a_batch_is_applied_then_a_duplicate_changes_nothing() {
+        let first = merge_batch(&input("alice", SET), None);
+        assert_eq!((first.status, first.remember), (200, true));
+        assert_eq!(body(&first)["applied"], 1);
+        assert_eq!(body(&first)["vector_clock"]["t1"], 1);
+        let stored = first.new_state.expect("a new state");
+        let dup = r#"{"changes":[{"op":"set","path":"/a","value":1}],"_sync_meta":{"replica_id":"t1","vector_clock":{"t1":1}}}"#;
+        let again = merge_batch(&input("alice", dup), Some(&stored));
+        assert_eq!((again.status, again.remember), (200, true));
+        assert!(again.new_state.is_none());
+        assert_eq!(body(&again)["applied"], 0);
+        assert_eq!(body(&again)["conflicts"], serde_json::json!([]));
+    }
+
+    /// Refusals change nothing and are not remembered under the key.
+    #[test]
+    fn refusals_are_problems_that_are_not_remembered() {
+        let unreadable = merge_batch(&input("alice", SET), Some("{not json"));
+        assert_eq!((unreadable.status, unreadable.remember), (500, false));
+        assert!(unreadable.new_state.is_none());
+        assert_eq!(
+            body(&unreadable)["detail"],
+            "the stored session is unreadable; the batch was not applied"
+        );
+
+        let stored = merge_batch(&input("alice", SET), None)
+            .new_state
+            .expect("state");
+        let owned = merge_batch(&input("bob", SET), Some(&stored));
+        assert_eq!((owned.status, owned.remember), (403, false));
+        assert_eq!(
+            body(&owned)["type"],
+            "tag:firemode,2026:problem/replica-owned"
+        );
+        assert!(body(&owned)["detail"]
+            .as_str()
+            .is_some_and(|d| d.starts_with("replica_id \"t1\" was first used")));
+
+        let ahead = r#"{"changes":[],"_sync_meta":{"replica_id":"t2","vector_clock":{"t9":3}}}"#;
+        let sync_first = merge_batch(&input("alice", ahead), Some(&stored));
+        assert_eq!((sync_first.status, sync_first.remember), (409, false));
+        assert_eq!(body(&sync_first)["title"], "Sync first");
+        assert_eq!(body(&sync_first)["vector_clock"]["t1"], 1);
+    }
+}

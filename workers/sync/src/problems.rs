@@ -141,3 +141,48 @@ impl From<BundleError> for Problem {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::Value;
+
+    fn body(p: Problem) -> Value {
+        serde_json::from_slice(&p.to_bytes()).expect("problem is JSON")
+    }
+
+    #[test]
+    fn a_405_names_the_allowed_methods() {
+        let r = method_not_allowed("GET, HEAD");
+        assert_eq!(r.status(), StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(r.headers()[header::ALLOW], "GET, HEAD");
+    }
+
+    #[test]
+    fn errors_keep_their_answers() {
+        let too_large = body(
+            BundleError::TooLarge {
+                bytes: 10,
+                limit: 5,
+            }
+            .into(),
+        );
+        assert_eq!(too_large["status"], 422);
+        assert_eq!(too_large["bundle_bytes"], 10);
+        assert_eq!(too_large["max_bundle_bytes"], 5);
+        assert_eq!(too_large["detail"], "the bundle for this session would be 10 bytes, over sync.max_bundle_bytes (5); split the session or raise the limit");
+        let missing = body(CallerError::Missing.into());
+        assert_eq!(missing["status"], 401);
+        assert_eq!(
+            body(KeyError::Malformed.into())["detail"],
+            "Idempotency-Key must be 1-255 visible ASCII characters"
+        );
+        let busy = body(merge_problem(StoreError::Busy("lock timeout".into())));
+        assert_eq!(
+            (busy["status"].as_u64(), busy["title"].as_str()),
+            (Some(409), Some("Still in flight"))
+        );
+        let down = body(merge_problem(StoreError::Unavailable("down".into())));
+        assert_eq!(down["status"], 503);
+    }
+}
