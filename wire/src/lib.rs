@@ -6,15 +6,18 @@
 //! * [`problem`]: `application/problem+json` bodies and responses.
 //! * [`ids`]: session ids and request ids.
 //! * [`identity`]: the verified caller across the hop, and its tenant.
+//! * [`route`]: the sessions API's paths (`/v1/tests/sessions/{id}[/resource]`).
 //!
 //! Architecture invariant: nothing here does I/O or knows about sockets.
 
 pub mod identity;
 pub mod ids;
 pub mod problem;
+pub mod route;
 
 pub use identity::{Identity, IDENTITY};
 pub use problem::Problem;
+pub use route::{SessionPath, SessionResource, SESSIONS_PREFIX};
 
 /// Request id header, echoed on every response.
 pub const REQUEST_ID: &str = "x-request-id";

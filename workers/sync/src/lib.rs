@@ -1,6 +1,45 @@
-//! The sync worker's pure parts, as a library so they are tested and fuzzed directly:
-//! reading a sync request ([`request`]) and building the offline bundle ([`bundle`]).
-//! The binary (`main.rs`) holds the routes and the store calls.
+//! The sync worker (`firemode-sync`): merges offline test-session edits from many tablets
+//! and serves offline bundles. The binary (`main.rs`) only wires this library.
+//!
+//! * `POST /v1/tests/sessions/{id}/results` — one batch, merged by the CRDT of
+//!   `firemode-merge` inside one store transaction with its `Idempotency-Key` record.
+//! * `GET /v1/tests/sessions/{id}` — the merged document and the session clock.
+//! * `GET /v1/tests/sessions/{id}/offline_bundle` — session + catalog for offline work.
+//!
+//! Sessions belong to a tenant: the token's `org` (`org:<org>`), or for a token without one
+//! its subject alone (`sub:<sub>`), byte for byte (`firemode_wire::identity`). No request can
+//! name another tenant's session.
+//!
+//! # Layout
+//! * [`app`]: the `App` the worker runtime serves, and what it starts with.
+//! * [`routes`]: path, id, caller and method checks, then one handler per endpoint.
+//! * [`caller`]: the verified caller and their tenant, from the front's identity header.
+//! * [`problems`]: every problem+json answer, and the store's errors mapped to them.
+//! * [`request`]: a request body into a `Batch` (pure; fuzzed).
+//! * [`idempotency`]: the `Idempotency-Key` rule and the request fingerprint.
+//! * [`results`]: `POST …/results`, from key and body to the answer.
+//! * [`merge`]: the merge step the store runs under the session's lock (no I/O).
+//! * [`session`]: session reads (the stored state decoded, the session as JSON, `GET`).
+//! * [`bundle`]: the offline bundle's pure parts; [`bundle_http`]: its route.
+//! * [`commands`]: the one-shot `--check-store` and `--backup FILE`.
 
+#![forbid(unsafe_code)]
+
+pub mod app;
 pub mod bundle;
+pub mod bundle_http;
+pub mod caller;
+pub mod commands;
+pub mod idempotency;
+pub mod merge;
+pub mod problems;
 pub mod request;
+pub mod results;
+pub mod routes;
+pub mod session;
+
+pub use app::SyncApp;
+pub use commands::Command;
+
+/// The response type of every handler.
+pub type HttpResponse = http::Response<http_body_util::Full<bytes::Bytes>>;

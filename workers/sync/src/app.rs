@@ -1,0 +1,98 @@
+//! The sync worker as a `firemode_worker::App`: its shared state (store, config, the
+//! rendered catalog), what it starts with (metric descriptions, the catalog follower that
+//! makes it ready, the idempotency purge), and the hand-off of each request to [`routes`].
+//!
+//! [`routes`]: crate::routes
+
+use crate::bundle_http::RenderedCatalog;
+use crate::{routes, HttpResponse};
+use arc_swap::ArcSwapOption;
+use bytes::Bytes;
+use firemode_config::Config;
+use firemode_store::Store;
+use firemode_worker::{App, WorkerContext};
+use http::request::Parts;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How often expired idempotency records are deleted.
+const PURGE_EVERY: Duration = Duration::from_secs(60);
+
+/// What every request of the sync worker shares.
+pub struct SyncApp {
+    pub store: Store,
+    pub config: Arc<Config>,
+    /// The catalog the bundle embeds; `None` until the first one is installed.
+    pub catalog: Arc<ArcSwapOption<RenderedCatalog>>,
+}
+
+impl SyncApp {
+    /// Builds the app once the store handle exists; ready once the catalog is loaded.
+    pub async fn start(ctx: WorkerContext) -> anyhow::Result<SyncApp> {
+        describe_metrics();
+        let catalog = follow_catalog(&ctx)?;
+        let (store, ttl) = (ctx.store.clone(), ctx.config.sync.idempotency_ttl.get());
+        tokio::spawn(purge_idempotency(store, ttl));
+        Ok(SyncApp {
+            store: ctx.store,
+            config: ctx.config,
+            catalog,
+        })
+    }
+}
+
+impl App for SyncApp {
+    async fn handle(&self, req: Parts, body: Bytes) -> HttpResponse {
+        routes::handle(self, req, body).await
+    }
+}
+
+fn describe_metrics() {
+    use metrics::{describe_counter, describe_histogram, Unit};
+    describe_counter!(
+        "crdt_conflicts_total",
+        "Concurrent writes resolved by the merge"
+    );
+    describe_histogram!(
+        "sync_latency_seconds",
+        Unit::Seconds,
+        "Sync merge requests, by client type"
+    );
+    describe_histogram!(
+        "offline_bundle_bytes",
+        Unit::Bytes,
+        "Offline bundle sizes before compression"
+    );
+    metrics::counter!("crdt_conflicts_total").absolute(0);
+}
+
+/// Installs the configured catalog and follows the store's current one, rendering each
+/// version once; the worker is ready once the first is in.
+fn follow_catalog(ctx: &WorkerContext) -> anyhow::Result<Arc<ArcSwapOption<RenderedCatalog>>> {
+    let configured = firemode_worker::catalog::configured_catalog(&ctx.config.catalog.file)?;
+    let catalog: Arc<ArcSwapOption<RenderedCatalog>> = Arc::default();
+    let (slot, readiness) = (catalog.clone(), ctx.readiness.clone());
+    tokio::spawn(firemode_worker::catalog::install_and_follow(
+        ctx.store.clone(),
+        configured,
+        ctx.config.catalog.refresh_interval.get(),
+        move |stored| {
+            slot.store(Some(Arc::new(RenderedCatalog {
+                version: stored.version,
+                json: Bytes::from(stored.catalog.to_json()),
+            })));
+            readiness.set_app_ready(true);
+        },
+    ));
+    Ok(catalog)
+}
+
+/// Expired idempotency records go away in the background (lookups ignore them anyway).
+async fn purge_idempotency(store: Store, ttl: Duration) {
+    loop {
+        tokio::time::sleep(PURGE_EVERY).await;
+        if let Err(e) = store.purge_idempotency(ttl).await {
+            tracing::debug!(error = %e, "purging idempotency records failed");
+        }
+    }
+}

@@ -1,0 +1,201 @@
+//! The merge step: the closure the store runs under the session's lock on the stored state.
+//! It checks the replica's owner, applies the batch with `firemode-merge`, and decides the
+//! answer and whether it is remembered under the idempotency key. No I/O.
+
+use crate::session;
+use firemode_merge::{
+    Applied, Batch, Conflict, MissingDependencies, Outcome, ReportLimits, SessionState,
+};
+use firemode_store::{MergeFn, MergeStep};
+use firemode_wire::Problem;
+use serde_json::json;
+
+/// The listed conflicts of an answer take at most about this many bytes, or the request
+/// body's size when larger: an answer stays within a small multiple of its request.
+pub const CONFLICT_BYTES_FLOOR: usize = 64 * 1024;
+
+/// What the merge closure needs besides the stored state.
+pub struct MergeInput {
+    pub session_id: String,
+    /// The caller's `sub`: the owner a new replica gets, and who must own an old one.
+    pub subject: String,
+    pub batch: Batch,
+    /// `sync.max_conflicts_reported`, and a byte budget for the listed conflicts.
+    pub limits: ReportLimits,
+}
+
+/// Why a batch was refused without changing the session. Refusals are not remembered under
+/// the idempotency key: the client's retry, after fixing what was wrong, must be merged.
+#[derive(Debug, thiserror::Error)]
+pub enum Refusal {
+    #[error("the stored session is unreadable; the batch was not applied")]
+    Unreadable(#[from] session::UnreadableState),
+    #[error("replica_id {replica:?} was first used in this session by another user; every device sends its own replica_id (or none, to write as your own user)")]
+    ReplicaOwned { replica: String },
+    /// "Sync first": the batch's clock names events the session lacks.
+    #[error("the batch's vector clock names events this session has not seen; fetch the session, merge, and send again")]
+    MissingDependencies(#[from] MissingDependencies),
+}
+
+/// The closure for `Store::merge_session`.
+pub fn closure(input: MergeInput) -> MergeFn {
+    Box::new(move |stored: Option<&str>| merge_batch(&input, stored))
+}
+
+/// The merge, run by the store under the session's lock.
+pub fn merge_batch(input: &MergeInput, stored: Option<&str>) -> MergeStep {
+    apply(input, stored).unwrap_or_else(|refusal| {
+        let problem = Problem::from(refusal);
+        MergeStep {
+            new_state: None,
+            status: problem.status.as_u16(),
+            body: String::from_utf8_lossy(&problem.to_bytes()).into_owned(),
+            remember: false,
+        }
+    })
+}
+
+fn apply(input: &MergeInput, stored: Option<&str>) -> Result<MergeStep, Refusal> {
+    let session_id = input.session_id.as_str();
+    let mut state = session::decode(session_id, stored)?;
+    let replica = input.batch.replica_id.as_str();
+    if state
+        .owner(replica)
+        .is_some_and(|owner| owner != input.subject)
+    {
+        return Err(Refusal::ReplicaOwned {
+            replica: replica.to_owned(),
+        });
+    }
+    Ok(match state.apply_reporting(&input.batch, input.limits)? {
+        Outcome::Applied(applied) => {
+            record_conflicts(session_id, &applied);
+            state.claim(replica, &input.subject);
+            let (count, listed, total) =
+                (applied.applied, &applied.conflicts, applied.conflicts_total);
+            MergeStep {
+                new_state: Some(serde_json::to_string(&state).unwrap_or_default()),
+                status: 200,
+                body: answer(session_id, &state, count, listed, total),
+                remember: true,
+            }
+        }
+        // Already applied: nothing changes, and the answer says so.
+        Outcome::Duplicate => MergeStep {
+            new_state: None,
+            status: 200,
+            body: answer(session_id, &state, 0, &[], 0),
+            remember: true,
+        },
+    })
+}
+
+/// The `crdt_conflicts_total` counter and a log line when writes were resolved.
+fn record_conflicts(session_id: &str, applied: &Applied) {
+    metrics::counter!("crdt_conflicts_total").increment(applied.conflicts_total);
+    if applied.conflicts_total > 0 {
+        tracing::info!(
+            session_id,
+            conflicts = applied.conflicts_total,
+            "concurrent writes resolved"
+        );
+    }
+}
+
+/// The 200 answer: the session clock after the batch, how many changes took effect, the
+/// conflicts listed and how many there were in all.
+fn answer(
+    session_id: &str,
+    state: &SessionState,
+    applied: usize,
+    conflicts: &[Conflict],
+    conflicts_total: u64,
+) -> String {
+    json!({
+        "session_id": session_id,
+        "vector_clock": state.clock(),
+        "applied": applied,
+        "conflicts": conflicts,
+        "conflicts_total": conflicts_total,
+    })
+    .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::request::{parse_batch, RequestContext};
+    use serde_json::Value;
+    use std::time::Duration;
+
+    fn input(subject: &str, body: &str) -> MergeInput {
+        let ctx = RequestContext {
+            subject,
+            now_ms: 1_000,
+            max_clock_skew: Duration::from_secs(300),
+            max_changes: 10,
+        };
+        MergeInput {
+            session_id: "S".into(),
+            subject: subject.into(),
+            batch: parse_batch(body.as_bytes(), &ctx).expect("test batch"),
+            limits: ReportLimits {
+                max_conflicts: 10,
+                max_bytes: CONFLICT_BYTES_FLOOR,
+            },
+        }
+    }
+
+    fn body(step: &MergeStep) -> Value {
+        serde_json::from_str(&step.body).expect("answer is JSON")
+    }
+
+    const SET: &str =
+        r#"{"changes":[{"op":"set","path":"/a","value":1}],"_sync_meta":{"replica_id":"t1"}}"#;
+
+    #[test]
+    fn a_batch_is_applied_then_a_duplicate_changes_nothing() {
+        let first = merge_batch(&input("alice", SET), None);
+        assert_eq!((first.status, first.remember), (200, true));
+        assert_eq!(body(&first)["applied"], 1);
+        assert_eq!(body(&first)["vector_clock"]["t1"], 1);
+        let stored = first.new_state.expect("a new state");
+        let dup = r#"{"changes":[{"op":"set","path":"/a","value":1}],"_sync_meta":{"replica_id":"t1","vector_clock":{"t1":1}}}"#;
+        let again = merge_batch(&input("alice", dup), Some(&stored));
+        assert_eq!((again.status, again.remember), (200, true));
+        assert!(again.new_state.is_none());
+        assert_eq!(body(&again)["applied"], 0);
+        assert_eq!(body(&again)["conflicts"], serde_json::json!([]));
+    }
+
+    /// Refusals change nothing and are not remembered under the key.
+    #[test]
+    fn refusals_are_problems_that_are_not_remembered() {
+        let unreadable = merge_batch(&input("alice", SET), Some("{not json"));
+        assert_eq!((unreadable.status, unreadable.remember), (500, false));
+        assert!(unreadable.new_state.is_none());
+        assert_eq!(
+            body(&unreadable)["detail"],
+            "the stored session is unreadable; the batch was not applied"
+        );
+
+        let stored = merge_batch(&input("alice", SET), None)
+            .new_state
+            .expect("state");
+        let owned = merge_batch(&input("bob", SET), Some(&stored));
+        assert_eq!((owned.status, owned.remember), (403, false));
+        assert_eq!(
+            body(&owned)["type"],
+            "tag:firemode,2026:problem/replica-owned"
+        );
+        assert!(body(&owned)["detail"]
+            .as_str()
+            .is_some_and(|d| d.starts_with("replica_id \"t1\" was first used")));
+
+        let ahead = r#"{"changes":[],"_sync_meta":{"replica_id":"t2","vector_clock":{"t9":3}}}"#;
+        let sync_first = merge_batch(&input("alice", ahead), Some(&stored));
+        assert_eq!((sync_first.status, sync_first.remember), (409, false));
+        assert_eq!(body(&sync_first)["title"], "Sync first");
+        assert_eq!(body(&sync_first)["vector_clock"]["t1"], 1);
+    }
+}

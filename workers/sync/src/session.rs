@@ -1,0 +1,68 @@
+//! Session reads: the stored state decoded (the one place an unreadable state is noticed and
+//! logged, for reads and merges alike), the session as JSON (`session_id`, `document`,
+//! `vector_clock`), and `GET /v1/tests/sessions/{id}`.
+
+use crate::app::SyncApp;
+use crate::caller::Caller;
+use crate::problems::store_problem;
+use crate::HttpResponse;
+use bytes::Bytes;
+use firemode_merge::SessionState;
+use firemode_wire::Problem;
+use firemode_worker::json_response;
+use http::StatusCode;
+use serde_json::json;
+
+/// A stored session state that does not load (a 500: it needs an operator, not a retry).
+#[derive(Debug, thiserror::Error)]
+#[error("stored session state does not load: {0}")]
+pub struct UnreadableState(#[from] serde_json::Error);
+
+/// The stored state text as a [`SessionState`] (`None`: a new session, empty). An unreadable
+/// state is logged here, once.
+pub fn decode(session_id: &str, stored: Option<&str>) -> Result<SessionState, UnreadableState> {
+    let Some(text) = stored else {
+        return Ok(SessionState::default());
+    };
+    serde_json::from_str(text).map_err(|e| {
+        tracing::error!(session_id, error = %e, "stored session state does not load");
+        UnreadableState(e)
+    })
+}
+
+/// The caller's session and its version (a session never written is empty, version 0).
+pub async fn load(
+    app: &SyncApp,
+    caller: &Caller,
+    session_id: &str,
+) -> Result<(SessionState, i64), Problem> {
+    let stored = app
+        .store
+        .session(&caller.tenant, session_id)
+        .await
+        .map_err(store_problem)?;
+    let version = stored.as_ref().map_or(0, |s| s.version);
+    let state = decode(session_id, stored.as_ref().map(|s| s.state.as_str()))?;
+    Ok((state, version))
+}
+
+/// The session as its `GET` and the bundle show it.
+pub fn session_json(session_id: &str, state: &SessionState) -> String {
+    json!({
+        "session_id": session_id,
+        "document": state.document(),
+        "vector_clock": state.clock(),
+    })
+    .to_string()
+}
+
+/// `GET /v1/tests/sessions/{id}`: the merged document and the session clock.
+pub async fn get(
+    app: &SyncApp,
+    caller: &Caller,
+    session_id: &str,
+) -> Result<HttpResponse, Problem> {
+    let (state, _) = load(app, caller, session_id).await?;
+    let body = session_json(session_id, &state);
+    Ok(json_response(StatusCode::OK, Bytes::from(body)))
+}
