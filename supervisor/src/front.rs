@@ -29,6 +29,22 @@ use tracing::Instrument;
 
 pub type FrontBody = Either<Full<Bytes>, Buffered>;
 
+/// The `wait` a `GET …/changes` asks to be held for (design §3: 0–60 s), added to its
+/// deadline. Anything else, or a `wait` the worker will refuse, adds nothing.
+fn long_poll_wait(route: Route, query: Option<&str>) -> Duration {
+    if route != Route::Changes {
+        return Duration::ZERO;
+    }
+    let wait = query
+        .unwrap_or("")
+        .split('&')
+        .filter_map(|pair| pair.strip_prefix("wait="))
+        .find_map(|seconds| seconds.parse::<u64>().ok())
+        .filter(|seconds| *seconds <= 60)
+        .unwrap_or(0);
+    Duration::from_secs(wait)
+}
+
 /// Route templates: what logs and metrics name a request by (never the raw path).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Route {
@@ -36,6 +52,9 @@ pub enum Route {
     SessionResults,
     Session,
     OfflineBundle,
+    /// `GET …/changes?since=&wait=`: its deadline grows by the `wait` it asks for.
+    Changes,
+    Conflicts,
     /// Under `/v1/` but no such route: authenticated, then 404.
     UnknownV1,
     NotFound,
@@ -53,6 +72,8 @@ impl Route {
                 None => Route::Session,
                 Some("results") => Route::SessionResults,
                 Some("offline_bundle") => Route::OfflineBundle,
+                Some("changes") => Route::Changes,
+                Some("conflicts") => Route::Conflicts,
                 Some(_) => Route::UnknownV1,
             };
         }
@@ -69,6 +90,8 @@ impl Route {
             Route::SessionResults => "/v1/tests/sessions/{id}/results",
             Route::Session => "/v1/tests/sessions/{id}",
             Route::OfflineBundle => "/v1/tests/sessions/{id}/offline_bundle",
+            Route::Changes => "/v1/tests/sessions/{id}/changes",
+            Route::Conflicts => "/v1/tests/sessions/{id}/conflicts",
             Route::UnknownV1 | Route::NotFound => "unmatched",
         }
     }
@@ -76,7 +99,11 @@ impl Route {
     fn kind(self) -> Option<Kind> {
         match self {
             Route::Classify => Some(Kind::Classify),
-            Route::SessionResults | Route::Session | Route::OfflineBundle => Some(Kind::Sync),
+            Route::SessionResults
+            | Route::Session
+            | Route::OfflineBundle
+            | Route::Changes
+            | Route::Conflicts => Some(Kind::Sync),
             Route::UnknownV1 | Route::NotFound => None,
         }
     }
@@ -269,7 +296,7 @@ impl FrontSettings {
                 return Err(self.too_large().into());
             }
         }
-        let deadline = started + self.request_timeout;
+        let deadline = started + self.request_timeout + long_poll_wait(route, parts.uri.query());
         let reading = Limited::new(body, self.max_body_bytes as usize).collect();
         let Ok(read) = tokio::time::timeout_at(deadline, reading).await else {
             return Err(Problem::new(

@@ -3,6 +3,7 @@
 
 mod auth;
 mod backup;
+mod catch_up;
 mod classify;
 mod config;
 mod control;

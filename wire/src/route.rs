@@ -19,6 +19,10 @@ pub enum SessionResource {
     Results,
     /// `/v1/tests/sessions/{id}/offline_bundle`: session + catalog for offline work.
     OfflineBundle,
+    /// `/v1/tests/sessions/{id}/changes`: what changed since a clock (long-poll).
+    Changes,
+    /// `/v1/tests/sessions/{id}/conflicts`: the conflict journal.
+    Conflicts,
 }
 
 impl SessionResource {
@@ -28,6 +32,8 @@ impl SessionResource {
             None => Some(SessionResource::Document),
             Some("results") => Some(SessionResource::Results),
             Some("offline_bundle") => Some(SessionResource::OfflineBundle),
+            Some("changes") => Some(SessionResource::Changes),
+            Some("conflicts") => Some(SessionResource::Conflicts),
             Some(_) => None,
         }
     }
@@ -38,6 +44,8 @@ impl SessionResource {
             SessionResource::Document => "/v1/tests/sessions/{id}",
             SessionResource::Results => "/v1/tests/sessions/{id}/results",
             SessionResource::OfflineBundle => "/v1/tests/sessions/{id}/offline_bundle",
+            SessionResource::Changes => "/v1/tests/sessions/{id}/changes",
+            SessionResource::Conflicts => "/v1/tests/sessions/{id}/conflicts",
         }
     }
 }

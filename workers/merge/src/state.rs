@@ -95,6 +95,8 @@ pub struct ConflictSide {
     pub path: String,
     /// The value written; `None` means removed.
     pub value: Option<Value>,
+    /// The write's effective timestamp (ms): not in a merge answer, kept in the journal.
+    pub timestamp: u64,
 }
 
 impl Serialize for ConflictSide {
@@ -120,6 +122,7 @@ impl From<&Register> for ConflictSide {
             replica_id: register.replica_id.clone(),
             path: register.path.as_str().to_owned(),
             value: register.value.clone(),
+            timestamp: register.timestamp,
         }
     }
 }

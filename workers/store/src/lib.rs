@@ -22,7 +22,7 @@ mod postgres;
 mod sessions;
 mod sqlite;
 
-pub use sessions::{IdempotencyKey, MergeFn, MergeOutcome, MergeStep, StoredSession};
+pub use sessions::{IdempotencyKey, JournalEntry, MergeFn, MergeOutcome, MergeStep, StoredSession};
 
 use firemode_catalog::Catalog;
 use std::path::PathBuf;
@@ -194,6 +194,29 @@ impl Store {
         match &self.inner {
             Inner::Sqlite(s) => s.session(tenant, session_id).await,
             Inner::Postgres(p) => p.session(tenant, session_id).await,
+        }
+    }
+
+    /// The session's kept conflicts numbered after `after`, oldest first, at most `limit`.
+    #[tracing::instrument(name = "store.conflicts", skip_all, fields(db.system = self.db_system()))]
+    pub async fn conflicts(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        after: i64,
+        limit: i64,
+    ) -> Result<Vec<JournalEntry>, StoreError> {
+        match &self.inner {
+            Inner::Sqlite(s) => s.conflicts(tenant, session_id, after, limit).await,
+            Inner::Postgres(p) => p.conflicts(tenant, session_id, after, limit).await,
+        }
+    }
+
+    /// Deletes kept conflicts older than `retention`; returns how many.
+    pub async fn purge_conflicts(&self, retention: Duration) -> Result<u64, StoreError> {
+        match &self.inner {
+            Inner::Sqlite(s) => s.purge_conflicts(retention).await,
+            Inner::Postgres(p) => p.purge_conflicts(retention).await,
         }
     }
 

@@ -46,6 +46,22 @@ pub const MIGRATIONS: &[(i64, &str)] = &[
         // left behind by every refused first request; they lock an advisory key now.
         "DELETE FROM sync_sessions WHERE version = 0;",
     ),
+    (
+        4,
+        // The conflict journal (design §3 "conflicts kept"): every conflict a merge reported,
+        // written in the merge's transaction, numbered per session by `conflicts_seq` (kept
+        // on the session row, so numbers never repeat after old rows are purged).
+        "ALTER TABLE sync_sessions ADD COLUMN conflicts_seq BIGINT NOT NULL DEFAULT 0;
+         CREATE TABLE sync_conflicts (
+             tenant     TEXT NOT NULL,
+             session_id TEXT NOT NULL,
+             seq        BIGINT NOT NULL,
+             entry      TEXT NOT NULL,
+             at         BIGINT NOT NULL,
+             PRIMARY KEY (tenant, session_id, seq)
+         );
+         CREATE INDEX sync_conflicts_at ON sync_conflicts (at);",
+    ),
 ];
 
 /// Creates the bookkeeping table; run before reading which migrations are applied.

@@ -3,7 +3,7 @@
 
 use crate::migrations::{MIGRATIONS, SCHEMA_TABLE};
 use crate::sessions::{
-    live_since, IdempotencyKey, MergeFn, MergeOutcome, MergeStep, StoredSession,
+    live_since, IdempotencyKey, JournalEntry, MergeFn, MergeOutcome, MergeStep, StoredSession,
 };
 use crate::{catalog_conflict, now_ms, StoreError, StoreOptions};
 use bb8_postgres::PostgresConnectionManager;
@@ -353,9 +353,34 @@ impl PgStore {
             .await
             .map(|rows| rows.len())
         };
-        let (saved, remembered) = tokio::join!(save_state, remember);
+        // After the state's statement (pipelined in order): the session row exists.
+        let journal = async {
+            if step.journal.is_empty() || step.new_state.is_none() {
+                return Ok(0);
+            }
+            let count = i64::try_from(step.journal.len()).unwrap_or(i64::MAX);
+            tx.query_typed(
+                "WITH numbered AS (
+                     UPDATE sync_sessions SET conflicts_seq = conflicts_seq + $3
+                     WHERE tenant = $1 AND session_id = $2 RETURNING conflicts_seq)
+                 INSERT INTO sync_conflicts (tenant, session_id, seq, entry, at)
+                 SELECT $1, $2, numbered.conflicts_seq - $3 + kept.ord, kept.entry, $5
+                 FROM numbered, unnest($4::text[]) WITH ORDINALITY AS kept(entry, ord)",
+                &[
+                    (&tenant, Type::TEXT),
+                    (&session_id, Type::TEXT),
+                    (&count, Type::INT8),
+                    (&step.journal, Type::TEXT_ARRAY),
+                    (&now, Type::INT8),
+                ],
+            )
+            .await
+            .map(|rows| rows.len())
+        };
+        let (saved, remembered, journaled) = tokio::join!(save_state, remember, journal);
         let saved = saved.map_err(lock_error)?;
         let remembered = remembered.map_err(lock_error)?;
+        journaled.map_err(lock_error)?;
         Ok(if saved == 0 {
             Saved::Raced
         } else if remembered == 0 {
@@ -383,6 +408,48 @@ impl PgStore {
             state: r.get(0),
             version: r.get(1),
         }))
+    }
+
+    pub async fn conflicts(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        after: i64,
+        limit: i64,
+    ) -> Result<Vec<JournalEntry>, StoreError> {
+        let conn = self.pool.get().await.map_err(pool_error)?;
+        let rows = conn
+            .query_typed(
+                "SELECT seq, entry FROM sync_conflicts
+                 WHERE tenant = $1 AND session_id = $2 AND seq > $3
+                 ORDER BY seq LIMIT $4",
+                &[
+                    (&tenant, Type::TEXT),
+                    (&session_id, Type::TEXT),
+                    (&after, Type::INT8),
+                    (&limit, Type::INT8),
+                ],
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(rows
+            .iter()
+            .map(|r| JournalEntry {
+                seq: r.get(0),
+                entry: r.get(1),
+            })
+            .collect())
+    }
+
+    pub async fn purge_conflicts(&self, retention: Duration) -> Result<u64, StoreError> {
+        let conn = self.pool.get().await.map_err(pool_error)?;
+        let cutoff = live_since(retention);
+        conn.execute_typed(
+            "DELETE FROM sync_conflicts WHERE at < $1",
+            &[(&cutoff, Type::INT8)],
+        )
+        .await
+        .map_err(unavailable)
     }
 
     pub async fn purge_idempotency(&self, ttl: Duration) -> Result<u64, StoreError> {

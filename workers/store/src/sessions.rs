@@ -34,6 +34,16 @@ pub struct MergeStep {
     /// Remember the answer under the idempotency key (false for answers a retry should not
     /// get again, such as "sync first").
     pub remember: bool,
+    /// Conflicts to keep in the session's journal, each a JSON object (without its `seq`,
+    /// which the store assigns), in order. Only written with a `new_state`.
+    pub journal: Vec<String>,
+}
+
+/// One kept conflict: its number in the session's journal and the JSON the merge wrote.
+#[derive(Clone, Debug, PartialEq)]
+pub struct JournalEntry {
+    pub seq: i64,
+    pub entry: String,
 }
 
 /// How a merge request ended.

@@ -3,7 +3,9 @@
 //! queue on SQLite's lock (with a busy timeout) instead of failing.
 
 use crate::migrations::{MIGRATIONS, SCHEMA_TABLE};
-use crate::sessions::{live_since, IdempotencyKey, MergeFn, MergeOutcome, StoredSession};
+use crate::sessions::{
+    live_since, IdempotencyKey, JournalEntry, MergeFn, MergeOutcome, StoredSession,
+};
 use crate::{catalog_conflict, now_ms, StoreError, StoreOptions};
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use std::os::unix::fs::DirBuilderExt as _;
@@ -278,6 +280,7 @@ impl SqliteStore {
                     params![tenant, session_id, state, now],
                 )
                 .map_err(unavailable)?;
+                journal(&tx, &tenant, &session_id, &step.journal, now)?;
             }
             if step.remember {
                 tx.execute(
@@ -325,6 +328,47 @@ impl SqliteStore {
         .await
     }
 
+    pub async fn conflicts(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        after: i64,
+        limit: i64,
+    ) -> Result<Vec<JournalEntry>, StoreError> {
+        let (tenant, session_id) = (tenant.to_string(), session_id.to_string());
+        self.with_conn(move |conn| {
+            let mut statement = conn
+                .prepare(
+                    "SELECT seq, entry FROM sync_conflicts
+                     WHERE tenant = ?1 AND session_id = ?2 AND seq > ?3
+                     ORDER BY seq LIMIT ?4",
+                )
+                .map_err(unavailable)?;
+            let rows = statement
+                .query_map(params![tenant, session_id, after, limit], |r| {
+                    Ok(JournalEntry {
+                        seq: r.get(0)?,
+                        entry: r.get(1)?,
+                    })
+                })
+                .map_err(unavailable)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(unavailable)
+        })
+        .await
+    }
+
+    pub async fn purge_conflicts(&self, retention: Duration) -> Result<u64, StoreError> {
+        self.with_conn(move |conn| {
+            conn.execute(
+                "DELETE FROM sync_conflicts WHERE at < ?1",
+                params![live_since(retention)],
+            )
+            .map(|n| n as u64)
+            .map_err(unavailable)
+        })
+        .await
+    }
+
     pub async fn purge_idempotency(&self, ttl: Duration) -> Result<u64, StoreError> {
         self.with_conn(move |conn| {
             conn.execute(
@@ -336,4 +380,39 @@ impl SqliteStore {
         })
         .await
     }
+}
+
+/// Appends `entries` to the session's conflict journal, numbered after its `conflicts_seq`,
+/// inside the merge's transaction (the session row exists: the merge just wrote it).
+fn journal(
+    tx: &rusqlite::Transaction<'_>,
+    tenant: &str,
+    session_id: &str,
+    entries: &[String],
+    now: i64,
+) -> Result<(), StoreError> {
+    if entries.is_empty() {
+        return Ok(());
+    }
+    let count = i64::try_from(entries.len()).unwrap_or(i64::MAX);
+    let last: i64 = tx
+        .query_row(
+            "UPDATE sync_sessions SET conflicts_seq = conflicts_seq + ?3
+             WHERE tenant = ?1 AND session_id = ?2 RETURNING conflicts_seq",
+            params![tenant, session_id, count],
+            |r| r.get(0),
+        )
+        .map_err(unavailable)?;
+    let mut insert = tx
+        .prepare(
+            "INSERT INTO sync_conflicts (tenant, session_id, seq, entry, at)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+        )
+        .map_err(unavailable)?;
+    for (seq, entry) in (last - count + 1..).zip(entries) {
+        insert
+            .execute(params![tenant, session_id, seq, entry, now])
+            .map_err(unavailable)?;
+    }
+    Ok(())
 }

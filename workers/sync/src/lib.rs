@@ -5,6 +5,8 @@
 //!   `firemode-merge` inside one store transaction with its `Idempotency-Key` record.
 //! * `GET /v1/tests/sessions/{id}` — the merged document and the session clock.
 //! * `GET /v1/tests/sessions/{id}/offline_bundle` — session + catalog for offline work.
+//! * `GET /v1/tests/sessions/{id}/changes?since=&wait=` — catching up, long-polled.
+//! * `GET /v1/tests/sessions/{id}/conflicts?after=&limit=` — the conflict journal.
 //!
 //! Sessions belong to a tenant: the token's `org` (`org:<org>`), or for a token without one
 //! its subject alone (`sub:<sub>`), byte for byte (`firemode_wire::identity`). No request can
@@ -21,6 +23,7 @@
 //! * [`merge`]: the merge step the store runs under the session's lock (no I/O).
 //! * [`session`]: session reads (the stored state decoded, the session as JSON, `GET`).
 //! * [`bundle`]: the offline bundle's pure parts; [`bundle_http`]: its route.
+//! * [`catch_up`]: `GET …/changes` and `GET …/conflicts`.
 //! * [`commands`]: the one-shot `--check-store` and `--backup FILE`.
 
 #![forbid(unsafe_code)]
@@ -29,6 +32,7 @@ pub mod app;
 pub mod bundle;
 pub mod bundle_http;
 pub mod caller;
+pub mod catch_up;
 pub mod commands;
 pub mod idempotency;
 pub mod merge;

@@ -4,7 +4,8 @@
 
 use crate::session;
 use firemode_merge::{
-    Applied, Batch, Conflict, MissingDependencies, Outcome, ReportLimits, SessionState,
+    Applied, Batch, Conflict, ConflictSide, MissingDependencies, Outcome, ReportLimits,
+    SessionState,
 };
 use firemode_store::{MergeFn, MergeStep};
 use firemode_wire::Problem;
@@ -22,6 +23,10 @@ pub struct MergeInput {
     pub batch: Batch,
     /// `sync.max_conflicts_reported`, and a byte budget for the listed conflicts.
     pub limits: ReportLimits,
+    /// The request's `x-request-id`, kept with its conflicts in the journal.
+    pub request_id: String,
+    /// When the merge was asked for (ms since the epoch), kept with its conflicts.
+    pub at_ms: u64,
 }
 
 /// Why a batch was refused without changing the session. Refusals are not remembered under
@@ -51,6 +56,7 @@ pub fn merge_batch(input: &MergeInput, stored: Option<&str>) -> MergeStep {
             status: problem.status.as_u16(),
             body: String::from_utf8_lossy(&problem.to_bytes()).into_owned(),
             remember: false,
+            journal: Vec::new(),
         }
     })
 }
@@ -78,6 +84,7 @@ fn apply(input: &MergeInput, stored: Option<&str>) -> Result<MergeStep, Refusal>
                 status: 200,
                 body: answer(session_id, &state, count, listed, total),
                 remember: true,
+                journal: journal(input, listed),
             }
         }
         // Already applied: nothing changes, and the answer says so.
@@ -86,8 +93,35 @@ fn apply(input: &MergeInput, stored: Option<&str>) -> Result<MergeStep, Refusal>
             status: 200,
             body: answer(session_id, &state, 0, &[], 0),
             remember: true,
+            journal: Vec::new(),
         },
     })
+}
+
+/// The journal entries of the listed conflicts (design §3 "conflicts kept"): the store numbers
+/// them (`seq`) in the merge's transaction. The same conflicts the answer lists, so the
+/// journal's cost is bounded like the answer's.
+fn journal(input: &MergeInput, conflicts: &[Conflict]) -> Vec<String> {
+    conflicts
+        .iter()
+        .map(|conflict| {
+            json!({
+                "path": conflict.path,
+                "winner": journal_side(&conflict.winner),
+                "loser": journal_side(&conflict.loser),
+                "request_id": input.request_id,
+                "at": input.at_ms,
+            })
+            .to_string()
+        })
+        .collect()
+}
+
+/// One side of a kept conflict: the answer's fields plus the write's effective timestamp.
+fn journal_side(side: &ConflictSide) -> serde_json::Value {
+    let mut value = json!(side);
+    value["timestamp"] = json!(side.timestamp);
+    value
 }
 
 /// The `crdt_conflicts_total` counter and a log line when writes were resolved.
@@ -143,6 +177,8 @@ mod tests {
                 max_conflicts: 10,
                 max_bytes: CONFLICT_BYTES_FLOOR,
             },
+            request_id: "req-1".into(),
+            at_ms: 1_000,
         }
     }
 

@@ -32,9 +32,10 @@ pub async fn post(
     let started = Instant::now();
     let client_type = client_type(req);
     let value = parse_json(body).map_err(Problem::bad_request)?;
+    let received_ms = now_ms();
     let context = RequestContext {
         subject: &caller.subject,
-        now_ms: now_ms(),
+        now_ms: received_ms,
         max_clock_skew: sync.max_clock_skew.get(),
         max_changes: sync.max_changes_per_batch as usize,
     };
@@ -49,6 +50,8 @@ pub async fn post(
             max_conflicts: sync.max_conflicts_reported as usize,
             max_bytes: body.len().max(CONFLICT_BYTES_FLOOR),
         },
+        request_id: request_id(req),
+        at_ms: received_ms,
     });
     let ttl = sync.idempotency_ttl.get();
     let outcome = app
@@ -90,6 +93,15 @@ fn client_type(req: &Parts) -> &'static str {
         Some(b"cli") => "cli",
         _ => "other",
     }
+}
+
+/// The request's id as the front set it (always present behind the front).
+fn request_id(req: &Parts) -> String {
+    req.headers
+        .get(firemode_wire::REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned()
 }
 
 fn now_ms() -> u64 {

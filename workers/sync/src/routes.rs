@@ -6,7 +6,7 @@
 use crate::app::SyncApp;
 use crate::caller::caller;
 use crate::problems::{invalid_session_id, method_not_allowed};
-use crate::{bundle_http, results, session, HttpResponse};
+use crate::{bundle_http, catch_up, results, session, HttpResponse};
 use bytes::Bytes;
 use firemode_wire::{ids, Problem, SessionPath, SessionResource};
 use http::request::Parts;
@@ -21,6 +21,10 @@ enum Endpoint {
     GetSession,
     /// `GET`/`HEAD …/offline_bundle`: session + catalog.
     GetBundle,
+    /// `GET`/`HEAD …/changes?since=&wait=`: catching up, long-polled.
+    GetChanges,
+    /// `GET`/`HEAD …/conflicts?after=&limit=`: the conflict journal.
+    GetConflicts,
 }
 
 impl Endpoint {
@@ -32,8 +36,13 @@ impl Endpoint {
             SessionResource::Results if method == Method::POST => Ok(Endpoint::PostResults),
             SessionResource::Document if read => Ok(Endpoint::GetSession),
             SessionResource::OfflineBundle if read => Ok(Endpoint::GetBundle),
+            SessionResource::Changes if read => Ok(Endpoint::GetChanges),
+            SessionResource::Conflicts if read => Ok(Endpoint::GetConflicts),
             SessionResource::Results => Err("POST"),
-            SessionResource::Document | SessionResource::OfflineBundle => Err("GET, HEAD"),
+            SessionResource::Document
+            | SessionResource::OfflineBundle
+            | SessionResource::Changes
+            | SessionResource::Conflicts => Err("GET, HEAD"),
         }
     }
 }
@@ -72,6 +81,8 @@ async fn serve(
         Endpoint::PostResults => results::post(app, req, caller, id, body).await,
         Endpoint::GetSession => session::get(app, caller, id).await,
         Endpoint::GetBundle => bundle_http::get(app, req, caller, id).await,
+        Endpoint::GetChanges => catch_up::changes(app, req, caller, id).await,
+        Endpoint::GetConflicts => catch_up::conflicts(app, req, caller, id).await,
     }
 }
 

@@ -1,0 +1,280 @@
+//! Catching up (design §3 "Catching up, waiting, conflicts kept"):
+//!
+//! * `GET …/changes?since=<clock>&wait=<seconds>`: the changes from the document of the
+//!   batches `since` covers to the session's (`SessionState::changes_since`); when there are
+//!   none and `wait` > 0, held until a merge (through any instance or host) brings some or
+//!   the wait ends. 409 with the session clock when `since` names unseen events.
+//! * `GET …/conflicts?after=<n>&limit=<m>`: the session's conflict journal, oldest first.
+
+use crate::app::SyncApp;
+use crate::caller::Caller;
+use crate::problems::store_problem;
+use crate::session;
+use crate::HttpResponse;
+use bytes::Bytes;
+use firemode_merge::{SinceAhead, VectorClock};
+use firemode_wire::Problem;
+use firemode_worker::json_response;
+use http::request::Parts;
+use http::StatusCode;
+use serde_json::{json, Value};
+use std::time::Duration;
+
+/// The longest `wait` a client may ask for, in seconds.
+pub const MAX_WAIT_SECONDS: u64 = 60;
+/// The most journal entries one `GET …/conflicts` returns.
+pub const MAX_CONFLICTS_PAGE: i64 = 1000;
+/// Journal entries per page when the client names no `limit`.
+pub const DEFAULT_CONFLICTS_PAGE: i64 = 100;
+
+/// A query string that does not say what the endpoint needs (400, naming the parameter).
+#[derive(Debug, thiserror::Error)]
+pub enum QueryError {
+    #[error("`since` must be a vector clock as JSON, percent-encoded: an object of replica id → count (got {0})")]
+    Since(String),
+    #[error("`wait` must be a whole number of seconds from 0 to {MAX_WAIT_SECONDS}")]
+    Wait,
+    #[error("`after` must be a whole number from 0 (the `next` of the previous page)")]
+    After,
+    #[error("`limit` must be a whole number from 1 to {MAX_CONFLICTS_PAGE}")]
+    Limit,
+    #[error("`{0}` is given twice")]
+    Repeated(String),
+}
+
+impl From<QueryError> for Problem {
+    fn from(e: QueryError) -> Problem {
+        Problem::bad_request(e.to_string())
+    }
+}
+
+/// The query of `GET …/changes`.
+#[derive(Debug, Default, PartialEq)]
+pub struct ChangesQuery {
+    pub since: VectorClock,
+    pub wait: Duration,
+}
+
+/// The query of `GET …/conflicts`.
+#[derive(Debug, PartialEq)]
+pub struct ConflictsQuery {
+    pub after: i64,
+    pub limit: i64,
+}
+
+/// Each named parameter once; unknown ones are ignored.
+fn parameters(
+    query: Option<&str>,
+    names: &[&str],
+) -> Result<Vec<Option<String>>, QueryError> {
+    let mut found: Vec<Option<String>> = vec![None; names.len()];
+    for (name, value) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+        if let Some(slot) = names.iter().position(|known| *known == name) {
+            if found[slot].is_some() {
+                return Err(QueryError::Repeated(name.into_owned()));
+            }
+            found[slot] = Some(value.into_owned());
+        }
+    }
+    Ok(found)
+}
+
+impl ChangesQuery {
+    pub fn parse(query: Option<&str>) -> Result<ChangesQuery, QueryError> {
+        let mut values = parameters(query, &["since", "wait"])?.into_iter();
+        let (since, wait) = (values.next().flatten(), values.next().flatten());
+        let since = match since.as_deref().map(str::trim) {
+            None | Some("") => VectorClock::new(),
+            Some(text) => serde_json::from_str::<VectorClock>(text)
+                .map_err(|e| QueryError::Since(e.to_string()))?,
+        };
+        let wait = match wait {
+            None => 0,
+            Some(text) => text
+                .parse::<u64>()
+                .ok()
+                .filter(|seconds| *seconds <= MAX_WAIT_SECONDS)
+                .ok_or(QueryError::Wait)?,
+        };
+        Ok(ChangesQuery {
+            since,
+            wait: Duration::from_secs(wait),
+        })
+    }
+}
+
+impl ConflictsQuery {
+    pub fn parse(query: Option<&str>) -> Result<ConflictsQuery, QueryError> {
+        let mut values = parameters(query, &["after", "limit"])?.into_iter();
+        let (after, limit) = (values.next().flatten(), values.next().flatten());
+        let after = match after {
+            None => 0,
+            Some(text) => text
+                .parse::<i64>()
+                .ok()
+                .filter(|n| *n >= 0)
+                .ok_or(QueryError::After)?,
+        };
+        let limit = match limit {
+            None => DEFAULT_CONFLICTS_PAGE,
+            Some(text) => text
+                .parse::<i64>()
+                .ok()
+                .filter(|n| (1..=MAX_CONFLICTS_PAGE).contains(n))
+                .ok_or(QueryError::Limit)?,
+        };
+        Ok(ConflictsQuery { after, limit })
+    }
+}
+
+/// `GET …/changes`.
+pub async fn changes(
+    app: &SyncApp,
+    req: &Parts,
+    caller: &Caller,
+    session_id: &str,
+) -> Result<HttpResponse, Problem> {
+    let query = ChangesQuery::parse(req.uri.query())?;
+    let deadline = tokio::time::Instant::now() + query.wait;
+    loop {
+        let (state, version) = session::load(app, caller, session_id).await?;
+        let changes = state.changes_since(&query.since).map_err(since_ahead)?;
+        let now = tokio::time::Instant::now();
+        if !changes.is_empty() || now >= deadline {
+            let body = json!({
+                "session_id": session_id,
+                "vector_clock": state.clock(),
+                "changes": changes,
+            });
+            return Ok(json_response(StatusCode::OK, Bytes::from(body.to_string())));
+        }
+        let changed = wait_for_change(app, caller, session_id, version, deadline).await?;
+        if !changed {
+            // The wait ended with nothing new: answer the (empty) changes at this clock.
+            let body = json!({
+                "session_id": session_id,
+                "vector_clock": state.clock(),
+                "changes": changes,
+            });
+            return Ok(json_response(StatusCode::OK, Bytes::from(body.to_string())));
+        }
+    }
+}
+
+/// Waits until the session's version passes `version` (true) or `deadline` (false).
+async fn wait_for_change(
+    app: &SyncApp,
+    caller: &Caller,
+    session_id: &str,
+    version: i64,
+    deadline: tokio::time::Instant,
+) -> Result<bool, Problem> {
+    loop {
+        let now = tokio::time::Instant::now();
+        if now >= deadline {
+            return Ok(false);
+        }
+        tokio::time::sleep_until(deadline.min(now + Duration::from_millis(100))).await;
+        let stored = app
+            .store
+            .session(&caller.tenant, session_id)
+            .await
+            .map_err(store_problem)?;
+        if stored.is_some_and(|s| s.version > version) {
+            return Ok(true);
+        }
+    }
+}
+
+/// 409 with the session clock: `since` names events this session has not seen.
+fn since_ahead(e: SinceAhead) -> Problem {
+    Problem::new(
+        StatusCode::CONFLICT,
+        "since-ahead",
+        "Clock ahead of the session",
+        e.to_string(),
+    )
+    .with("vector_clock", json!(e.session_clock))
+}
+
+/// `GET …/conflicts`.
+pub async fn conflicts(
+    app: &SyncApp,
+    req: &Parts,
+    caller: &Caller,
+    session_id: &str,
+) -> Result<HttpResponse, Problem> {
+    let query = ConflictsQuery::parse(req.uri.query())?;
+    let rows = app
+        .store
+        .conflicts(&caller.tenant, session_id, query.after, query.limit)
+        .await
+        .map_err(store_problem)?;
+    let next = rows.last().map_or(query.after, |row| row.seq);
+    let conflicts: Vec<Value> = rows
+        .into_iter()
+        .map(|row| {
+            let mut entry: Value = serde_json::from_str(&row.entry).unwrap_or_else(|e| {
+                tracing::error!(session_id, seq = row.seq, error = %e, "a kept conflict does not parse");
+                json!({})
+            });
+            entry["seq"] = json!(row.seq);
+            entry
+        })
+        .collect();
+    let body = json!({"session_id": session_id, "conflicts": conflicts, "next": next});
+    Ok(json_response(StatusCode::OK, Bytes::from(body.to_string())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn changes_queries() {
+        assert_eq!(
+            ChangesQuery::parse(None).ok(),
+            Some(ChangesQuery::default())
+        );
+        let q = ChangesQuery::parse(Some("since=%7B%22t1%22%3A3%7D&wait=25")).expect("valid");
+        assert_eq!(q.since.get("t1"), Some(&3));
+        assert_eq!(q.wait, Duration::from_secs(25));
+        assert!(ChangesQuery::parse(Some("since=%7B%7D")).is_ok());
+        for bad in [
+            "since=nope",
+            "since=%7B%22t1%22%3A-1%7D",
+            "since=%7B%22t1%22%3A1.5%7D",
+            "since=%5B%5D",
+            "wait=61",
+            "wait=-1",
+            "wait=1.5",
+            "wait=1&wait=2",
+        ] {
+            assert!(ChangesQuery::parse(Some(bad)).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn conflicts_queries() {
+        assert_eq!(
+            ConflictsQuery::parse(None).ok(),
+            Some(ConflictsQuery {
+                after: 0,
+                limit: DEFAULT_CONFLICTS_PAGE
+            })
+        );
+        assert_eq!(
+            ConflictsQuery::parse(Some("after=7&limit=2")).ok(),
+            Some(ConflictsQuery { after: 7, limit: 2 })
+        );
+        for bad in [
+            "after=-1",
+            "limit=0",
+            "limit=1001",
+            "after=x",
+            "limit=1&limit=2",
+        ] {
+            assert!(ConflictsQuery::parse(Some(bad)).is_err(), "{bad}");
+        }
+    }
+}
