@@ -9,9 +9,10 @@
 //!
 //! * the path holds a value: `set path <the value>` (the whole subtree, so nothing under it is
 //!   sent again);
-//! * the path holds nothing: `remove path`, preceded by `set path null` when the register's
-//!   remembered `set` is new to the client and the parent is an object in the session (that
-//!   `set` turned the parents into objects; `set` + `remove` does the same on the client).
+//! * the path holds nothing: `remove path`; or, when the register's remembered `set` is new
+//!   to the client (it turned the path's parents into objects), `set q/next null` + `remove
+//!   q/next` where `q` is the deepest parent the session's document still holds, if it is an
+//!   object: the same parents exist on the client, and the rest of the way stays absent.
 //!
 //! So the answer grows with the registers the client has not seen, never with the session.
 
@@ -67,7 +68,9 @@ pub(crate) fn changes_since<'a>(
     since: &VectorClock,
 ) -> Vec<Change> {
     let mut changes = Vec::new();
-    // The last path answered whole: registers under it are already in its value.
+    // The last path answered whole (a `set` of its value): registers under it are already in
+    // that value. Under a removed path they are not skipped: a tombstone below may remember a
+    // `set` that made parents above the removed path objects.
     let mut answered: Option<&Pointer> = None;
     for register in registers {
         if answered.is_some_and(|above| above.is_ancestor_of(&register.path)) {
@@ -76,33 +79,56 @@ pub(crate) fn changes_since<'a>(
         if !is_new(register, since) {
             continue;
         }
-        let tokens = register.path.tokens();
-        let (parents, _) = tokens.split_at(tokens.len().saturating_sub(1));
-        match value_at(document, tokens) {
-            Some(value) => changes.push(Change::Set {
-                path: register.path.clone(),
-                value: value.clone(),
-            }),
+        match value_at(document, register.path.tokens()) {
+            Some(value) => {
+                changes.push(Change::Set {
+                    path: register.path.clone(),
+                    value: value.clone(),
+                });
+                answered = Some(&register.path);
+            }
             None => {
-                let parent_is_object = value_at(document, parents).is_some_and(Value::is_object);
                 let made_is_new = register
                     .parents_made
                     .as_ref()
                     .is_some_and(|made| !covered(since, &made.replica_id, made.sequence));
-                if parent_is_object && made_is_new && !parents.is_empty() {
-                    changes.push(Change::Set {
-                        path: register.path.clone(),
-                        value: Value::Null,
-                    });
-                }
-                changes.push(Change::Remove {
-                    path: register.path.clone(),
-                });
+                changes.extend(absent(document, &register.path, made_is_new));
             }
         }
-        answered = Some(&register.path);
     }
     changes
+}
+
+/// The changes for a path the session's document does not hold. A hidden `set` new to the
+/// client made the path's parents objects; of those, the ones that still exist do so from
+/// the deepest existing one (`q`) up. `set q/next null` + `remove q/next` makes them exist on
+/// the client too and leaves the rest of the way absent, as in the session; `remove path`
+/// alone otherwise.
+fn absent(document: &Value, path: &Pointer, made_is_new: bool) -> Vec<Change> {
+    let tokens = path.tokens();
+    let remove = Change::Remove { path: path.clone() };
+    if !made_is_new {
+        return vec![remove];
+    }
+    // The deepest strict ancestor present in the document (the root always is).
+    let depth = (0..tokens.len())
+        .rev()
+        .find(|&depth| value_at(document, &tokens[..depth]).is_some())
+        .unwrap_or(0);
+    let is_object = value_at(document, &tokens[..depth]).is_some_and(Value::is_object);
+    let Ok(next) = Pointer::from_tokens(tokens[..=depth].iter()) else {
+        return vec![remove];
+    };
+    if depth == 0 || !is_object {
+        return vec![remove];
+    }
+    vec![
+        Change::Set {
+            path: next.clone(),
+            value: Value::Null,
+        },
+        Change::Remove { path: next },
+    ]
 }
 
 /// The value at `tokens` in `document`, following object keys only.

@@ -63,10 +63,7 @@ pub struct ConflictsQuery {
 }
 
 /// Each named parameter once; unknown ones are ignored.
-fn parameters(
-    query: Option<&str>,
-    names: &[&str],
-) -> Result<Vec<Option<String>>, QueryError> {
+fn parameters(query: Option<&str>, names: &[&str]) -> Result<Vec<Option<String>>, QueryError> {
     let mut found: Vec<Option<String>> = vec![None; names.len()];
     for (name, value) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
         if let Some(slot) = names.iter().position(|known| *known == name) {
