@@ -10,6 +10,8 @@
 //!   `database.url`.
 //! * [`Config::redacted`]: the effective config with secrets hidden, for `check-config` and logs.
 
+#![forbid(unsafe_code)]
+
 mod bytesize;
 mod duration;
 pub mod model;

@@ -9,6 +9,8 @@
 //! The index keeps each answer already rendered as JSON bytes, so a lookup on the hot path
 //! is one hash probe, a short scan of the item's conditions and a reference-count bump.
 
+#![forbid(unsafe_code)]
+
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};

@@ -6,6 +6,8 @@
 //! atomically when a periodic check (`catalog.refresh_interval`, one indexed single-row
 //! query) finds another version current. A lookup costs no database round trip.
 
+#![forbid(unsafe_code)]
+
 use arc_swap::ArcSwapOption;
 use bytes::Bytes;
 use firemode_catalog::{CatalogIndex, Miss};

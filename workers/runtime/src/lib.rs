@@ -12,6 +12,8 @@
 //! * `health`: `/healthz` and `/readyz`, and the background store probe behind them.
 //! * [`catalog`]: following the store's current catalog version.
 
+#![forbid(unsafe_code)]
+
 pub mod catalog;
 mod health;
 mod server;

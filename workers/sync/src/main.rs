@@ -10,6 +10,8 @@
 //! its subject alone (`sub:<sub>`), byte for byte (`firemode_wire::identity`). No request can
 //! name another tenant's session.
 
+#![forbid(unsafe_code)]
+
 use arc_swap::ArcSwapOption;
 use bytes::Bytes;
 use firemode_config::Config;
