@@ -143,7 +143,7 @@ mod tests {
             printed(WorkerError::from(config.clone())),
             config.to_string()
         );
-        let invalid = || CatalogError::Invalid("`items` is empty".into());
+        let invalid = || CatalogError::Invalid(firemode_catalog::InvalidCatalog::NoItems);
         assert_eq!(
             printed(CatalogFileError::Invalid {
                 file: "c.json".into(),
