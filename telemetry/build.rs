@@ -7,6 +7,8 @@
 //! git worktree where `.git` is a file). No "-dirty" suffix: knowing whether the tree has
 //! changes would mean rerunning on every source edit, rebuilding every crate above this one.
 
+#![forbid(unsafe_code)]
+
 use std::path::Path;
 use std::process::Command;
 

@@ -8,21 +8,27 @@
 //!   the `FIREMODE_*` variable when the value came from the environment). Relative paths
 //!   in a file resolve against the file's directory; `DATABASE_URL` fills an empty
 //!   `database.url`.
+//! * [`Config::validate`]: what serde cannot check, one step per table.
+//! * [`ConfigErrors`]: every refusal, each naming its key.
 //! * [`Config::redacted`]: the effective config with secrets hidden, for `check-config` and logs.
+
+#![forbid(unsafe_code)]
 
 mod bytesize;
 mod duration;
+mod error;
 pub mod model;
 mod redact;
 mod reload;
 mod sources;
 mod validate;
 
-pub use bytesize::ByteSize;
+pub use bytesize::{ByteSize, ByteSizeError};
 pub use duration::HumanDuration;
+pub use error::{ConfigError, ConfigErrors, FILE_KEY};
 pub use model::*;
 pub use reload::{load_for_reload, RESTART_ONLY_KEYS};
-pub use validate::{ConfigErrors, FILE_KEY, KILL_GRACE};
+pub use validate::KILL_GRACE;
 
 use figment::providers::{Env, Format, Toml};
 use figment::value::{Dict, Map};

@@ -19,7 +19,7 @@ pub struct Config {
     pub workers: Workers,
     pub database: Database,
     pub auth: Auth,
-    pub sync: Sync,
+    pub sync: SyncConfig,
     pub catalog: Catalog,
     pub telemetry: Telemetry,
 }
@@ -33,7 +33,7 @@ impl Default for Config {
             workers: Workers::default(),
             database: Database::default(),
             auth: Auth::default(),
-            sync: Sync::default(),
+            sync: SyncConfig::default(),
             catalog: Catalog::default(),
             telemetry: Telemetry::default(),
         }
@@ -225,9 +225,11 @@ impl Default for Auth {
     }
 }
 
+/// The `[sync]` table. Not named `Sync`: through `firemode_config::*` that would shadow the
+/// marker trait.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
-pub struct Sync {
+pub struct SyncConfig {
     pub idempotency_ttl: HumanDuration,
     pub max_clock_skew: HumanDuration,
     pub max_bundle_bytes: u64,
@@ -243,7 +245,7 @@ pub struct Sync {
     pub conflict_retention: HumanDuration,
 }
 
-impl Default for Sync {
+impl Default for SyncConfig {
     fn default() -> Self {
         Self {
             idempotency_ttl: HumanDuration::from_secs(24 * 3600),

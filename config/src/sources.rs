@@ -4,8 +4,7 @@
 //! `DATABASE_URL` fills `database.url` when nothing else set it; an error about a value that
 //! came from the environment names the variable that carried it.
 
-use crate::validate::ConfigError;
-use crate::{Config, ConfigErrors};
+use crate::{Config, ConfigError, ConfigErrors};
 use figment::{Figment, Source};
 use std::path::{Component, Path, PathBuf};
 

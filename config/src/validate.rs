@@ -1,7 +1,8 @@
-//! Validation after parsing, and the error type that names the offending key.
+//! Validation after parsing: what serde cannot check (ranges, addresses, combinations of
+//! keys), one step per table, every refusal naming its key.
 
-use crate::Config;
-use std::fmt;
+use crate::{Auth, Config, ConfigError, ConfigErrors, Database, HumanDuration, Supervisor};
+use crate::{SyncConfig, Workers};
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -11,259 +12,193 @@ pub const KILL_GRACE: Duration = Duration::from_secs(5);
 /// The most conflicts `sync.max_conflicts_reported` may list in one merge answer.
 pub const MAX_CONFLICTS_REPORTED: u32 = 10_000;
 
-/// One or more configuration errors, each naming the key it is about.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ConfigErrors(pub Vec<ConfigError>);
+/// The refusals found so far, in the order the steps find them.
+#[derive(Default)]
+struct Refusals(Vec<ConfigError>);
 
-#[derive(Debug, Clone, PartialEq)]
-pub struct ConfigError {
-    /// Dotted key path (`server.listen`), or the variable / flag that carried the value.
-    pub key: String,
-    pub message: String,
-}
-
-impl ConfigErrors {
-    pub fn one(key: impl Into<String>, message: impl Into<String>) -> Self {
-        Self(vec![ConfigError {
-            key: key.into(),
-            message: message.into(),
-        }])
-    }
-
-    pub(crate) fn from_figment(err: figment::Error) -> Self {
-        Self(err.into_iter().map(figment_error).collect())
-    }
-
-    /// Whether every error is about the config file itself (missing, unreadable), not a key.
-    pub fn is_about_the_file(&self) -> bool {
-        !self.0.is_empty() && self.0.iter().all(|e| e.key == FILE_KEY)
+impl Refusals {
+    fn refuse(&mut self, key: &str, message: impl Into<String>) {
+        self.0.push(ConfigError::new(key, message));
     }
 }
-
-/// The key of errors about the config file itself (missing, unreadable, empty).
-pub const FILE_KEY: &str = "--config";
-
-/// One figment error, under its dotted key; a value from the environment names its variable.
-fn figment_error(e: figment::Error) -> ConfigError {
-    let mut path = e.path.clone();
-    if let figment::error::Kind::UnknownField(field, _) = &e.kind {
-        // figment puts the unknown field in the path itself for some providers.
-        if path.last() != Some(field) {
-            path.push(field.clone());
-        }
-    }
-    let key = if path.is_empty() {
-        "(top level)".to_string()
-    } else {
-        path.join(".")
-    };
-    let from_env = e
-        .metadata
-        .as_ref()
-        .is_some_and(|m| m.source.is_none() && m.name.contains("environment"));
-    let var = from_env
-        .then(|| crate::sources::env_var_for(&key))
-        .flatten();
-    let source = match (&var, e.metadata.as_ref()) {
-        (Some(_), _) | (None, None) => String::new(),
-        (None, Some(m)) => match &m.source {
-            Some(src) => format!(" (in {src})"),
-            None => format!(" (from {})", m.name),
-        },
-    };
-    let message = match &e.kind {
-        figment::error::Kind::UnknownField(field, expected) => format!(
-            "unknown key `{field}`; expected one of: {}",
-            expected.join(", ")
-        ),
-        kind => kind.to_string(),
-    };
-    ConfigError {
-        key: match var {
-            Some(var) => format!("{var}: {key}"),
-            None => key,
-        },
-        message: format!("{message}{source}"),
-    }
-}
-
-impl fmt::Display for ConfigErrors {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, e) in self.0.iter().enumerate() {
-            if i > 0 {
-                writeln!(f)?;
-            }
-            write!(f, "config error: {}: {}", e.key, e.message)?;
-        }
-        Ok(())
-    }
-}
-
-impl std::error::Error for ConfigErrors {}
 
 impl Config {
-    /// Checks what serde cannot: ranges, addresses, combinations of keys.
+    /// Checks what serde cannot: ranges, addresses, combinations of keys. Every refusal is
+    /// reported, not only the first.
     pub fn validate(&self) -> Result<(), ConfigErrors> {
-        let mut errors = Vec::new();
-        let mut err = |key: &str, message: String| {
-            errors.push(ConfigError {
-                key: key.into(),
-                message,
-            })
-        };
-        for (key, addr) in [
-            ("server.listen", &self.server.listen),
-            ("server.admin_listen", &self.server.admin_listen),
-        ] {
-            if addr.parse::<SocketAddr>().is_err() {
-                err(
-                    key,
-                    format!("{addr:?} is not an address:port such as \"127.0.0.1:8080\""),
-                );
-            }
+        let mut out = Refusals::default();
+        check_server(self, &mut out);
+        check_durations(self, &mut out);
+        check_supervisor(&self.supervisor, &mut out);
+        check_directories(self, &mut out);
+        check_workers(&self.workers, &mut out);
+        check_database(&self.database, &mut out);
+        check_auth(&self.auth, &mut out);
+        check_sync(&self.sync, &mut out);
+        if out.0.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigErrors(out.0))
         }
-        if self.server.max_body_bytes == 0 {
-            err("server.max_body_bytes", "must be at least 1".into());
+    }
+}
+
+/// The listeners are `address:port`; a body may be at least one byte.
+fn check_server(c: &Config, out: &mut Refusals) {
+    for (key, addr) in [
+        ("server.listen", &c.server.listen),
+        ("server.admin_listen", &c.server.admin_listen),
+    ] {
+        if addr.parse::<SocketAddr>().is_err() {
+            out.refuse(
+                key,
+                format!("{addr:?} is not an address:port such as \"127.0.0.1:8080\""),
+            );
         }
-        for (key, d) in [
-            ("server.queue_timeout", self.server.queue_timeout),
-            ("server.request_timeout", self.server.request_timeout),
-            (
-                "server.header_read_timeout",
-                self.server.header_read_timeout,
+    }
+    if c.server.max_body_bytes == 0 {
+        out.refuse("server.max_body_bytes", "must be at least 1");
+    }
+}
+
+/// Timeouts and intervals that would mean "never" or "spin" at zero.
+fn check_durations(c: &Config, out: &mut Refusals) {
+    for (key, d) in [
+        ("server.queue_timeout", c.server.queue_timeout),
+        ("server.request_timeout", c.server.request_timeout),
+        ("server.header_read_timeout", c.server.header_read_timeout),
+        ("supervisor.health_interval", c.supervisor.health_interval),
+        ("supervisor.health_timeout", c.supervisor.health_timeout),
+        ("supervisor.start_timeout", c.supervisor.start_timeout),
+        ("supervisor.backoff.initial", c.supervisor.backoff.initial),
+        ("supervisor.backoff.max", c.supervisor.backoff.max),
+        ("catalog.refresh_interval", c.catalog.refresh_interval),
+    ] {
+        if d.get().is_zero() {
+            out.refuse(key, "must be longer than zero");
+        }
+    }
+}
+
+/// The backoff is ordered, the drain and the kill grace fit the stop budget, and an
+/// instance may fail at least one health check.
+fn check_supervisor(sup: &Supervisor, out: &mut Refusals) {
+    let b = &sup.backoff;
+    if b.initial > b.max {
+        out.refuse(
+            "supervisor.backoff.initial",
+            format!("{} is above supervisor.backoff.max ({})", b.initial, b.max),
+        );
+    }
+    let needed = sup.drain_timeout.get() + KILL_GRACE;
+    if needed > sup.stop_timeout.get() {
+        out.refuse(
+            "supervisor.drain_timeout",
+            format!(
+                "{} plus the {} kill grace is {}, over supervisor.stop_timeout ({}); lower the drain timeout or raise stop_timeout (and TimeoutStopSec= in the systemd unit with it)",
+                sup.drain_timeout,
+                HumanDuration(KILL_GRACE),
+                HumanDuration(needed),
+                sup.stop_timeout
             ),
-            (
-                "supervisor.health_interval",
-                self.supervisor.health_interval,
-            ),
-            ("supervisor.health_timeout", self.supervisor.health_timeout),
-            ("supervisor.start_timeout", self.supervisor.start_timeout),
-            (
-                "supervisor.backoff.initial",
-                self.supervisor.backoff.initial,
-            ),
-            ("supervisor.backoff.max", self.supervisor.backoff.max),
-            ("catalog.refresh_interval", self.catalog.refresh_interval),
-        ] {
-            if d.get().is_zero() {
-                err(key, "must be longer than zero".into());
-            }
-        }
-        let b = &self.supervisor.backoff;
-        if b.initial > b.max {
-            err(
-                "supervisor.backoff.initial",
-                format!("{} is above supervisor.backoff.max ({})", b.initial, b.max),
+        );
+    }
+    if sup.unhealthy_threshold == 0 {
+        out.refuse("supervisor.unhealthy_threshold", "must be at least 1");
+    }
+}
+
+/// The runtime and data directories are named.
+fn check_directories(c: &Config, out: &mut Refusals) {
+    if c.supervisor.runtime_dir.as_os_str().is_empty() {
+        out.refuse("supervisor.runtime_dir", "must not be empty");
+    }
+    if c.data_dir.as_os_str().is_empty() {
+        out.refuse("data_dir", "must not be empty");
+    }
+}
+
+/// Each kind runs 1 to 64 instances.
+fn check_workers(workers: &Workers, out: &mut Refusals) {
+    for (kind, w) in [("classify", &workers.classify), ("sync", &workers.sync)] {
+        if !(1..=64).contains(&w.instances) {
+            out.refuse(
+                &format!("workers.{kind}.instances"),
+                format!("{} is out of range 1-64", w.instances),
             );
         }
-        let sup = &self.supervisor;
-        let needed = sup.drain_timeout.get() + KILL_GRACE;
-        if needed > sup.stop_timeout.get() {
-            err(
-                "supervisor.drain_timeout",
-                format!(
-                    "{} plus the {} kill grace is {}, over supervisor.stop_timeout ({}); lower the drain timeout or raise stop_timeout (and TimeoutStopSec= in the systemd unit with it)",
-                    sup.drain_timeout,
-                    crate::HumanDuration(KILL_GRACE),
-                    crate::HumanDuration(needed),
-                    sup.stop_timeout
-                ),
-            );
-        }
-        if self.supervisor.unhealthy_threshold == 0 {
-            err(
-                "supervisor.unhealthy_threshold",
-                "must be at least 1".into(),
-            );
-        }
-        if self.supervisor.runtime_dir.as_os_str().is_empty() {
-            err("supervisor.runtime_dir", "must not be empty".into());
-        }
-        if self.data_dir.as_os_str().is_empty() {
-            err("data_dir", "must not be empty".into());
-        }
-        for (kind, w) in [
-            ("classify", &self.workers.classify),
-            ("sync", &self.workers.sync),
-        ] {
-            if !(1..=64).contains(&w.instances) {
-                err(
-                    &format!("workers.{kind}.instances"),
-                    format!("{} is out of range 1-64", w.instances),
-                );
-            }
-        }
-        if !(1..=1024).contains(&self.database.pool_size) {
-            err(
-                "database.pool_size",
-                format!("{} is out of range 1-1024", self.database.pool_size),
-            );
-        }
-        let url = self.database.url.trim();
-        let looks_like_postgres =
-            url.starts_with("postgres://") || url.starts_with("postgresql://") || url.contains('=');
-        if !url.is_empty() && !looks_like_postgres {
-            err(
-                "database.url",
-                "must be a PostgreSQL URL (postgres://user@host/db or host=... dbname=...), or empty for the embedded store".into(),
-            );
-        }
-        let a = &self.auth;
-        if a.algorithm.is_symmetric() {
-            if !a.public_key_file.is_empty() {
-                err(
-                    "auth.public_key_file",
-                    format!(
-                        "is set but auth.algorithm is {:?}, which uses auth.jwt_secret; set the algorithm to RS256, ES256 or EdDSA to use a public key",
-                        a.algorithm
-                    ),
-                );
-            }
-            if !a.jwt_secret.is_empty() && a.jwt_secret.len() < 32 {
-                err(
-                    "auth.jwt_secret",
-                    "is shorter than 32 bytes; use a long random secret, or leave it empty to have one generated in data_dir".into(),
-                );
-            }
-        } else if a.public_key_file.is_empty() {
-            err(
+    }
+}
+
+/// A pool of 1 to 1024 connections, and a URL that is PostgreSQL's or empty.
+fn check_database(db: &Database, out: &mut Refusals) {
+    if !(1..=1024).contains(&db.pool_size) {
+        out.refuse(
+            "database.pool_size",
+            format!("{} is out of range 1-1024", db.pool_size),
+        );
+    }
+    let url = db.url.trim();
+    let looks_like_postgres =
+        url.starts_with("postgres://") || url.starts_with("postgresql://") || url.contains('=');
+    if !url.is_empty() && !looks_like_postgres {
+        out.refuse(
+            "database.url",
+            "must be a PostgreSQL URL (postgres://user@host/db or host=... dbname=...), or empty for the embedded store",
+        );
+    }
+}
+
+/// A symmetric algorithm takes a long enough secret and no key file; the others need one.
+fn check_auth(a: &Auth, out: &mut Refusals) {
+    if a.algorithm.is_symmetric() {
+        if !a.public_key_file.is_empty() {
+            out.refuse(
                 "auth.public_key_file",
                 format!(
-                    "is required when auth.algorithm is {:?} (a PEM public key)",
+                    "is set but auth.algorithm is {:?}, which uses auth.jwt_secret; set the algorithm to RS256, ES256 or EdDSA to use a public key",
                     a.algorithm
                 ),
             );
         }
-        if self.sync.max_bundle_bytes == 0 {
-            err("sync.max_bundle_bytes", "must be at least 1".into());
-        }
-        if self.sync.max_changes_per_batch == 0 {
-            err("sync.max_changes_per_batch", "must be at least 1".into());
-        }
-        if self.sync.max_conflicts_reported > MAX_CONFLICTS_REPORTED {
-            err(
-                "sync.max_conflicts_reported",
-                format!("must be at most {MAX_CONFLICTS_REPORTED} (every listed conflict carries two values; 0 lists none and still counts them)"),
+        if !a.jwt_secret.is_empty() && a.jwt_secret.len() < 32 {
+            out.refuse(
+                "auth.jwt_secret",
+                "is shorter than 32 bytes; use a long random secret, or leave it empty to have one generated in data_dir",
             );
         }
-        for (key, retention) in [
-            (
-                "sync.tombstone_retention",
-                self.sync.tombstone_retention.get(),
+    } else if a.public_key_file.is_empty() {
+        out.refuse(
+            "auth.public_key_file",
+            format!(
+                "is required when auth.algorithm is {:?} (a PEM public key)",
+                a.algorithm
             ),
-            (
-                "sync.conflict_retention",
-                self.sync.conflict_retention.get(),
-            ),
-        ] {
-            if retention.is_zero() {
-                err(key, "must be more than 0 (e.g. \"30d\")".into());
-            }
-        }
-        if errors.is_empty() {
-            Ok(())
-        } else {
-            Err(ConfigErrors(errors))
+        );
+    }
+}
+
+/// Limits that would refuse every request at zero, the bound on listed conflicts, and
+/// retentions that keep something.
+fn check_sync(sync: &SyncConfig, out: &mut Refusals) {
+    if sync.max_bundle_bytes == 0 {
+        out.refuse("sync.max_bundle_bytes", "must be at least 1");
+    }
+    if sync.max_changes_per_batch == 0 {
+        out.refuse("sync.max_changes_per_batch", "must be at least 1");
+    }
+    if sync.max_conflicts_reported > MAX_CONFLICTS_REPORTED {
+        out.refuse(
+            "sync.max_conflicts_reported",
+            format!("must be at most {MAX_CONFLICTS_REPORTED} (every listed conflict carries two values; 0 lists none and still counts them)"),
+        );
+    }
+    for (key, retention) in [
+        ("sync.tombstone_retention", sync.tombstone_retention),
+        ("sync.conflict_retention", sync.conflict_retention),
+    ] {
+        if retention.get().is_zero() {
+            out.refuse(key, "must be more than 0 (e.g. \"30d\")");
         }
     }
 }
@@ -310,6 +245,61 @@ mod tests {
         assert!(text.contains("sync.max_conflicts_reported"), "{text}");
         c.sync.max_conflicts_reported = 0;
         c.validate().unwrap();
+    }
+
+    #[test]
+    fn every_refusal_is_reported_in_order_with_its_message() {
+        let mut c = Config::default();
+        c.server.listen = "nowhere".into();
+        c.server.admin_listen = "x:y".into();
+        c.server.max_body_bytes = 0;
+        c.server.queue_timeout = crate::HumanDuration::from_secs(0);
+        c.server.header_read_timeout = crate::HumanDuration::from_secs(0);
+        c.supervisor.health_timeout = crate::HumanDuration::from_secs(0);
+        c.supervisor.backoff.initial = crate::HumanDuration::from_secs(120);
+        c.catalog.refresh_interval = crate::HumanDuration::from_secs(0);
+        c.supervisor.drain_timeout = crate::HumanDuration::from_secs(100);
+        c.supervisor.unhealthy_threshold = 0;
+        c.supervisor.runtime_dir = "".into();
+        c.data_dir = "".into();
+        c.workers.classify.instances = 0;
+        c.workers.sync.instances = 65;
+        c.database.pool_size = 0;
+        c.database.url = "mysql://x".into();
+        c.auth.public_key_file = "k.pem".into();
+        c.auth.jwt_secret = "short".into();
+        c.sync.max_bundle_bytes = 0;
+        c.sync.max_changes_per_batch = 0;
+        c.sync.max_conflicts_reported = MAX_CONFLICTS_REPORTED + 1;
+        c.sync.tombstone_retention = crate::HumanDuration::from_secs(0);
+        c.sync.conflict_retention = crate::HumanDuration::from_secs(0);
+        let text = c.validate().unwrap_err().to_string();
+        let expected = [
+        "config error: server.listen: \"nowhere\" is not an address:port such as \"127.0.0.1:8080\"",
+        "config error: server.admin_listen: \"x:y\" is not an address:port such as \"127.0.0.1:8080\"",
+        "config error: server.max_body_bytes: must be at least 1",
+        "config error: server.queue_timeout: must be longer than zero",
+        "config error: server.header_read_timeout: must be longer than zero",
+        "config error: supervisor.health_timeout: must be longer than zero",
+        "config error: catalog.refresh_interval: must be longer than zero",
+        "config error: supervisor.backoff.initial: 2m is above supervisor.backoff.max (1m)",
+        "config error: supervisor.drain_timeout: 1m 40s plus the 5s kill grace is 1m 45s, over supervisor.stop_timeout (1m 30s); lower the drain timeout or raise stop_timeout (and TimeoutStopSec= in the systemd unit with it)",
+        "config error: supervisor.unhealthy_threshold: must be at least 1",
+        "config error: supervisor.runtime_dir: must not be empty",
+        "config error: data_dir: must not be empty",
+        "config error: workers.classify.instances: 0 is out of range 1-64",
+        "config error: workers.sync.instances: 65 is out of range 1-64",
+        "config error: database.pool_size: 0 is out of range 1-1024",
+        "config error: database.url: must be a PostgreSQL URL (postgres://user@host/db or host=... dbname=...), or empty for the embedded store",
+        "config error: auth.public_key_file: is set but auth.algorithm is HS256, which uses auth.jwt_secret; set the algorithm to RS256, ES256 or EdDSA to use a public key",
+        "config error: auth.jwt_secret: is shorter than 32 bytes; use a long random secret, or leave it empty to have one generated in data_dir",
+        "config error: sync.max_bundle_bytes: must be at least 1",
+        "config error: sync.max_changes_per_batch: must be at least 1",
+        "config error: sync.max_conflicts_reported: must be at most 10000 (every listed conflict carries two values; 0 lists none and still counts them)",
+        "config error: sync.tombstone_retention: must be more than 0 (e.g. \"30d\")",
+        "config error: sync.conflict_retention: must be more than 0 (e.g. \"30d\")",
+        ];
+        assert_eq!(text.lines().collect::<Vec<_>>(), expected);
     }
 
     #[test]

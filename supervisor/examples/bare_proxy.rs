@@ -7,6 +7,8 @@
 //!
 //!     cargo run --release --example bare_proxy -- 127.0.0.1:28082 run/classify-0.1.sock …
 
+#![forbid(unsafe_code)]
+
 use hyper::body::Incoming;
 use hyper::client::conn::http1 as client;
 use hyper::server::conn::http1 as server;

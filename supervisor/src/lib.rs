@@ -22,6 +22,7 @@
 //! * [`plan`]: `firemode plan`, the timeline the config implies.
 //! * [`preflight`]: `firemode check-config`'s checks of files, commands, directories, store.
 
+// No #![forbid(unsafe_code)]: spawn.rs (pre_exec), listener.rs (setsockopt) and systemd.rs (from_raw_fd) need unsafe.
 pub mod access_log;
 pub mod admin;
 pub mod auth;

@@ -1,5 +1,7 @@
 //! `firemode`: the command line. Thin glue over the `firemode` library.
 
+#![forbid(unsafe_code)]
+
 use clap::{Parser, Subcommand};
 use firemode_config::{config_file, load, Overrides};
 use std::path::PathBuf;

@@ -12,6 +12,8 @@
 //! * [`render_metrics`]: one scrape of this process, with its `process_*` series read from
 //!   `/proc` at that moment.
 
+#![forbid(unsafe_code)]
+
 pub mod build_info;
 pub mod journal;
 pub mod scrape;

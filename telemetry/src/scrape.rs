@@ -52,6 +52,45 @@ fn relabel(line: &str, extra: &str) -> String {
     }
 }
 
+/// `labels` as the text inside a sample's braces: `k="v",k2="v2"`, values escaped.
+fn label_text(labels: &[(&str, &str)]) -> String {
+    let extra: Vec<String> = labels
+        .iter()
+        .map(|(k, v)| format!("{k}=\"{}\"", v.replace('\\', "\\\\").replace('"', "\\\"")))
+        .collect();
+    extra.join(",")
+}
+
+/// One line of a scrape, by what it does to the merge.
+enum Line<'a> {
+    /// `# HELP <family> ...`
+    Help(&'a str),
+    /// `# TYPE <family> ...`
+    Type(&'a str),
+    /// A sample of the series named here.
+    Sample(&'a str),
+    /// Blank, another comment, or a HELP/TYPE line without its text.
+    Skip,
+}
+
+impl<'a> Line<'a> {
+    fn of(line: &'a str) -> Self {
+        let family = |rest: &'a str| rest.split_once(' ').map(|(name, _)| name);
+        if line.is_empty() {
+            Line::Skip
+        } else if let Some(rest) = line.strip_prefix("# HELP ") {
+            family(rest).map_or(Line::Skip, Line::Help)
+        } else if let Some(rest) = line.strip_prefix("# TYPE ") {
+            family(rest).map_or(Line::Skip, Line::Type)
+        } else if line.starts_with('#') {
+            Line::Skip
+        } else {
+            let name_end = line.find(['{', ' ']).unwrap_or(line.len());
+            Line::Sample(&line[..name_end])
+        }
+    }
+}
+
 impl Merged {
     fn family(&mut self, name: &str) -> &mut Family {
         if !self.families.contains_key(name) {
@@ -62,33 +101,23 @@ impl Merged {
 
     /// Adds one scrape; `labels` are `(name, value)` pairs added to every sample.
     pub fn add(&mut self, text: &str, labels: &[(&str, &str)]) {
-        let extra: Vec<String> = labels
-            .iter()
-            .map(|(k, v)| format!("{k}=\"{}\"", v.replace('\\', "\\\\").replace('"', "\\\"")))
-            .collect();
-        let extra = extra.join(",");
-        for line in text.lines() {
-            let line = line.trim_end();
-            if line.is_empty() {
-                continue;
-            }
-            if let Some(rest) = line.strip_prefix("# HELP ") {
-                if let Some((name, _)) = rest.split_once(' ') {
+        let extra = label_text(labels);
+        for line in text.lines().map(str::trim_end) {
+            match Line::of(line) {
+                Line::Help(name) => {
                     let f = self.family(name);
                     f.help.get_or_insert_with(|| line.to_string());
                 }
-            } else if let Some(rest) = line.strip_prefix("# TYPE ") {
-                if let Some((name, _)) = rest.split_once(' ') {
+                Line::Type(name) => {
                     let f = self.family(name);
                     f.kind.get_or_insert_with(|| line.to_string());
                 }
-            } else if line.starts_with('#') {
-                continue;
-            } else {
-                let name_end = line.find(['{', ' ']).unwrap_or(line.len());
-                let family = family_of(&line[..name_end], &self.families);
-                let sample = relabel(line, &extra);
-                self.family(&family).samples.push(sample);
+                Line::Sample(name) => {
+                    let family = family_of(name, &self.families);
+                    let sample = relabel(line, &extra);
+                    self.family(&family).samples.push(sample);
+                }
+                Line::Skip => {}
             }
         }
     }
@@ -156,5 +185,17 @@ mod tests {
         assert_eq!(relabel("a{} 1", "k=\"v\""), "a{k=\"v\"} 1");
         assert_eq!(relabel("a{x=\"y\"} 1", "k=\"v\""), "a{k=\"v\",x=\"y\"} 1");
         assert_eq!(relabel("a{x=\"y\"} 1", ""), "a{x=\"y\"} 1");
+    }
+
+    #[test]
+    fn help_and_type_stay_once_and_other_comments_go() {
+        let mut m = Merged::default();
+        let scrape = "# HELP a_total Things.\n# TYPE a_total counter\n# a comment\n# HELP\n# TYPE b\n\na_total 1\n";
+        m.add(scrape, &[("instance", "0")]);
+        m.add(scrape, &[("instance", "a\"b\\c")]);
+        assert_eq!(
+            m.render(),
+            "# HELP a_total Things.\n# TYPE a_total counter\na_total{instance=\"0\"} 1\na_total{instance=\"a\\\"b\\\\c\"} 1\n"
+        );
     }
 }

@@ -130,7 +130,7 @@ fn protocol_is_grpc() -> bool {
 fn build_provider(
     configured: &str,
     who: &ServiceIdentity<'_>,
-) -> Result<Option<SdkTracerProvider>, String> {
+) -> Result<Option<SdkTracerProvider>, opentelemetry_otlp::ExporterBuildError> {
     let Some((url, from_env)) = endpoint(configured) else {
         return Ok(None);
     };
@@ -156,8 +156,7 @@ fn build_provider(
             b = b.with_endpoint(url);
         }
         b.build()
-    }
-    .map_err(|e| e.to_string())?;
+    }?;
     let base = std::env::var("OTEL_SERVICE_NAME")
         .ok()
         .filter(|s| !s.trim().is_empty())

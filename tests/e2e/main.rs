@@ -1,6 +1,8 @@
 //! Every black-box test, in one binary (one link, shared build of the binaries under test).
 //! Each test starts its own `firemode` in its own temporary directory.
 
+#![forbid(unsafe_code)]
+
 mod auth;
 mod backup;
 mod catch_up;

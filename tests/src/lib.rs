@@ -10,6 +10,8 @@
 //! is the server to create per-test databases on. Unreachable: the PostgreSQL tests fail
 //! when `CI` is set, and skip with a loud message otherwise.
 
+#![forbid(unsafe_code)]
+
 mod cluster;
 mod http;
 mod otlp;

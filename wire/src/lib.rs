@@ -10,6 +10,8 @@
 //!
 //! Architecture invariant: nothing here does I/O or knows about sockets.
 
+#![forbid(unsafe_code)]
+
 pub mod identity;
 pub mod ids;
 pub mod problem;

@@ -9,6 +9,8 @@
 //! The index keeps each answer already rendered as JSON bytes, so a lookup on the hot path
 //! is one hash probe, a short scan of the item's conditions and a reference-count bump.
 
+#![forbid(unsafe_code)]
+
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
@@ -58,20 +60,39 @@ pub struct Catalog {
     pub items: Vec<Item>,
 }
 
-#[derive(Debug, thiserror::Error, PartialEq)]
+/// Why a catalog file was refused.
+#[derive(Debug, thiserror::Error)]
 pub enum CatalogError {
     #[error("catalog is not valid JSON of the catalog shape: {0}")]
-    Parse(String),
+    Parse(serde_json::Error),
     #[error("catalog is invalid: {0}")]
-    Invalid(String),
+    Invalid(InvalidCatalog),
+}
+
+/// A catalog that parses but breaks a rule; each message names the item or code.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidCatalog {
+    #[error("`version` must be 1-128 characters")]
+    Version,
+    #[error("`items` is empty")]
+    NoItems,
+    #[error("item_code {0:?} must be 1-64 characters")]
+    CodeLength(String),
+    #[error("item_code {0:?} appears twice (as a code or an alias)")]
+    DuplicateCode(String),
+    #[error("item {0:?} has no conditions")]
+    NoConditions(String),
+    #[error("item {0:?} has an empty observed_condition")]
+    EmptyCondition(String),
+    #[error("item {item:?} lists condition {condition:?} twice")]
+    DuplicateCondition { item: String, condition: String },
 }
 
 impl Catalog {
     /// Parses and validates a catalog file's text.
     pub fn from_json(text: &str) -> Result<Catalog, CatalogError> {
-        let catalog: Catalog =
-            serde_json::from_str(text).map_err(|e| CatalogError::Parse(e.to_string()))?;
-        catalog.validate()?;
+        let catalog: Catalog = serde_json::from_str(text).map_err(CatalogError::Parse)?;
+        catalog.validate().map_err(CatalogError::Invalid)?;
         Ok(catalog)
     }
 
@@ -79,44 +100,24 @@ impl Catalog {
         serde_json::to_string(self).unwrap_or_default()
     }
 
-    fn validate(&self) -> Result<(), CatalogError> {
-        let bad = |m: String| Err(CatalogError::Invalid(m));
+    fn validate(&self) -> Result<(), InvalidCatalog> {
         if self.version.trim().is_empty() || self.version.len() > 128 {
-            return bad("`version` must be 1-128 characters".into());
+            return Err(InvalidCatalog::Version);
         }
         if self.items.is_empty() {
-            return bad("`items` is empty".into());
+            return Err(InvalidCatalog::NoItems);
         }
         let mut codes = HashSet::new();
         for item in &self.items {
             for code in item.codes() {
                 if code.is_empty() || code.len() > 64 {
-                    return bad(format!("item_code {code:?} must be 1-64 characters"));
+                    return Err(InvalidCatalog::CodeLength(code.to_owned()));
                 }
                 if !codes.insert(code) {
-                    return bad(format!(
-                        "item_code {code:?} appears twice (as a code or an alias)"
-                    ));
+                    return Err(InvalidCatalog::DuplicateCode(code.to_owned()));
                 }
             }
-            if item.conditions.is_empty() {
-                return bad(format!("item {:?} has no conditions", item.item_code));
-            }
-            let mut seen = HashSet::new();
-            for c in &item.conditions {
-                if c.observed_condition.is_empty() {
-                    return bad(format!(
-                        "item {:?} has an empty observed_condition",
-                        item.item_code
-                    ));
-                }
-                if !seen.insert(c.observed_condition.as_str()) {
-                    return bad(format!(
-                        "item {:?} lists condition {:?} twice",
-                        item.item_code, c.observed_condition
-                    ));
-                }
-            }
+            item.validate_conditions()?;
         }
         Ok(())
     }
@@ -126,6 +127,26 @@ impl Item {
     /// The item's code, then its aliases.
     pub fn codes(&self) -> impl Iterator<Item = &str> {
         std::iter::once(self.item_code.as_str()).chain(self.aliases.iter().map(String::as_str))
+    }
+
+    /// At least one condition, each named, none twice.
+    fn validate_conditions(&self) -> Result<(), InvalidCatalog> {
+        if self.conditions.is_empty() {
+            return Err(InvalidCatalog::NoConditions(self.item_code.clone()));
+        }
+        let mut seen = HashSet::new();
+        for c in &self.conditions {
+            if c.observed_condition.is_empty() {
+                return Err(InvalidCatalog::EmptyCondition(self.item_code.clone()));
+            }
+            if !seen.insert(c.observed_condition.as_str()) {
+                return Err(InvalidCatalog::DuplicateCondition {
+                    item: self.item_code.clone(),
+                    condition: c.observed_condition.clone(),
+                });
+            }
+        }
+        Ok(())
     }
 }
 
@@ -279,7 +300,7 @@ mod tests {
         catalog.items[0].aliases = vec!["FE".into()];
         let text = serde_json::to_string(&catalog).unwrap();
         assert!(
-            matches!(Catalog::from_json(&text), Err(CatalogError::Invalid(m)) if m.contains("twice"))
+            matches!(Catalog::from_json(&text), Err(CatalogError::Invalid(m)) if m.to_string().contains("twice"))
         );
     }
 
@@ -298,7 +319,7 @@ mod tests {
             {"item_code":"A","family":"f","description":"d","conditions":[{"observed_condition":"x","classification":"non_conformance","description":"d","action":"a"}]},
             {"item_code":"A","family":"f","description":"d","conditions":[{"observed_condition":"x","classification":"non_conformance","description":"d","action":"a"}]}]}"#;
         assert!(
-            matches!(Catalog::from_json(dup), Err(CatalogError::Invalid(m)) if m.contains("twice"))
+            matches!(Catalog::from_json(dup), Err(CatalogError::Invalid(m)) if m.to_string().contains("twice"))
         );
         assert!(matches!(
             Catalog::from_json(r#"{"version":"v","items":[{"item_code":"A"}]}"#),
@@ -310,5 +331,47 @@ mod tests {
             ),
             Err(CatalogError::Parse(_))
         ));
+    }
+
+    #[test]
+    fn refusals_name_the_item_or_code() {
+        let refusal = |catalog: &Catalog| {
+            let text = serde_json::to_string(catalog).unwrap();
+            Catalog::from_json(&text).unwrap_err().to_string()
+        };
+        let mut c = tiny();
+        c.version = String::new();
+        assert_eq!(
+            refusal(&c),
+            "catalog is invalid: `version` must be 1-128 characters"
+        );
+        let mut c = tiny();
+        c.items.clear();
+        assert_eq!(refusal(&c), "catalog is invalid: `items` is empty");
+        let mut c = tiny();
+        c.items[0].aliases = vec!["x".repeat(65)];
+        assert!(refusal(&c).ends_with("\" must be 1-64 characters"));
+        let mut c = tiny();
+        c.items[0].conditions.clear();
+        assert_eq!(
+            refusal(&c),
+            "catalog is invalid: item \"FE\" has no conditions"
+        );
+        let mut c = tiny();
+        c.items[0].conditions[1].observed_condition = String::new();
+        assert_eq!(
+            refusal(&c),
+            "catalog is invalid: item \"FE\" has an empty observed_condition"
+        );
+        let mut c = tiny();
+        c.items[0].conditions[1].observed_condition = "low".into();
+        assert_eq!(
+            refusal(&c),
+            "catalog is invalid: item \"FE\" lists condition \"low\" twice"
+        );
+        assert!(Catalog::from_json("{")
+            .unwrap_err()
+            .to_string()
+            .starts_with("catalog is not valid JSON of the catalog shape: EOF"));
     }
 }

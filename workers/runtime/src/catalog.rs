@@ -3,18 +3,24 @@
 //! current. Versions are immutable in the store, so a check of the current version's name
 //! every `catalog.refresh_interval` is all it takes to stay correct.
 
-use anyhow::Context as _;
+use crate::CatalogFileError;
 use firemode_catalog::Catalog;
 use firemode_store::{Store, StoreError, StoredCatalog};
 use std::time::Duration;
 
 /// The configured catalog: `catalog.file`, or the shipped sample when it is empty.
-pub fn configured_catalog(file: &str) -> anyhow::Result<Catalog> {
+pub fn configured_catalog(file: &str) -> Result<Catalog, CatalogFileError> {
     if file.is_empty() {
-        return Catalog::from_json(firemode_catalog::SAMPLE).context("the built-in catalog");
+        return Catalog::from_json(firemode_catalog::SAMPLE).map_err(CatalogFileError::BuiltIn);
     }
-    let text = std::fs::read_to_string(file).with_context(|| format!("catalog.file {file}"))?;
-    Catalog::from_json(&text).with_context(|| format!("catalog.file {file}"))
+    let text = std::fs::read_to_string(file).map_err(|source| CatalogFileError::Unreadable {
+        file: file.to_owned(),
+        source,
+    })?;
+    Catalog::from_json(&text).map_err(|source| CatalogFileError::Invalid {
+        file: file.to_owned(),
+        source,
+    })
 }
 
 /// Installs `configured` into the store (waiting while the store is down), then follows the

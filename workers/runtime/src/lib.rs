@@ -11,11 +11,16 @@
 //!   runtime, so a health check never queues behind real work.
 //! * `health`: `/healthz` and `/readyz`, and the background store probe behind them.
 //! * [`catalog`]: following the store's current catalog version.
+//! * [`WorkerError`], [`CatalogFileError`]: why a worker stops, each cause kept as a source.
+
+#![forbid(unsafe_code)]
 
 pub mod catalog;
+mod error;
 mod health;
 mod server;
 
+pub use error::{CatalogFileError, WorkerError};
 pub use health::Readiness;
 
 use bytes::Bytes;
@@ -98,7 +103,9 @@ where
     match runtime.block_on(serve(kind, args, make_app)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            // Logging may not be set up yet: one JSON line the supervisor can re-emit.
+            // Logging may not be set up yet: one JSON line the supervisor can re-emit, the
+            // error with its causes (`binding /x.sock: Permission denied`).
+            let e = anyhow::Error::from(e);
             let line = serde_json::json!({"level": "ERROR", "message": "worker failed", "error": format!("{e:#}")});
             eprintln!("{line}");
             ExitCode::from(1)
@@ -106,15 +113,21 @@ where
     }
 }
 
-async fn serve<A, F, Fut>(kind: &'static str, args: WorkerArgs, make_app: F) -> anyhow::Result<()>
+async fn serve<A, F, Fut>(
+    kind: &'static str,
+    args: WorkerArgs,
+    make_app: F,
+) -> Result<(), WorkerError>
 where
     A: App,
     F: FnOnce(WorkerContext) -> Fut,
     Fut: Future<Output = anyhow::Result<A>>,
 {
-    use anyhow::Context as _;
-    let text = std::fs::read_to_string(&args.config_json)
-        .with_context(|| format!("reading {}", args.config_json.display()))?;
+    let text =
+        std::fs::read_to_string(&args.config_json).map_err(|source| WorkerError::ReadConfig {
+            path: args.config_json.clone(),
+            source,
+        })?;
     let config = Arc::new(Config::from_json(&text)?);
     // JSON lines on stderr: the supervisor re-emits them tagged with kind and instance.
     let _telemetry = firemode_telemetry::traces::init(
@@ -142,7 +155,7 @@ where
         instance: args.instance,
         readiness: readiness.clone(),
     };
-    let app = Arc::new(make_app(ctx).await?);
+    let app = Arc::new(make_app(ctx).await.map_err(WorkerError::App)?);
     tracing::info!(
         kind,
         instance = args.instance,

@@ -7,7 +7,7 @@
 //! runtime. So a health check never queues behind real work (a burst of heavy answers
 //! keeping every app thread busy), and a busy worker is not mistaken for a dead one.
 
-use crate::{json_response, App, Readiness};
+use crate::{json_response, App, Readiness, WorkerError};
 use bytes::Bytes;
 use firemode_wire::Problem;
 use http::{Method, Request, Response, StatusCode};
@@ -33,7 +33,7 @@ pub async fn serve<A: App>(
     socket: &Path,
     app: Arc<A>,
     readiness: Readiness,
-) -> anyhow::Result<()> {
+) -> Result<(), WorkerError> {
     let app_runtime = tokio::runtime::Handle::current();
     let socket = socket.to_path_buf();
     let (done, finished) = tokio::sync::oneshot::channel();
@@ -43,15 +43,16 @@ pub async fn serve<A: App>(
             let result = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
-                .map_err(anyhow::Error::from)
+                .map_err(WorkerError::ControlThread)
                 .and_then(|rt| {
                     rt.block_on(accept_loop(kind, &socket, app, readiness, app_runtime))
                 });
             let _ = done.send(result);
-        })?;
+        })
+        .map_err(WorkerError::ControlThread)?;
     finished
         .await
-        .unwrap_or_else(|_| Err(anyhow::anyhow!("the control thread ended without a result")))
+        .unwrap_or(Err(WorkerError::ControlThreadLost))
 }
 
 async fn accept_loop<A: App>(
@@ -60,17 +61,23 @@ async fn accept_loop<A: App>(
     app: Arc<A>,
     readiness: Readiness,
     app_runtime: tokio::runtime::Handle,
-) -> anyhow::Result<()> {
-    use anyhow::Context as _;
+) -> Result<(), WorkerError> {
     match std::fs::remove_file(socket) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e).with_context(|| format!("removing stale {}", socket.display())),
+        Err(source) => {
+            return Err(WorkerError::RemoveStaleSocket {
+                path: socket.to_path_buf(),
+                source,
+            })
+        }
     }
-    let listener =
-        UnixListener::bind(socket).with_context(|| format!("binding {}", socket.display()))?;
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
+    let listener = UnixListener::bind(socket).map_err(|source| WorkerError::Bind {
+        path: socket.to_path_buf(),
+        source,
+    })?;
+    let mut term = signal(SignalKind::terminate()).map_err(WorkerError::Signals)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(WorkerError::Signals)?;
     let graceful = GracefulShutdown::new();
     let builder = hyper::server::conn::http1::Builder::new();
 

@@ -15,6 +15,8 @@
 //!
 //! Architecture invariant: the workers see only [`Store`]; no SQL outside this crate.
 
+#![forbid(unsafe_code)]
+
 pub mod backup;
 pub mod check;
 mod migrations;
