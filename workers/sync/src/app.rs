@@ -31,8 +31,9 @@ impl SyncApp {
     pub async fn start(ctx: WorkerContext) -> anyhow::Result<SyncApp> {
         describe_metrics();
         let catalog = follow_catalog(&ctx)?;
-        let (store, ttl) = (ctx.store.clone(), ctx.config.sync.idempotency_ttl.get());
-        tokio::spawn(purge_idempotency(store, ttl));
+        let sync = &ctx.config.sync;
+        let (ttl, retention) = (sync.idempotency_ttl.get(), sync.conflict_retention.get());
+        tokio::spawn(purge_expired(ctx.store.clone(), ttl, retention));
         Ok(SyncApp {
             store: ctx.store,
             config: ctx.config,
@@ -87,12 +88,16 @@ fn follow_catalog(ctx: &WorkerContext) -> anyhow::Result<Arc<ArcSwapOption<Rende
     Ok(catalog)
 }
 
-/// Expired idempotency records go away in the background (lookups ignore them anyway).
-async fn purge_idempotency(store: Store, ttl: Duration) {
+/// Expired idempotency records (lookups ignore them anyway) and kept conflicts older than
+/// `sync.conflict_retention` go away in the background.
+async fn purge_expired(store: Store, ttl: Duration, conflict_retention: Duration) {
     loop {
         tokio::time::sleep(PURGE_EVERY).await;
         if let Err(e) = store.purge_idempotency(ttl).await {
             tracing::debug!(error = %e, "purging idempotency records failed");
+        }
+        if let Err(e) = store.purge_conflicts(conflict_retention).await {
+            tracing::debug!(error = %e, "purging kept conflicts failed");
         }
     }
 }
