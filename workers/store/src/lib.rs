@@ -110,7 +110,10 @@ impl Store {
         } else {
             let listener = watch::pg::Listener::new(&opts.url, opts.connect_timeout)?;
             let pg = postgres::PgStore::open(opts)?;
-            (Inner::Postgres(pg), watch::Source::Postgres(listener))
+            (
+                Inner::Postgres(pg),
+                watch::Source::Postgres(Box::new(listener)),
+            )
         };
         let watch = watch::Hub::new(source, watch::SQLITE_POLL);
         Ok(Store { inner, watch })

@@ -88,7 +88,7 @@ struct Slot {
 /// Where versions come from.
 pub(crate) enum Source {
     Sqlite(SqliteStore),
-    Postgres(pg::Listener),
+    Postgres(Box<pg::Listener>),
 }
 
 /// Counters of the watch machinery, for tests and `/status`.
@@ -323,9 +323,12 @@ impl Drop for Waiter {
 /// The checker of one watched session: reads its version, publishes it, and waits for the
 /// next kick (or, on SQLite, the next poll), until the last waiter leaves.
 async fn check(hub: Arc<Hub>, entry: Arc<Entry>) {
+    // Warn once per run of failures (SQLite retries every poll).
+    let mut failing = false;
     while !entry.closed.load(Ordering::Relaxed) {
         match hub.read_version(&entry).await {
             Ok(v) => {
+                failing = false;
                 entry.known.send_if_modified(|known| {
                     let newer = match known {
                         Known::Version(old) => v != *old,
@@ -338,7 +341,10 @@ async fn check(hub: Arc<Hub>, entry: Arc<Entry>) {
                 });
             }
             Err(e) => {
-                tracing::warn!(error = %e, "reading a watched session's version failed");
+                if !failing {
+                    tracing::warn!(error = %e, "reading a watched session's version failed; retrying");
+                }
+                failing = true;
                 // Waiters keep a version already read (a later read or kick catches up);
                 // only waiters with none are told.
                 entry.known.send_if_modified(|known| match known {
