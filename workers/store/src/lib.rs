@@ -12,6 +12,8 @@
 //! * `sqlite`, `postgres`: the two backends, with the same queries.
 //! * [`check`]: one connection attempt for `firemode check-config --connect`.
 //! * [`backup`]: an online copy of the SQLite store for `firemode backup FILE`.
+//! * `watch`: waking long-pollers when a session changes ([`Store::wait_for_change`]):
+//!   `LISTEN/NOTIFY` on PostgreSQL, a shared re-read per watched session on SQLite.
 //!
 //! Architecture invariant: the workers see only [`Store`]; no SQL outside this crate.
 
@@ -23,11 +25,15 @@ mod migrations;
 mod postgres;
 mod sessions;
 mod sqlite;
+mod watch;
 
 pub use sessions::{IdempotencyKey, JournalEntry, MergeFn, MergeOutcome, MergeStep, StoredSession};
+pub use watch::pg::CHANNEL as WATCH_CHANNEL;
+pub use watch::WatchStats;
 
 use firemode_catalog::Catalog;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// How to reach the store.
@@ -78,6 +84,8 @@ pub enum Backend {
 #[derive(Clone)]
 pub struct Store {
     inner: Inner,
+    /// Watched sessions and their waiters (shared by clones of this handle).
+    watch: Arc<watch::Hub>,
 }
 
 #[derive(Clone)]
@@ -97,12 +105,20 @@ impl Store {
     /// Opens the pool lazily: a database that is down now does not stop the worker from
     /// starting; [`Store::migrate`] and [`Store::ping`] tell when it is usable.
     pub fn open(opts: &StoreOptions) -> Result<Store, StoreError> {
-        let inner = if opts.url.trim().is_empty() {
-            Inner::Sqlite(sqlite::SqliteStore::open(opts)?)
+        let (inner, source) = if opts.url.trim().is_empty() {
+            let sqlite = sqlite::SqliteStore::open(opts)?;
+            let source = watch::Source::Sqlite(sqlite.clone());
+            (Inner::Sqlite(sqlite), source)
         } else {
-            Inner::Postgres(postgres::PgStore::open(opts)?)
+            let listener = watch::pg::Listener::new(&opts.url, opts.connect_timeout)?;
+            let pg = postgres::PgStore::open(opts)?;
+            (
+                Inner::Postgres(pg),
+                watch::Source::Postgres(Box::new(listener)),
+            )
         };
-        Ok(Store { inner })
+        let watch = watch::Hub::new(source, watch::SQLITE_POLL);
+        Ok(Store { inner, watch })
     }
 
     fn db_system(&self) -> &'static str {
@@ -180,10 +196,17 @@ impl Store {
         ttl: Duration,
         merge: MergeFn,
     ) -> Result<MergeOutcome, StoreError> {
-        match &self.inner {
+        let outcome = match &self.inner {
             Inner::Sqlite(s) => s.merge_session(tenant, session_id, idem, ttl, merge).await,
             Inner::Postgres(p) => p.merge_session(tenant, session_id, idem, ttl, merge).await,
+        };
+        if let Ok(MergeOutcome::Ran(MergeStep {
+            new_state: Some(_), ..
+        })) = &outcome
+        {
+            self.watch.merged(tenant, session_id);
         }
+        outcome
     }
 
     /// A session's stored state, `None` when it has no applied batch yet.
@@ -220,6 +243,51 @@ impl Store {
             Inner::Sqlite(s) => s.purge_conflicts(retention).await,
             Inner::Postgres(p) => p.purge_conflicts(retention).await,
         }
+    }
+
+    /// The session's stored version (`sync_sessions.version`, bumped by every applied
+    /// batch), 0 when it has no applied batch yet. One cheap query.
+    pub async fn session_version(&self, tenant: &str, session_id: &str) -> Result<i64, StoreError> {
+        match &self.inner {
+            Inner::Sqlite(s) => s.session_version(tenant, session_id).await,
+            Inner::Postgres(p) => p.session_version(tenant, session_id).await,
+        }
+    }
+
+    /// Waits until the session's stored version exceeds `seen_version`: `Ok(true)` as soon
+    /// as it does (at once if it already does), `Ok(false)` when `deadline` passes first.
+    ///
+    /// For `GET …/changes?wait=` (design §3): take `seen_version` from the same read that
+    /// found nothing new beyond `since` (or from a read made *before* it), never from a
+    /// later one, or a merge between the two reads is missed until the next merge. On
+    /// `true`, compute the changes again (the version may have moved without anything new
+    /// for this `since`: then wait again with the new version until the deadline).
+    ///
+    /// A merge through any handle, process or host sharing the database wakes the waiter,
+    /// normally within milliseconds (PostgreSQL: `LISTEN/NOTIFY`; SQLite: at once for
+    /// merges of this process, within 100 ms for other processes). However
+    /// many waiters a session has, a merge costs one `NOTIFY` and one version read per
+    /// watching process. Cancel-safe: dropping the future unregisters the waiter.
+    ///
+    /// Errors: [`StoreError::Busy`] when this process already holds
+    /// 100,000 waiters; [`StoreError::Unavailable`] when the version cannot
+    /// be read at all (PostgreSQL: the listening connection cannot be opened).
+    #[tracing::instrument(name = "store.wait_for_change", skip_all, fields(db.system = self.db_system()))]
+    pub async fn wait_for_change(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        seen_version: i64,
+        deadline: tokio::time::Instant,
+    ) -> Result<bool, StoreError> {
+        self.watch
+            .wait(tenant, session_id, seen_version, deadline)
+            .await
+    }
+
+    /// Counters of the waiting machinery of this handle and its clones.
+    pub fn watch_stats(&self) -> WatchStats {
+        self.watch.stats()
     }
 
     /// Deletes idempotency records older than `ttl`; returns how many.

@@ -268,7 +268,17 @@ impl PgStore {
         };
         let step = merge(version.is_some_and(|v| v > 0).then_some(state.as_str()));
         let saved = self.save_merge(&tx, tenant, session_id, version, &idem, &step, now, live);
-        match saved.await? {
+        // Long-pollers on every host hear of the new version at commit (pipelined).
+        let notified = async {
+            match step.new_state {
+                Some(_) => crate::watch::pg::notify_changed(&tx, tenant, session_id).await,
+                None => Ok(()),
+            }
+        };
+        let (saved, notified) = tokio::join!(saved, notified);
+        let saved = saved?;
+        notified.map_err(unavailable)?;
+        match saved {
             Saved::Done => {}
             Saved::KeyTaken => return Ok(MergeOutcome::KeyReused), // rolls back on drop
             Saved::Raced => {
@@ -450,6 +460,13 @@ impl PgStore {
         )
         .await
         .map_err(unavailable)
+    }
+
+    pub async fn session_version(&self, tenant: &str, session_id: &str) -> Result<i64, StoreError> {
+        let conn = self.pool.get().await.map_err(pool_error)?;
+        crate::watch::pg::read_version(&conn, tenant, session_id)
+            .await
+            .map_err(unavailable)
     }
 
     pub async fn purge_idempotency(&self, ttl: Duration) -> Result<u64, StoreError> {

@@ -369,6 +369,22 @@ impl SqliteStore {
         .await
     }
 
+    /// `sync_sessions.version`, 0 when the session has no applied batch.
+    pub async fn session_version(&self, tenant: &str, session_id: &str) -> Result<i64, StoreError> {
+        let (tenant, session_id) = (tenant.to_string(), session_id.to_string());
+        self.with_conn(move |conn| {
+            conn.query_row(
+                "SELECT version FROM sync_sessions WHERE tenant = ?1 AND session_id = ?2",
+                params![tenant, session_id],
+                |r| r.get(0),
+            )
+            .optional()
+            .map(|v| v.unwrap_or(0))
+            .map_err(unavailable)
+        })
+        .await
+    }
+
     pub async fn purge_idempotency(&self, ttl: Duration) -> Result<u64, StoreError> {
         self.with_conn(move |conn| {
             conn.execute(
