@@ -145,7 +145,12 @@ pub async fn changes(
             });
             return Ok(json_response(StatusCode::OK, Bytes::from(body.to_string())));
         }
-        let changed = wait_for_change(app, caller, session_id, version, deadline).await?;
+        // `version` comes from the same read that found nothing new: a merge after it wakes us.
+        let changed = app
+            .store
+            .wait_for_change(&caller.tenant, session_id, version, deadline)
+            .await
+            .map_err(store_problem)?;
         if !changed {
             // The wait ended with nothing new: answer the (empty) changes at this clock.
             let body = json!({
@@ -154,31 +159,6 @@ pub async fn changes(
                 "changes": changes,
             });
             return Ok(json_response(StatusCode::OK, Bytes::from(body.to_string())));
-        }
-    }
-}
-
-/// Waits until the session's version passes `version` (true) or `deadline` (false).
-async fn wait_for_change(
-    app: &SyncApp,
-    caller: &Caller,
-    session_id: &str,
-    version: i64,
-    deadline: tokio::time::Instant,
-) -> Result<bool, Problem> {
-    loop {
-        let now = tokio::time::Instant::now();
-        if now >= deadline {
-            return Ok(false);
-        }
-        tokio::time::sleep_until(deadline.min(now + Duration::from_millis(100))).await;
-        let stored = app
-            .store
-            .session(&caller.tenant, session_id)
-            .await
-            .map_err(store_problem)?;
-        if stored.is_some_and(|s| s.version > version) {
-            return Ok(true);
         }
     }
 }
