@@ -348,7 +348,7 @@ impl Exchange<'_> {
             return Err(refused);
         }
         let set = registry
-            .set(kind)
+            .kind(kind)
             .ok_or_else(|| Problem::internal("no such worker kind"))?;
         let queue_deadline = (Instant::now() + self.settings.queue_timeout).min(self.deadline);
         let picked = match set.pick(None) {

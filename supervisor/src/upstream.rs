@@ -8,7 +8,7 @@
 //! permit go back as soon as the worker has answered, whatever the client does.
 
 use crate::buffered::{Budget, Buffered, TakeError};
-use crate::instance::{Instance, Outstanding};
+use crate::instance::{InFlight, Instance};
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::Full;
@@ -147,7 +147,7 @@ pub async fn send(
     instance: &Arc<Instance>,
     mut req: Request<Full<Bytes>>,
 ) -> Result<Response<PooledBody>, UpstreamError> {
-    let guard = instance.track_owned();
+    let guard = instance.begin_request();
     let pool = &instance.pool;
     // The semaphore is never closed; the error arm only keeps this free of panics.
     let permit = pool.permits.clone().acquire_owned().await.map_err(|_| {
@@ -176,7 +176,7 @@ pub async fn send(
 fn wrap(
     resp: Response<Incoming>,
     sender: Sender,
-    (guard, permit): (Outstanding, OwnedSemaphorePermit),
+    (guard, permit): (InFlight, OwnedSemaphorePermit),
 ) -> Response<PooledBody> {
     resp.map(|body| PooledBody {
         body,
@@ -189,7 +189,7 @@ fn wrap(
 /// against the instance's load.
 pub struct PooledBody {
     body: Incoming,
-    release: Option<(Sender, Outstanding, OwnedSemaphorePermit)>,
+    release: Option<(Sender, InFlight, OwnedSemaphorePermit)>,
 }
 
 impl PooledBody {
