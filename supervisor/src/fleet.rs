@@ -4,7 +4,6 @@
 //! shutdown. Reload, recycling and scaling share one path, [`Fleet::replace_slot`]. The
 //! fleet acts on an instance only by sending it a `Command::Drain`.
 
-use crate::child_log::Style;
 use crate::instance::{Command, Instance, InstanceState, Kind};
 use crate::registry::Registry;
 use crate::runtime_dir::{remove_worker_configs, WorkerConfigFile};
@@ -12,6 +11,7 @@ use crate::spawn::SpawnSpec;
 use crate::supervise::{supervise, SuperviseCtx};
 use anyhow::{bail, Context as _};
 use firemode_config::Config;
+use firemode_telemetry::traces::LogStyle;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,7 +33,7 @@ struct Member {
 pub struct Fleet {
     registry: Arc<Registry>,
     runtime_dir: PathBuf,
-    log_style: Style,
+    log_style: LogStyle,
     /// Bumped by every reload; names the worker config file.
     generation: u64,
     /// Bumped by every launch; makes every socket name unique.
@@ -49,7 +49,7 @@ impl Fleet {
     pub fn new(
         registry: Arc<Registry>,
         runtime_dir: PathBuf,
-        log_style: Style,
+        log_style: LogStyle,
         recycle: tokio::sync::mpsc::UnboundedSender<Arc<Instance>>,
     ) -> Self {
         Self {
