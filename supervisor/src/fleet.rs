@@ -21,6 +21,9 @@ use tokio::time::Instant;
 /// Connections the front keeps to one instance at most (requests beyond wait for one). A
 /// worker serves them on two cores; more would only queue inside it, costing memory.
 const UPSTREAM_CONNECTIONS_PER_INSTANCE: usize = 64;
+/// How long a retired instance's task may take to act on its `Drain` before the fleet
+/// goes on anyway (it acts within microseconds unless something is badly wrong).
+const ACKNOWLEDGE_WITHIN: Duration = Duration::from_secs(5);
 /// The longest Unix socket path the kernel accepts (sun_path, less the NUL).
 const MAX_SOCKET_PATH: usize = 107;
 
@@ -152,7 +155,8 @@ impl Fleet {
             }
             for old in current.iter().filter(|o| o.index >= target) {
                 set.update(|list| list.retain(|x| !Arc::ptr_eq(x, old)));
-                self.retire(old, config.supervisor.drain_timeout.get());
+                self.retire(old, config.supervisor.drain_timeout.get())
+                    .await;
                 tracing::info!(
                     kind = kind.name(),
                     instance = old.index,
@@ -209,7 +213,7 @@ impl Fleet {
         let sup = &ctx.config.supervisor;
         let new = self.launch(index, ctx)?;
         if !new.wait_ready(sup.start_timeout.get()).await {
-            self.retire(&new, sup.drain_timeout.get());
+            self.retire(&new, sup.drain_timeout.get()).await;
             return Ok(false);
         }
         if let Some(set) = self.registry.kind(ctx.spec.kind) {
@@ -220,19 +224,21 @@ impl Fleet {
             });
         }
         if let Some(old) = old {
-            self.retire(old, sup.drain_timeout.get());
+            self.retire(old, sup.drain_timeout.get()).await;
         }
         Ok(true)
     }
 
     /// Drains one instance in the background: SIGTERM once idle, SIGKILL after `drain`.
-    fn retire(&mut self, inst: &Arc<Instance>, drain: Duration) {
+    /// Returns once its task has acted on it (it reports `draining`, or `stopped`).
+    async fn retire(&mut self, inst: &Arc<Instance>, drain: Duration) {
         if let Some(m) = self.members.iter_mut().find(|m| Arc::ptr_eq(&m.inst, inst)) {
             m.retired = true;
         }
         inst.send(Command::Drain {
             deadline: Instant::now() + drain,
         });
+        inst.wait_leaving(ACKNOWLEDGE_WITHIN).await;
     }
 
     fn forget_stopped(&mut self) {

@@ -252,12 +252,22 @@ impl Instance {
         became_ready
     }
 
+    /// Waits until the instance's task has taken it out of rotation for good (`Draining`
+    /// or `Stopped`), at most `timeout` (a task that cannot answer must not stall the
+    /// caller).
+    pub async fn wait_leaving(&self, timeout: Duration) {
+        let mut published = self.published.subscribe();
+        let leaving = published
+            .wait_for(|s| matches!(s.state, InstanceState::Draining | InstanceState::Stopped));
+        let _ = tokio::time::timeout(timeout, leaving).await;
+    }
+
     pub fn outstanding(&self) -> usize {
         self.outstanding.load(Ordering::SeqCst)
     }
 
     /// Resolves once no request is in flight at this instance. Woken by the last
-    /// [`InFlight`] guard to drop while the instance is draining.
+    /// [`Outstanding`] guard to drop while the instance is draining.
     pub async fn idle(&self) {
         loop {
             let woken = self.idle.notified();
@@ -273,10 +283,10 @@ impl Instance {
 
     /// Counts a request against this instance (load, and `max_requests`) until the guard
     /// drops.
-    pub fn begin_request(self: &Arc<Self>) -> InFlight {
+    pub fn begin_request(self: &Arc<Self>) -> Outstanding {
         self.outstanding.fetch_add(1, Ordering::SeqCst);
         self.served.fetch_add(1, Ordering::Relaxed);
-        InFlight(self.clone())
+        Outstanding(self.clone())
     }
 
     /// Requests routed to the current process.
@@ -380,7 +390,7 @@ impl Owner {
         self.inst.published.send_modify(|s| {
             change(s);
             self.inst.pid.store(s.pid.unwrap_or(0), Ordering::Release);
-            // SeqCst: pairs with the load in `InFlight::drop` (see `Instance::idle`).
+            // SeqCst: pairs with the load in `Outstanding::drop` (see `Instance::idle`).
             self.inst.state.store(s.state as u8, Ordering::SeqCst);
         });
     }
@@ -394,15 +404,15 @@ impl Owner {
 }
 
 /// One request in flight at an instance, carried by its response body until it ends.
-pub struct InFlight(Arc<Instance>);
+pub struct Outstanding(Arc<Instance>);
 
-impl InFlight {
+impl Outstanding {
     pub fn instance(&self) -> &Arc<Instance> {
         &self.0
     }
 }
 
-impl Drop for InFlight {
+impl Drop for Outstanding {
     fn drop(&mut self) {
         let inst = &self.0;
         // Only a draining instance is waited on; others skip the wake-up's lock.

@@ -14,7 +14,7 @@ use crate::choose::{least_outstanding, Candidate};
 use crate::instance::{Command, Instance, Kind};
 use arc_swap::ArcSwap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -34,17 +34,22 @@ pub struct KindSet {
 /// Traffic verdicts sent and not yet acted on: each instance with the pid it was about.
 /// One counts as out of rotation while it still runs that process and is still ready.
 #[derive(Default)]
-pub struct Pending(Vec<(Arc<Instance>, Option<u32>)>);
+pub struct Pending(Vec<(Weak<Instance>, Option<u32>)>);
 
 impl Pending {
     fn prune(&mut self) {
-        self.0.retain(|(i, pid)| i.is_ready() && i.pid() == *pid);
+        self.0
+            .retain(|(i, pid)| i.upgrade().is_some_and(|i| i.is_ready() && i.pid() == *pid));
     }
 
     fn contains(&self, inst: &Arc<Instance>) -> bool {
-        self.0
-            .iter()
-            .any(|(i, pid)| Arc::ptr_eq(i, inst) && i.pid() == *pid && i.is_ready())
+        self.0.iter().any(|(i, pid)| {
+            std::ptr::eq(i.as_ptr(), Arc::as_ptr(inst)) && inst.pid() == *pid && inst.is_ready()
+        })
+    }
+
+    fn add(&mut self, inst: &Arc<Instance>) {
+        self.0.push((Arc::downgrade(inst), inst.pid()));
     }
 }
 
@@ -182,7 +187,7 @@ impl KindSet {
             && self.others_all_ready(inst, &pending)
         {
             inst.reset_failures();
-            pending.0.push((inst.clone(), inst.pid()));
+            pending.add(inst);
             inst.send(Command::Condemn { reason });
         } else {
             tracing::debug!(

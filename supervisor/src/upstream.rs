@@ -8,7 +8,7 @@
 //! permit go back as soon as the worker has answered, whatever the client does.
 
 use crate::buffered::{Budget, Buffered, TakeError};
-use crate::instance::{InFlight, Instance};
+use crate::instance::{Instance, Outstanding};
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::Full;
@@ -176,7 +176,7 @@ pub async fn send(
 fn wrap(
     resp: Response<Incoming>,
     sender: Sender,
-    (guard, permit): (InFlight, OwnedSemaphorePermit),
+    (guard, permit): (Outstanding, OwnedSemaphorePermit),
 ) -> Response<PooledBody> {
     resp.map(|body| PooledBody {
         body,
@@ -189,7 +189,7 @@ fn wrap(
 /// against the instance's load.
 pub struct PooledBody {
     body: Incoming,
-    release: Option<(Sender, InFlight, OwnedSemaphorePermit)>,
+    release: Option<(Sender, Outstanding, OwnedSemaphorePermit)>,
 }
 
 impl PooledBody {
