@@ -423,3 +423,63 @@ impl Drop for Outstanding {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn instance() -> (Arc<Instance>, Owner) {
+        Instance::new(Kind::Sync, 0, PathBuf::from("/nonexistent"), 1)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_draining_instance_is_idle_when_its_last_request_ends() {
+        let (inst, owner) = instance();
+        let first = inst.begin_request();
+        let second = inst.begin_request();
+        owner.publish(|s| s.state = InstanceState::Draining);
+        let idle = tokio::spawn({
+            let inst = inst.clone();
+            async move { inst.idle().await }
+        });
+        drop(first);
+        tokio::task::yield_now().await;
+        assert!(!idle.is_finished(), "a request is still in flight");
+        drop(second);
+        tokio::time::timeout(Duration::from_secs(1), idle)
+            .await
+            .expect("woken by the last request, not by a timer")
+            .expect("the waiting task");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waiting_for_readiness_ends_on_the_published_event() {
+        let (inst, owner) = instance();
+        assert!(!inst.wait_ready(Duration::from_millis(50)).await);
+        let waiting = tokio::spawn({
+            let inst = inst.clone();
+            async move { inst.wait_ready(Duration::from_secs(60)).await }
+        });
+        tokio::task::yield_now().await;
+        owner.publish(|s| {
+            s.state = InstanceState::Ready;
+            s.pid = Some(42);
+        });
+        assert!(waiting.await.expect("the waiting task"));
+        assert!(inst.is_ready());
+        assert_eq!(inst.pid(), Some(42));
+    }
+
+    #[tokio::test]
+    async fn commands_reach_the_owner_in_order() {
+        let (inst, mut owner) = instance();
+        let deadline = Instant::now();
+        inst.send(Command::Condemn { reason: "r".into() });
+        inst.send(Command::Drain { deadline });
+        assert_eq!(
+            owner.command().await,
+            Some(Command::Condemn { reason: "r".into() })
+        );
+        assert_eq!(owner.command().await, Some(Command::Drain { deadline }));
+    }
+}
