@@ -4,7 +4,8 @@
 //! ```text
 //! from          event                                          sender   to
 //! ───────────── ────────────────────────────────────────────── ──────── ─────────────────
-//! Starting      first start / Backoff's delay over: spawn                Starting
+//! (new)         task start: spawn                                        Starting
+//! Backoff       delay over: spawn                                        Starting
 //! Starting      health check: ready                                      Ready
 //! Ready         check failed (siblings all ready¹), not ready            Unhealthy
 //! Unhealthy     health check: ready                                      Ready
