@@ -32,11 +32,9 @@ pub struct Admin {
 }
 
 #[derive(Serialize)]
-struct Status<'a> {
+struct Status {
     instances: Vec<crate::instance::InstanceStatus>,
     ready: bool,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    note: Option<&'a str>,
 }
 
 fn json(status: StatusCode, body: Vec<u8>) -> Response<Full<Bytes>> {
@@ -234,7 +232,6 @@ impl Admin {
                         .map(|i| i.status())
                         .collect(),
                     ready: self.is_ready(),
-                    note: None,
                 };
                 json(
                     StatusCode::OK,

@@ -64,7 +64,8 @@ impl RestartPolicy {
         self.attempts
     }
 
-    /// A crash loop: the delay has reached the cap, or three restarts in a row.
+    /// A crash loop: three restarts or more in a row without a healthy stretch of
+    /// `reset_after` (whatever the delay has reached).
     pub fn is_degraded(&self) -> bool {
         self.attempts >= 3
     }

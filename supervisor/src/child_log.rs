@@ -4,18 +4,13 @@
 //! mode it prints them as one readable line.
 
 use crate::instance::Kind;
+use firemode_telemetry::traces::LogStyle as Style;
 use serde_json::{Map, Value};
 use std::io::Write as _;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, BufReader};
 
 /// Lines longer than this are split (a runaway worker must not exhaust the supervisor).
 const MAX_LINE: usize = 64 * 1024;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Style {
-    Json,
-    Pretty,
-}
 
 /// Forwards every line of `stream` until it ends.
 pub fn forward(

@@ -1,38 +1,42 @@
 //! The fleet: every instance task the supervisor runs, routable or draining. It starts the
 //! configured instances, replaces them one at a time on reload (the new one ready before the
 //! old one drains, so no request fails), scales kinds up and down, and drains everything on
-//! shutdown.
+//! shutdown. Reload, recycling and scaling share one path, [`Fleet::replace_slot`]. The
+//! fleet acts on an instance only by sending it a `Command::Drain`.
 
-use crate::child_log::Style;
-use crate::instance::{Instance, InstanceState, Kind};
+use crate::instance::{Command, Instance, InstanceState, Kind};
 use crate::registry::Registry;
 use crate::runtime_dir::{remove_worker_configs, WorkerConfigFile};
 use crate::spawn::SpawnSpec;
-use crate::supervise::{supervise, Phase, SuperviseCtx};
+use crate::supervise::{supervise, SuperviseCtx};
 use anyhow::{bail, Context as _};
 use firemode_config::Config;
+use firemode_telemetry::traces::LogStyle;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 /// Connections the front keeps to one instance at most (requests beyond wait for one). A
 /// worker serves them on two cores; more would only queue inside it, costing memory.
 const UPSTREAM_CONNECTIONS_PER_INSTANCE: usize = 64;
+/// How long a retired instance's task may take to act on its `Drain` before the fleet
+/// goes on anyway (it acts within microseconds unless something is badly wrong).
+const ACKNOWLEDGE_WITHIN: Duration = Duration::from_secs(5);
 /// The longest Unix socket path the kernel accepts (sun_path, less the NUL).
 const MAX_SOCKET_PATH: usize = 107;
 
 struct Member {
     inst: Arc<Instance>,
-    phase: watch::Sender<Phase>,
+    /// Sent its `Drain` (replaced, scaled down, stopping): never replaced again.
+    retired: bool,
 }
 
 pub struct Fleet {
     registry: Arc<Registry>,
     runtime_dir: PathBuf,
-    log_style: Style,
+    log_style: LogStyle,
     /// Bumped by every reload; names the worker config file.
     generation: u64,
     /// Bumped by every launch; makes every socket name unique.
@@ -48,7 +52,7 @@ impl Fleet {
     pub fn new(
         registry: Arc<Registry>,
         runtime_dir: PathBuf,
-        log_style: Style,
+        log_style: LogStyle,
         recycle: tokio::sync::mpsc::UnboundedSender<Arc<Instance>>,
     ) -> Self {
         Self {
@@ -97,20 +101,13 @@ impl Fleet {
                 socket.display()
             );
         }
-        let inst = Arc::new(Instance::new(
-            kind,
-            index,
-            socket,
-            UPSTREAM_CONNECTIONS_PER_INSTANCE,
-        ));
-        let (phase, phase_rx) = watch::channel(Phase::Running);
-        self.tasks
-            .spawn(supervise(inst.clone(), ctx.clone(), phase_rx));
+        let (inst, owner) = Instance::new(kind, index, socket, UPSTREAM_CONNECTIONS_PER_INSTANCE);
+        self.tasks.spawn(supervise(owner, ctx.clone()));
         self.members.push(Member {
             inst: inst.clone(),
-            phase,
+            retired: false,
         });
-        self.registry.track(self.instances());
+        self.registry.set_members(self.instances());
         Ok(inst)
     }
 
@@ -122,8 +119,7 @@ impl Fleet {
             let n = config.worker(kind.name()).map(|w| w.instances).unwrap_or(0);
             for i in 0..n {
                 let inst = self.launch(i, &ctx)?;
-                let registry = self.registry.clone();
-                if let Some(set) = registry.set(kind) {
+                if let Some(set) = self.registry.kind(kind) {
                     set.update(|list| list.push(inst.clone()));
                 }
             }
@@ -137,40 +133,30 @@ impl Fleet {
     pub async fn roll(&mut self, config: &Arc<Config>) -> anyhow::Result<()> {
         self.forget_stopped();
         self.generation += 1;
-        let drain = config.supervisor.drain_timeout.get();
         self.contexts = self.contexts(config)?;
         for ctx in self.contexts.clone() {
             let kind = ctx.spec.kind;
             let registry = self.registry.clone();
-            let Some(set) = registry.set(kind) else {
+            let Some(set) = registry.kind(kind) else {
                 continue;
             };
             let target = config.worker(kind.name()).map(|w| w.instances).unwrap_or(0);
             let current: Vec<Arc<Instance>> = set.instances().iter().cloned().collect();
             for i in 0..target {
-                let new = self.launch(i, &ctx)?;
-                if !wait_ready(&new, config.supervisor.start_timeout.get()).await {
-                    self.retire(&new, drain);
+                let old = current.iter().find(|o| o.index == i);
+                if !self.replace_slot(&ctx, i, old).await? {
                     bail!(
                         "the new {} instance {i} did not become ready within supervisor.start_timeout ({}); reload stopped, the remaining old instances keep serving",
                         kind.name(),
                         config.supervisor.start_timeout
                     );
                 }
-                let old = current.iter().find(|o| o.index == i).cloned();
-                set.update(|list| {
-                    list.retain(|x| !old.as_ref().is_some_and(|o| Arc::ptr_eq(x, o)));
-                    list.push(new.clone());
-                    list.sort_by_key(|x| x.index);
-                });
-                if let Some(old) = old {
-                    self.retire(&old, drain);
-                }
                 tracing::info!(kind = kind.name(), instance = i, "instance replaced");
             }
             for old in current.iter().filter(|o| o.index >= target) {
                 set.update(|list| list.retain(|x| !Arc::ptr_eq(x, old)));
-                self.retire(old, drain);
+                self.retire(old, config.supervisor.drain_timeout.get())
+                    .await;
                 tracing::info!(
                     kind = kind.name(),
                     instance = old.index,
@@ -186,36 +172,25 @@ impl Fleet {
     pub async fn replace(&mut self, old: &Arc<Instance>) -> anyhow::Result<()> {
         // Already replaced (a reload rolled it, or a second request for the same instance):
         // nothing to do.
-        if old.is_retired() || !self.members.iter().any(|m| Arc::ptr_eq(&m.inst, old)) {
-            return Ok(());
-        }
-        let Some(ctx) = self
+        let current = self
+            .members
+            .iter()
+            .any(|m| Arc::ptr_eq(&m.inst, old) && !m.retired);
+        let ctx = self
             .contexts
             .iter()
             .find(|c| c.spec.kind == old.kind)
-            .cloned()
-        else {
+            .cloned();
+        let (true, Some(ctx)) = (current, ctx) else {
             return Ok(());
         };
-        let config = ctx.config.clone();
-        let new = self.launch(old.index, &ctx)?;
-        if !wait_ready(&new, config.supervisor.start_timeout.get()).await {
-            self.retire(&new, config.supervisor.drain_timeout.get());
+        if !self.replace_slot(&ctx, old.index, Some(old)).await? {
             bail!(
                 "the replacement for {} instance {} did not become ready within supervisor.start_timeout; the old one keeps serving",
                 old.kind.name(),
                 old.index
             );
         }
-        let registry = self.registry.clone();
-        if let Some(set) = registry.set(old.kind) {
-            set.update(|list| {
-                list.retain(|x| !Arc::ptr_eq(x, old));
-                list.push(new.clone());
-                list.sort_by_key(|x| x.index);
-            });
-        }
-        self.retire(old, config.supervisor.drain_timeout.get());
         self.forget_stopped();
         tracing::info!(
             kind = old.kind.name(),
@@ -225,20 +200,51 @@ impl Fleet {
         Ok(())
     }
 
-    /// Drains one instance in the background: SIGTERM now, SIGKILL after `drain`.
-    fn retire(&self, inst: &Arc<Instance>, drain: Duration) {
-        inst.retire();
-        if let Some(m) = self.members.iter().find(|m| Arc::ptr_eq(&m.inst, inst)) {
-            let _ = m.phase.send(Phase::Drain {
-                deadline: Instant::now() + drain,
+    /// The one way an instance is replaced: launch a new process for slot `index`, wait
+    /// (for the event, within `supervisor.start_timeout`) until it is ready, swap it into
+    /// the kind's routing list in place of `old`, then retire `old`. Returns false when the
+    /// new one did not become ready (it is retired; `old` keeps serving).
+    async fn replace_slot(
+        &mut self,
+        ctx: &Arc<SuperviseCtx>,
+        index: u32,
+        old: Option<&Arc<Instance>>,
+    ) -> anyhow::Result<bool> {
+        let sup = &ctx.config.supervisor;
+        let new = self.launch(index, ctx)?;
+        if !new.wait_ready(sup.start_timeout.get()).await {
+            self.retire(&new, sup.drain_timeout.get()).await;
+            return Ok(false);
+        }
+        if let Some(set) = self.registry.kind(ctx.spec.kind) {
+            set.update(|list| {
+                list.retain(|x| !old.is_some_and(|o| Arc::ptr_eq(x, o)));
+                list.push(new.clone());
+                list.sort_by_key(|x| x.index);
             });
         }
+        if let Some(old) = old {
+            self.retire(old, sup.drain_timeout.get()).await;
+        }
+        Ok(true)
+    }
+
+    /// Drains one instance in the background: SIGTERM once idle, SIGKILL after `drain`.
+    /// Returns once its task has acted on it (it reports `draining`, or `stopped`).
+    async fn retire(&mut self, inst: &Arc<Instance>, drain: Duration) {
+        if let Some(m) = self.members.iter_mut().find(|m| Arc::ptr_eq(&m.inst, inst)) {
+            m.retired = true;
+        }
+        inst.send(Command::Drain {
+            deadline: Instant::now() + drain,
+        });
+        inst.wait_leaving(ACKNOWLEDGE_WITHIN).await;
     }
 
     fn forget_stopped(&mut self) {
         self.members
             .retain(|m| m.inst.state() != InstanceState::Stopped);
-        self.registry.track(self.instances());
+        self.registry.set_members(self.instances());
     }
 
     /// Drains every instance (shutdown) and waits for all of their tasks. Returns whether
@@ -247,8 +253,9 @@ impl Fleet {
         for set in self.registry.kinds() {
             set.update(|list| list.clear());
         }
-        for m in &self.members {
-            let _ = m.phase.send(Phase::Drain { deadline });
+        for m in &mut self.members {
+            m.retired = true;
+            m.inst.send(Command::Drain { deadline });
         }
         let mut clean = true;
         while let Some(done) = self.tasks.join_next().await {
@@ -257,15 +264,4 @@ impl Fleet {
         remove_worker_configs(&self.runtime_dir);
         clean
     }
-}
-
-async fn wait_ready(inst: &Instance, timeout: Duration) -> bool {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if inst.is_ready() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    inst.is_ready()
 }

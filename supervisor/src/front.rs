@@ -1,9 +1,23 @@
-//! The front: every client request passes here. In order: request id, route, JWT, body
-//! limit, a ready instance of the right kind (waiting up to `queue_timeout`), the upstream
-//! exchange within `request_timeout`, one retry on another instance when a safe request's
-//! connection failed before any response byte. Errors are problem+json.
+//! The front: every client request passes here, in phases (after Pingora's `ProxyHttp`),
+//! one function each:
 //!
-//! Policy (which instance) lives in `choose`; the plumbing (connections) in `upstream`.
+//! 1. [`FrontSettings::authenticate`]: the route names a worker kind; the bearer token
+//!    verifies (401 otherwise; 404 for no route).
+//! 2. [`FrontSettings::admit`]: `Content-Length` and the body within `max_body_bytes`, the
+//!    whole body read within `request_timeout` (413, 408, 400).
+//! 3. [`Exchange::choose`]: a ready instance of the kind, waiting up to `queue_timeout`
+//!    (503 with `Retry-After`; at once when every instance says its store is down); a
+//!    request refused as poison stops before this (503).
+//! 4. [`Exchange::attempt`]: one exchange with that instance within `request_timeout`,
+//!    the whole answer taken off the worker connection (504 at the deadline); its outcome
+//!    reported to `registry::KindSet::record_outcome` (traffic verdicts).
+//! 5. [`Exchange::retry_or_fail`]: after a failed attempt, a poison strike, then another
+//!    instance (any request whose connection failed before anything was sent; a safe
+//!    request once) or a 502. Phases 3 and 4 run again for the retry: the same functions.
+//! 6. [`Front::record`]: the duration histogram, the slow-request warning, the access log.
+//!
+//! Errors are problem+json. Policy (which instance) lives in `choose`; the plumbing
+//! (connections) in `upstream`; the poison list in `poison`.
 
 use crate::auth::{AuthError, Identity, Verifier};
 use crate::buffered::{Budget, Buffered, MEMORY_BUDGET};
@@ -224,8 +238,8 @@ impl Front {
             request_id = request_id.to_str().unwrap_or(""),
         );
         firemode_telemetry::traces::continue_trace(&span, req.headers());
-        let mut resp = match settings
-            .dispatch(self, route, req, &request_id, started)
+        let mut resp = match self
+            .serve(&settings, route, req, &request_id, started)
             .instrument(span)
             .await
         {
@@ -233,94 +247,30 @@ impl Front {
             Err(Reply(r)) => r.map(Either::Left),
         };
         resp.headers_mut().insert(REQUEST_ID, request_id.clone());
-        let elapsed = started.elapsed();
-        metrics::histogram!(
-            "http_request_duration_seconds",
-            "method" => method_label(&method),
-            "endpoint" => route.template(),
-            "status" => status_label(resp.status()),
-        )
-        .record(elapsed.as_secs_f64());
-        if elapsed >= settings.slow_threshold {
-            tracing::warn!(
-                request_id = request_id.to_str().unwrap_or(""),
-                route = route.template(),
-                method = %method,
-                status = resp.status().as_u16(),
-                duration_ms = elapsed.as_secs_f64() * 1000.0,
-                "slow request"
-            );
-        }
-        if settings.access_log {
-            crate::access_log::record(&crate::access_log::Access {
-                method: &method,
-                route: route.template(),
-                status: resp.status(),
-                elapsed,
-                request_id: request_id.to_str().unwrap_or(""),
-                bytes: hyper::body::Body::size_hint(resp.body()).exact(),
-            });
-        }
+        let request = Served {
+            method: &method,
+            route,
+            request_id: request_id.to_str().unwrap_or(""),
+            elapsed: started.elapsed(),
+        };
+        Self::record(&settings, &request, &resp);
         resp
     }
-}
 
-impl FrontSettings {
-    #[allow(clippy::too_many_arguments)]
-    async fn dispatch(
+    /// Phases 1 to 5 (see the module docs).
+    async fn serve(
         &self,
-        front: &Front,
+        settings: &FrontSettings,
         route: Route,
         req: Request<Incoming>,
         request_id: &HeaderValue,
         started: Instant,
     ) -> Result<Response<Buffered>, Reply> {
-        if route == Route::NotFound {
-            return Err(Problem::not_found(format!("no route for {}", req.uri().path())).into());
-        }
-        let identity = self
-            .verifier
-            .verify(req.headers().get(header::AUTHORIZATION))
-            .map_err(unauthorized)?;
-        let Some(kind) = route.kind() else {
-            return Err(Problem::not_found(format!("no route for {}", req.uri().path())).into());
-        };
+        let (kind, identity) = settings.authenticate(route, &req).map_err(|r| *r)?;
         let (parts, body) = req.into_parts();
-        if let Some(len) = parts.headers.get(header::CONTENT_LENGTH) {
-            let len: u64 = len
-                .to_str()
-                .ok()
-                .and_then(|s| s.parse().ok())
-                .ok_or_else(|| Problem::bad_request("Content-Length is not a number"))?;
-            if len > self.max_body_bytes {
-                return Err(self.too_large().into());
-            }
-        }
-        let deadline = started + self.request_timeout + long_poll_wait(route, parts.uri.query());
-        let reading = Limited::new(body, self.max_body_bytes as usize).collect();
-        let Ok(read) = tokio::time::timeout_at(deadline, reading).await else {
-            return Err(Problem::new(
-                StatusCode::REQUEST_TIMEOUT,
-                "request-timeout",
-                "Request body too slow",
-                "the request body did not arrive within server.request_timeout",
-            )
-            .into());
-        };
-        let body = match read {
-            Ok(b) => b.to_bytes(),
-            Err(e)
-                if e.downcast_ref::<http_body_util::LengthLimitError>()
-                    .is_some() =>
-            {
-                return Err(self.too_large().into())
-            }
-            Err(e) => {
-                return Err(
-                    Problem::bad_request(format!("could not read the request body: {e}")).into(),
-                )
-            }
-        };
+        let deadline =
+            started + settings.request_timeout + long_poll_wait(route, parts.uri.query());
+        let body = settings.admit(&parts.headers, body, deadline).await?;
         let retryable = parts.method == Method::GET
             || parts.method == Method::HEAD
             || route == Route::Classify
@@ -334,26 +284,131 @@ impl FrontSettings {
             request_id,
         );
         let exchange = Exchange {
-            settings: self,
+            settings,
             kind,
             route,
             retryable,
-            poison: Poisoning::new(&front.poison, &upstream),
+            poison: Poisoning::new(&self.poison, &upstream),
             upstream: &upstream,
             deadline,
         };
-        exchange.run(&front.registry, &front.budget).await
+        exchange.run(&self.registry, &self.budget).await
+    }
+
+    /// Phase 6, record: what every request leaves behind, whatever its outcome.
+    fn record(settings: &FrontSettings, request: &Served<'_>, resp: &Response<FrontBody>) {
+        let Served {
+            method,
+            route,
+            request_id,
+            elapsed,
+        } = *request;
+        metrics::histogram!(
+            "http_request_duration_seconds",
+            "method" => method_label(method),
+            "endpoint" => route.template(),
+            "status" => status_label(resp.status()),
+        )
+        .record(elapsed.as_secs_f64());
+        if elapsed >= settings.slow_threshold {
+            tracing::warn!(
+                request_id,
+                route = route.template(),
+                method = %method,
+                status = resp.status().as_u16(),
+                duration_ms = elapsed.as_secs_f64() * 1000.0,
+                "slow request"
+            );
+        }
+        if settings.access_log {
+            crate::access_log::record(&crate::access_log::Access {
+                method,
+                route: route.template(),
+                status: resp.status(),
+                elapsed,
+                request_id,
+                bytes: hyper::body::Body::size_hint(resp.body()).exact(),
+            });
+        }
     }
 }
 
-/// One request's way to a worker and back: pick a ready instance (queueing up to
-/// `queue_timeout`), take its whole answer, retry a safe request once on another instance
-/// (and any request, any number of times within `queue_timeout`, whose connection failed
-/// before anything was sent), and keep the poison and traffic accounting.
+/// One answered request, as [`Front::record`] reports it.
+#[derive(Clone, Copy)]
+struct Served<'a> {
+    method: &'a Method,
+    route: Route,
+    request_id: &'a str,
+    elapsed: Duration,
+}
+
+impl FrontSettings {
+    /// Phase 1, authenticate: the worker kind the route names, and the verified caller.
+    fn authenticate(&self, route: Route, req: &Request<Incoming>) -> Authenticated {
+        let no_route = || Problem::not_found(format!("no route for {}", req.uri().path()));
+        if route == Route::NotFound {
+            return Err(Box::new(no_route().into()));
+        }
+        let identity = self
+            .verifier
+            .verify(req.headers().get(header::AUTHORIZATION))
+            .map_err(|e| Box::new(unauthorized(e)))?;
+        // Under `/v1/` but no such route: 404 only for a caller who may know the API.
+        let kind = route.kind().ok_or_else(|| Box::new(no_route().into()))?;
+        Ok((kind, identity))
+    }
+
+    /// Phase 2, admit: the body, whole, within `max_body_bytes` (a `Content-Length` over it
+    /// is refused before reading) and within the request's deadline.
+    async fn admit(
+        &self,
+        headers: &HeaderMap,
+        body: Incoming,
+        deadline: Instant,
+    ) -> Result<Bytes, Reply> {
+        if let Some(len) = headers.get(header::CONTENT_LENGTH) {
+            let len: u64 = len
+                .to_str()
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| Problem::bad_request("Content-Length is not a number"))?;
+            if len > self.max_body_bytes {
+                return Err(self.too_large().into());
+            }
+        }
+        let reading = Limited::new(body, self.max_body_bytes as usize).collect();
+        let Ok(read) = tokio::time::timeout_at(deadline, reading).await else {
+            return Err(Problem::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "request-timeout",
+                "Request body too slow",
+                "the request body did not arrive within server.request_timeout",
+            )
+            .into());
+        };
+        match read {
+            Ok(b) => Ok(b.to_bytes()),
+            Err(e)
+                if e.downcast_ref::<http_body_util::LengthLimitError>()
+                    .is_some() =>
+            {
+                Err(self.too_large().into())
+            }
+            Err(e) => {
+                Err(Problem::bad_request(format!("could not read the request body: {e}")).into())
+            }
+        }
+    }
+}
+
 /// How long a request waits before it tries another instance after a connection that
 /// failed before anything was sent.
 const NEVER_SENT_PAUSE: Duration = Duration::from_millis(10);
 
+/// One request's way to a worker and back (phases 3 to 5): pick a ready instance
+/// (queueing up to `queue_timeout`), take its whole answer, retry a safe request once on
+/// another instance (and any request, any number of times within `queue_timeout`, whose
+/// connection failed before anything was sent), and keep the poison and traffic accounting.
 struct Exchange<'a> {
     settings: &'a FrontSettings,
     kind: Kind,
@@ -370,37 +425,14 @@ impl Exchange<'_> {
         registry: &Registry,
         budget: &Arc<Budget>,
     ) -> Result<Response<Buffered>, Reply> {
-        let kind = self.kind;
         if let Some(refused) = self.poison.refused() {
             return Err(refused);
         }
         let set = registry
-            .set(kind)
+            .kind(self.kind)
             .ok_or_else(|| Problem::internal("no such worker kind"))?;
         let queue_deadline = (Instant::now() + self.settings.queue_timeout).min(self.deadline);
-        let picked = match set.pick(None) {
-            Some(i) => Some(i),
-            // Every instance is up but says it cannot serve (its store is down): nothing is
-            // restarting, so waiting would only delay the answer.
-            None if set.all_report_not_ready() => {
-                return Err(Problem::unavailable(format!(
-                    "every {} worker reports it cannot serve right now (its store is unreachable); retry shortly",
-                    kind.name()
-                ))
-                .into());
-            }
-            None => {
-                // No ready instance: queue (the wait is what this histogram shows).
-                let waited = Instant::now();
-                let found = set.wait_pick(None, queue_deadline).await;
-                metrics::histogram!("firemode_queue_wait_seconds", "kind" => kind.name())
-                    .record(waited.elapsed().as_secs_f64());
-                found
-            }
-        };
-        let Some(mut instance) = picked else {
-            return Err(self.settings.no_instance(set.next_start_in(), kind));
-        };
+        let mut instance = self.choose(set, queue_deadline).await?;
         let mut retried = false;
         loop {
             let pid = instance.pid();
@@ -408,41 +440,79 @@ impl Exchange<'_> {
                 Ok(resp) => return Ok(resp),
                 Err(e) => e,
             };
-            tracing::warn!(kind = kind.name(), instance = instance.index, error = %err, retry = self.retryable, "upstream request failed");
-            if let Some(refused) = self.poison.strike(&err, &instance, pid, self) {
-                return Err(refused);
-            }
-            if err.is_local() {
-                tracing::error!(kind = kind.name(), error = %err, "cannot buffer a worker's answer");
-                return Err(Problem::unavailable(format!(
-                    "the front could not store the answer ({err}); retry shortly"
-                ))
-                .into());
-            }
-            if err.never_sent() {
-                // Nothing reached a worker (its socket refused or vanished: a process that
-                // just died, a deleted runtime dir): any request may go elsewhere, and this
-                // does not use up the one retry. A short pause keeps two dead sockets from
-                // being tried in a tight loop before the supervisor notices.
-                tokio::time::sleep(NEVER_SENT_PAUSE).await;
-            } else if !self.retryable || retried {
-                return Err(bad_gateway(&err));
-            } else {
-                retried = true;
-            }
-            metrics::counter!("firemode_upstream_retries_total", "kind" => kind.name())
+            self.retry_or_fail(&err, &instance, pid, &mut retried)
+                .await?;
+            metrics::counter!("firemode_upstream_retries_total", "kind" => self.kind.name())
                 .increment(1);
-            let Some(next) = set
+            instance = set
                 .wait_pick(Some((&instance, pid)), queue_deadline.max(Instant::now()))
                 .await
-            else {
-                return Err(bad_gateway(&err));
-            };
-            instance = next;
+                .ok_or_else(|| bad_gateway(&err))?;
         }
     }
 
-    /// One try at `instance` within the request deadline. The outer `Err` is a timeout.
+    /// Phase 3, choose: a ready instance now, else the first to become ready before
+    /// `queue_deadline`. No wait when every instance is up but says it cannot serve.
+    async fn choose(&self, set: &KindSet, queue_deadline: Instant) -> Result<Arc<Instance>, Reply> {
+        let kind = self.kind;
+        if let Some(now) = set.pick(None) {
+            return Ok(now);
+        }
+        // Every instance is up but says it cannot serve (its store is down): nothing is
+        // restarting, so waiting would only delay the answer.
+        if set.all_report_not_ready() {
+            return Err(Problem::unavailable(format!(
+                "every {} worker reports it cannot serve right now (its store is unreachable); retry shortly",
+                kind.name()
+            ))
+            .into());
+        }
+        // No ready instance: queue (the wait is what this histogram shows).
+        let waited = Instant::now();
+        let found = set.wait_pick(None, queue_deadline).await;
+        metrics::histogram!("firemode_queue_wait_seconds", "kind" => kind.name())
+            .record(waited.elapsed().as_secs_f64());
+        found.ok_or_else(|| self.settings.no_instance(set.next_start_in(), kind))
+    }
+
+    /// Phase 5, retry or fail: `Ok` when the request may go to another instance; the error
+    /// answer otherwise (poison, the front's own trouble, an unsafe request, the one retry
+    /// used).
+    async fn retry_or_fail(
+        &self,
+        err: &UpstreamError,
+        instance: &Instance,
+        pid: Option<u32>,
+        retried: &mut bool,
+    ) -> Result<(), Reply> {
+        let kind = self.kind.name();
+        tracing::warn!(kind, instance = instance.index, error = %err, retry = self.retryable, "upstream request failed");
+        if let Some(refused) = self.poison.strike(err, instance, pid, self) {
+            return Err(refused);
+        }
+        if err.is_local() {
+            tracing::error!(kind, error = %err, "cannot buffer a worker's answer");
+            return Err(Problem::unavailable(format!(
+                "the front could not store the answer ({err}); retry shortly"
+            ))
+            .into());
+        }
+        if err.never_sent() {
+            // Nothing reached a worker (its socket refused or vanished: a process that just
+            // died, a deleted runtime dir): any request may go elsewhere, and this does not
+            // use up the one retry. A short pause keeps two dead sockets from being tried in
+            // a tight loop before the supervisor notices.
+            tokio::time::sleep(NEVER_SENT_PAUSE).await;
+        } else if !self.retryable || *retried {
+            return Err(bad_gateway(err));
+        } else {
+            *retried = true;
+        }
+        Ok(())
+    }
+
+    /// Phase 4, exchange: one try at `instance` within the request deadline, its outcome
+    /// reported for traffic verdicts. The outer `Err` is a timeout (a 504).
     async fn attempt(
         &self,
         set: &KindSet,
@@ -648,6 +718,9 @@ impl From<Problem> for Reply {
         Reply(p.into_response())
     }
 }
+
+/// Phase 1's answer: the kind and caller, or the error answer (boxed: it is large and rare).
+type Authenticated = Result<(Kind, Identity), Box<Reply>>;
 
 fn unauthorized(e: AuthError) -> Reply {
     let mut resp = Problem::new(

@@ -40,109 +40,83 @@ pub enum Probe {
     Failed(String),
 }
 
+/// Why [`fetch`] got no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    /// No socket file, or nobody listening on it (not started yet, or gone).
+    #[error("connect: {0}")]
+    NoSocket(std::io::Error),
+    #[error("connect: {0}")]
+    Connect(std::io::Error),
+    #[error("handshake: {0}")]
+    Handshake(hyper::Error),
+    #[error("{0}")]
+    Request(http::Error),
+    #[error("request: {0}")]
+    Send(hyper::Error),
+    #[error("reading the answer: {0}")]
+    Read(hyper::Error),
+    #[error("no answer within {}", humantime::format_duration(*.0))]
+    Timeout(Duration),
+}
+
 /// `GET path` on a worker's socket over a fresh connection, within `timeout`: the status
-/// and the whole body. Used for the worker's `/metrics` too.
+/// and the whole body. The health check and the worker's `/metrics` scrape.
 pub async fn fetch(
     socket: &Path,
     path: &str,
     timeout: Duration,
-) -> Result<(StatusCode, Bytes), String> {
-    let exchange = async {
-        let stream = UnixStream::connect(socket)
-            .await
-            .map_err(|e| format!("connect: {e}"))?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| format!("handshake: {e}"))?;
-        let conn = tokio::spawn(conn);
+) -> Result<(StatusCode, Bytes), FetchError> {
+    tokio::time::timeout(timeout, get(socket, path))
+        .await
+        .unwrap_or(Err(FetchError::Timeout(timeout)))
+}
+
+async fn get(socket: &Path, path: &str) -> Result<(StatusCode, Bytes), FetchError> {
+    use std::io::ErrorKind::{ConnectionRefused, NotFound};
+    let stream = UnixStream::connect(socket)
+        .await
+        .map_err(|e| match e.kind() {
+            NotFound | ConnectionRefused => FetchError::NoSocket(e),
+            _ => FetchError::Connect(e),
+        })?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(FetchError::Handshake)?;
+    let conn = tokio::spawn(conn);
+    let answer = async {
         let req = Request::get(path)
             .header(http::header::HOST, "worker")
             .body(Empty::<Bytes>::new())
-            .map_err(|e| e.to_string())?;
-        let result = async {
-            let resp = sender
-                .send_request(req)
-                .await
-                .map_err(|e| format!("request: {e}"))?;
-            let status = resp.status();
-            let body = resp
-                .into_body()
-                .collect()
-                .await
-                .map_err(|e| format!("reading the answer: {e}"))?
-                .to_bytes();
-            Ok((status, body))
-        }
-        .await;
-        conn.abort();
-        result
-    };
-    tokio::time::timeout(timeout, exchange)
-        .await
-        .unwrap_or_else(|_| {
-            Err(format!(
-                "no answer within {}",
-                humantime::format_duration(timeout)
-            ))
-        })
-}
-
-pub async fn probe(socket: &Path, timeout: Duration) -> Probe {
-    match tokio::time::timeout(timeout, exchange(socket)).await {
-        Ok(p) => p,
-        Err(_) => Probe::Failed(format!(
-            "no answer within {}",
-            humantime::format_duration(timeout)
-        )),
+            .map_err(FetchError::Request)?;
+        let resp = sender.send_request(req).await.map_err(FetchError::Send)?;
+        let status = resp.status();
+        let body = resp.into_body().collect().await.map_err(FetchError::Read)?;
+        Ok((status, body.to_bytes()))
     }
+    .await;
+    conn.abort();
+    answer
 }
 
-async fn exchange(socket: &Path) -> Probe {
-    let stream = match UnixStream::connect(socket).await {
-        Ok(s) => s,
-        Err(e)
-            if matches!(
-                e.kind(),
-                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
-            ) =>
-        {
-            return Probe::NoSocket
-        }
-        Err(e) => return Probe::Failed(format!("connect: {e}")),
-    };
-    let (mut sender, conn) = match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await
-    {
-        Ok(p) => p,
-        Err(e) => return Probe::Failed(format!("handshake: {e}")),
-    };
-    let conn = tokio::spawn(conn);
-    let req = match Request::get("/healthz")
-        .header(http::header::HOST, "worker")
-        .body(Empty::<Bytes>::new())
-    {
-        Ok(r) => r,
-        Err(e) => return Probe::Failed(e.to_string()),
-    };
-    let result = match sender.send_request(req).await {
-        Ok(resp) if resp.status() == StatusCode::OK => match resp.into_body().collect().await {
-            Ok(body) => {
-                let ready = serde_json::from_slice::<serde_json::Value>(&body.to_bytes())
-                    .ok()
-                    .and_then(|v| v.get("ready").and_then(|r| r.as_bool()))
-                    .unwrap_or(true);
-                if ready {
-                    Probe::Ready
-                } else {
-                    Probe::NotReady
-                }
+/// One health check: `GET /healthz` within `timeout`.
+pub async fn probe(socket: &Path, timeout: Duration) -> Probe {
+    match fetch(socket, "/healthz", timeout).await {
+        Ok((StatusCode::OK, body)) => {
+            let ready = serde_json::from_slice::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| v.get("ready").and_then(|r| r.as_bool()))
+                .unwrap_or(true);
+            if ready {
+                Probe::Ready
+            } else {
+                Probe::NotReady
             }
-            Err(e) => Probe::Failed(format!("reading the answer: {e}")),
-        },
-        Ok(resp) => Probe::Failed(format!("status {}", resp.status())),
-        Err(e) => Probe::Failed(format!("request: {e}")),
-    };
-    conn.abort();
-    result
+        }
+        Ok((status, _)) => Probe::Failed(format!("status {status}")),
+        Err(FetchError::NoSocket(_)) => Probe::NoSocket,
+        Err(e) => Probe::Failed(e.to_string()),
+    }
 }
 
 #[cfg(test)]

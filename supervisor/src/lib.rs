@@ -7,10 +7,11 @@
 //! * [`fleet`]: every instance task; start, rolling replacement, scaling, drain.
 //! * [`runtime_dir`]: the runtime dir and the worker config files, recreated on demand.
 //! * [`systemd`]: sd_notify and socket activation.
-//! * Supervision: [`supervise`] (one task per instance), [`spawn`] (the process),
+//! * Supervision: [`supervise`] (one task per instance, the only writer of its state),
+//!   [`instance`] (what others see of an instance and the commands it takes), [`spawn`] (the process),
 //!   [`health`] (the check), [`backoff`] (when to restart; pure), [`child_log`] (worker
 //!   output into our log).
-//! * Front: [`front`] (the request path), [`poison`] (requests that crash workers), [`traffic`] (real requests as a health signal; pure), [`auth`] (JWT), [`token_cache`] (tokens already verified), [`choose`] (which instance; pure),
+//! * Front: [`front`] (the request path, one function per phase), [`poison`] (requests that crash workers), [`traffic`] (real requests as a health signal; pure), [`auth`] (JWT), [`token_cache`] (tokens already verified), [`choose`] (which instance; pure),
 //!   [`registry`] (instances and the ready wake-up), [`upstream`] (connections to workers),
 //!   [`buffered`] (answers taken off the worker at worker speed, spilled when large),
 //!   [`send_timeout`] (clients that stop taking bytes are dropped).

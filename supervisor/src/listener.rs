@@ -108,7 +108,21 @@ where
             drop(open);
         });
     };
-    let mut stopped = stop.clone();
+    accept_until_stopped(name, &listener, stop.clone(), &start).await;
+    for stream in take_queued(name, listener, from_systemd) {
+        start(stream);
+    }
+    drop(open_tx);
+    tokio::time::timeout(grace(), open_rx.recv()).await.is_ok()
+}
+
+/// Hands every accepted connection to `start` until `stop` turns true.
+async fn accept_until_stopped(
+    name: &str,
+    listener: &TcpListener,
+    mut stop: watch::Receiver<bool>,
+    start: &impl Fn(TcpStream),
+) {
     loop {
         tokio::select! {
             accepted = listener.accept() => {
@@ -121,18 +135,13 @@ where
                     }
                 }
             }
-            changed = stopped.changed() => {
-                if changed.is_err() || *stopped.borrow() {
-                    break;
+            changed = stop.changed() => {
+                if changed.is_err() || *stop.borrow() {
+                    return;
                 }
             }
         }
     }
-    for stream in take_queued(name, listener, from_systemd) {
-        start(stream);
-    }
-    drop(open_tx);
-    tokio::time::timeout(grace(), open_rx.recv()).await.is_ok()
 }
 
 /// Whether a connection has begun a request yet, with a wake-up for the first one.

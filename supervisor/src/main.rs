@@ -109,46 +109,8 @@ fn main() -> ExitCode {
             print!("{}", firemode::plan::render(&config));
             ExitCode::SUCCESS
         }
-        Command::Status => {
-            let admin = admin_address(&cli_admin, &config);
-            match firemode::control::status(&admin, Duration::from_secs(10)) {
-                Ok((table, ready)) => {
-                    print!("{table}");
-                    if ready {
-                        ExitCode::SUCCESS
-                    } else {
-                        ExitCode::from(3)
-                    }
-                }
-                Err(e) => {
-                    eprintln!("firemode status: {e:#}");
-                    ExitCode::from(1)
-                }
-            }
-        }
-        Command::Reload { timeout } => {
-            use firemode::control::ReloadOutcome;
-            match firemode::control::reload(&admin_address(&cli_admin, &config), timeout) {
-                Ok(ReloadOutcome::Applied) => {
-                    println!("reloaded: every instance runs the new configuration");
-                    ExitCode::SUCCESS
-                }
-                Ok(ReloadOutcome::Refused(why)) => {
-                    eprintln!(
-                        "firemode reload: refused, the running configuration stays in force: {why}"
-                    );
-                    ExitCode::from(2)
-                }
-                Ok(ReloadOutcome::Failed(why)) => {
-                    eprintln!("firemode reload: the roll failed: {why}");
-                    ExitCode::from(1)
-                }
-                Err(e) => {
-                    eprintln!("firemode reload: {e:#}");
-                    ExitCode::from(1)
-                }
-            }
-        }
+        Command::Status => status(&admin_address(&cli_admin, &config)),
+        Command::Reload { timeout } => reload(&admin_address(&cli_admin, &config), timeout),
         Command::Backup { file } => match firemode::backup::run(&config, &file) {
             Ok(summary) => {
                 println!("{summary}");
@@ -171,54 +133,102 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Run => {
-            // Before anything touches the runtime dir (stale sockets are removed at start).
-            let _lock = match firemode::runtime_dir::lock(&config.supervisor.runtime_dir) {
-                Ok(lock) => lock,
-                Err(e) => {
-                    eprintln!("firemode: {e}");
-                    return ExitCode::from(2);
-                }
-            };
-            let style = firemode::logging::style(config.telemetry.log_format);
-            // Blocking threads serve file I/O (spilled answers); a few keep a burst of large
-            // answers from spawning hundreds of threads, each with its own stack and heap.
-            let runtime = match tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .max_blocking_threads(16)
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("firemode: cannot start the async runtime: {e}");
-                    return ExitCode::from(1);
-                }
-            };
-            let source = firemode::run::ConfigSource {
-                file: file.clone(),
-                overrides,
-            };
-            let outcome = runtime.block_on(async {
-                let _telemetry = firemode_telemetry::traces::init(
-                    firemode::logging::log_style(style),
-                    &config.telemetry.otlp_endpoint,
-                    firemode_telemetry::traces::ServiceIdentity {
-                        kind: "",
-                        instance_id: format!("supervisor-{}", std::process::id()),
-                    },
-                );
-                let outcome = firemode::run::run(config, source, style).await;
-                if let Err(e) = &outcome {
-                    tracing::error!(error = %format!("{e:#}"), "firemode failed");
-                }
-                outcome
-            });
-            match outcome {
-                Ok(true) => ExitCode::SUCCESS,
-                Ok(false) => ExitCode::from(1),
-                Err(_) => ExitCode::from(1),
+        Command::Run => run(config, file, overrides),
+    }
+}
+
+/// `firemode status`: exit 0 when every kind has a ready instance, 3 when not, 1 when the
+/// supervisor is unreachable.
+fn status(admin: &str) -> ExitCode {
+    match firemode::control::status(admin, Duration::from_secs(10)) {
+        Ok((table, ready)) => {
+            print!("{table}");
+            if ready {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(3)
             }
         }
+        Err(e) => {
+            eprintln!("firemode status: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// `firemode reload`: exit 0 when applied, 2 when refused, 1 when the roll failed or the
+/// supervisor is unreachable.
+fn reload(admin: &str, timeout: Duration) -> ExitCode {
+    use firemode::control::ReloadOutcome;
+    match firemode::control::reload(admin, timeout) {
+        Ok(ReloadOutcome::Applied) => {
+            println!("reloaded: every instance runs the new configuration");
+            ExitCode::SUCCESS
+        }
+        Ok(ReloadOutcome::Refused(why)) => {
+            eprintln!("firemode reload: refused, the running configuration stays in force: {why}");
+            ExitCode::from(2)
+        }
+        Ok(ReloadOutcome::Failed(why)) => {
+            eprintln!("firemode reload: the roll failed: {why}");
+            ExitCode::from(1)
+        }
+        Err(e) => {
+            eprintln!("firemode reload: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// `firemode run` (the default): exit 0 when everything drained cleanly; 1 when not, or
+/// when the system failed at run time; 2 when the runtime dir is locked by another
+/// supervisor.
+fn run(config: firemode_config::Config, file: Option<PathBuf>, overrides: Overrides) -> ExitCode {
+    // Before anything touches the runtime dir (stale sockets are removed at start).
+    let _lock = match firemode::runtime_dir::lock(&config.supervisor.runtime_dir) {
+        Ok(lock) => lock,
+        Err(e) => {
+            eprintln!("firemode: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let style = firemode::logging::style(config.telemetry.log_format);
+    // Blocking threads serve file I/O (spilled answers); a few keep a burst of large
+    // answers from spawning hundreds of threads, each with its own stack and heap.
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .max_blocking_threads(16)
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("firemode: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let source = firemode::run::ConfigSource { file, overrides };
+    let outcome = runtime.block_on(async {
+        let _telemetry = firemode_telemetry::traces::init(
+            style,
+            &config.telemetry.otlp_endpoint,
+            firemode_telemetry::traces::ServiceIdentity {
+                kind: "",
+                instance_id: format!("supervisor-{}", std::process::id()),
+            },
+        );
+        let outcome = firemode::run::run(config, source, style).await;
+        if let Err(e) = &outcome {
+            tracing::error!(error = %format!("{e:#}"), "firemode failed");
+        }
+        outcome
+    });
+    // Tasks still running (after a second stop signal: the drain) are dropped with their
+    // workers (kill_on_drop); a blocking file operation gets a moment, not forever.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    match outcome {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(_) => ExitCode::from(1),
     }
 }
 

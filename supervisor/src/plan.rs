@@ -13,9 +13,15 @@ fn d(x: Duration) -> HumanDuration {
 }
 
 pub fn render(config: &Config) -> String {
-    let sup = &config.supervisor;
-    let b = &sup.backoff;
     let mut out = String::new();
+    workers(&mut out, config);
+    restart_timeline(&mut out, config);
+    failures(&mut out, config);
+    stop_budget(&mut out, config);
+    out
+}
+
+fn workers(out: &mut String, config: &Config) {
     let _ = writeln!(out, "Workers");
     for (kind, w) in [
         ("classify", &config.workers.classify),
@@ -28,7 +34,10 @@ pub fn render(config: &Config) -> String {
         };
         let _ = writeln!(out, "  {kind:<9} {} instance(s), {program}", w.instances);
     }
+}
 
+fn restart_timeline(out: &mut String, config: &Config) {
+    let b = &config.supervisor.backoff;
     let _ = writeln!(
         out,
         "\nRestart timeline (every kind; supervisor.backoff: initial {}, max {}, jitter ±{:.0}%)",
@@ -64,7 +73,11 @@ pub fn render(config: &Config) -> String {
         "  a crash loop stays at the cap and shows as degraded from restart 3 on;\n  the counter starts over after {} of healthy uptime (supervisor.backoff.reset_after)",
         b.reset_after
     );
+}
 
+/// Health checks, and what requests see while a kind has no ready instance.
+fn failures(out: &mut String, config: &Config) {
+    let sup = &config.supervisor;
     let detect = sup.health_interval.get() * sup.unhealthy_threshold + sup.health_timeout.get();
     let _ = writeln!(
         out,
@@ -76,7 +89,10 @@ pub fn render(config: &Config) -> String {
         "\nRequests while a kind has no ready instance\n  wait up to {} (server.queue_timeout), then 503 with Retry-After; a request may take {} in all (server.request_timeout)",
         config.server.queue_timeout, config.server.request_timeout
     );
+}
 
+fn stop_budget(out: &mut String, config: &Config) {
+    let sup = &config.supervisor;
     let drain = sup.drain_timeout.get();
     let needed = drain + KILL_GRACE;
     let budget = sup.stop_timeout.get();
@@ -93,7 +109,6 @@ pub fn render(config: &Config) -> String {
             format!("DOES NOT FIT, {} over", HumanDuration(needed - budget))
         }
     );
-    out
 }
 
 #[cfg(test)]

@@ -17,14 +17,14 @@ use std::time::{Duration, Instant};
 
 /// How long a strike is remembered, and so how long a refusal lasts after the last one.
 pub const WINDOW: Duration = Duration::from_secs(600);
-/// At most this many fingerprints are tracked; the oldest go first.
-const MAX_TRACKED: usize = 1024;
+/// At most this many fingerprints are kept; the oldest go first.
+const MAX_ENTRIES: usize = 1024;
 
 pub struct PoisonList {
     threshold: u32,
     strikes: Mutex<HashMap<u64, Strikes>>,
     /// Entries in `strikes`, readable without the lock (the request path checks it first).
-    tracked: AtomicUsize,
+    entries: AtomicUsize,
     hasher: std::collections::hash_map::RandomState,
 }
 
@@ -51,7 +51,7 @@ impl PoisonList {
         Self {
             threshold,
             strikes: Mutex::new(HashMap::new()),
-            tracked: AtomicUsize::new(0),
+            entries: AtomicUsize::new(0),
             hasher: std::collections::hash_map::RandomState::new(),
         }
     }
@@ -60,9 +60,9 @@ impl PoisonList {
         self.strikes.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Whether any fingerprint is tracked (if not, nothing needs hashing).
+    /// Whether any fingerprint is kept (if not, nothing needs hashing).
     pub fn active(&self) -> bool {
-        self.threshold > 0 && self.tracked.load(Ordering::Relaxed) > 0
+        self.threshold > 0 && self.entries.load(Ordering::Relaxed) > 0
     }
 
     pub fn fingerprint(&self, key: &RequestKey<'_>) -> u64 {
@@ -104,7 +104,7 @@ impl PoisonList {
         }
         let mut map = self.map();
         map.retain(|_, s| now.saturating_duration_since(s.last) < WINDOW);
-        if map.len() >= MAX_TRACKED && !map.contains_key(&fp) {
+        if map.len() >= MAX_ENTRIES && !map.contains_key(&fp) {
             if let Some(oldest) = map.iter().min_by_key(|(_, s)| s.last).map(|(k, _)| *k) {
                 map.remove(&oldest);
             }
@@ -118,7 +118,7 @@ impl PoisonList {
             entry.last = now;
         }
         let n = entry.count();
-        self.tracked.store(map.len(), Ordering::Relaxed);
+        self.entries.store(map.len(), Ordering::Relaxed);
         n
     }
 
@@ -127,7 +127,7 @@ impl PoisonList {
     pub fn forgive(&self, fp: u64) {
         let mut map = self.map();
         if map.remove(&fp).is_some() {
-            self.tracked.store(map.len(), Ordering::Relaxed);
+            self.entries.store(map.len(), Ordering::Relaxed);
         }
     }
 
@@ -242,9 +242,9 @@ mod tests {
         assert_eq!(off.refused_for(1, Instant::now()), None);
         let p = PoisonList::new(2);
         let now = Instant::now();
-        for fp in 0..(MAX_TRACKED as u64 + 10) {
+        for fp in 0..(MAX_ENTRIES as u64 + 10) {
             p.strike(fp, 101, now);
         }
-        assert!(p.map().len() <= MAX_TRACKED);
+        assert!(p.map().len() <= MAX_ENTRIES);
     }
 }

@@ -6,12 +6,15 @@
 //! only while every other instance of its kind is ready: they never take the last ready
 //! instance of a kind out, nor several at once for a cause they share (a slow database, a
 //! burst of heavy requests). One lock per kind makes "check the others, then leave" atomic.
+//! A health verdict is executed under that lock by the instance's own task; a traffic
+//! verdict is a `Condemn` command to the instance, recorded as pending under the lock until
+//! its task has taken the instance out of rotation.
 
 use crate::choose::{least_outstanding, Candidate};
-use crate::instance::{Instance, InstanceState, Kind};
+use crate::instance::{Command, Instance, Kind};
 use arc_swap::ArcSwap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -25,7 +28,29 @@ pub struct KindSet {
     /// Rotates the routing scan's start.
     next: AtomicUsize,
     /// Held while a verdict checks the other instances and takes one out of rotation.
-    verdicts: Mutex<()>,
+    verdicts: Mutex<Pending>,
+}
+
+/// Traffic verdicts sent and not yet acted on: each instance with the pid it was about.
+/// One counts as out of rotation while it still runs that process and is still ready.
+#[derive(Default)]
+pub struct Pending(Vec<(Weak<Instance>, Option<u32>)>);
+
+impl Pending {
+    fn prune(&mut self) {
+        self.0
+            .retain(|(i, pid)| i.upgrade().is_some_and(|i| i.is_ready() && i.pid() == *pid));
+    }
+
+    fn contains(&self, inst: &Arc<Instance>) -> bool {
+        self.0.iter().any(|(i, pid)| {
+            std::ptr::eq(i.as_ptr(), Arc::as_ptr(inst)) && inst.pid() == *pid && inst.is_ready()
+        })
+    }
+
+    fn add(&mut self, inst: &Arc<Instance>) {
+        self.0.push((Arc::downgrade(inst), inst.pid()));
+    }
 }
 
 pub struct Registry {
@@ -44,7 +69,7 @@ impl Registry {
                     instances: ArcSwap::from_pointee(Vec::new()),
                     ready: Notify::new(),
                     next: AtomicUsize::new(0),
-                    verdicts: Mutex::new(()),
+                    verdicts: Mutex::default(),
                 })
                 .collect(),
             members: ArcSwap::from_pointee(Vec::new()),
@@ -61,7 +86,7 @@ impl Registry {
     }
 
     /// Records the instances the fleet runs (routable or draining).
-    pub fn track(&self, members: Vec<Arc<Instance>>) {
+    pub fn set_members(&self, members: Vec<Arc<Instance>>) {
         self.members.store(Arc::new(members));
     }
 
@@ -74,16 +99,9 @@ impl Registry {
         &self.kinds
     }
 
-    pub fn set(&self, kind: Kind) -> Option<&KindSet> {
+    /// The routable instances of `kind`.
+    pub fn kind(&self, kind: Kind) -> Option<&KindSet> {
         self.kinds.iter().find(|k| k.kind == kind)
-    }
-
-    /// Every routable instance, kind by kind.
-    pub fn all(&self) -> Vec<Arc<Instance>> {
-        self.kinds
-            .iter()
-            .flat_map(|k| k.instances().iter().cloned().collect::<Vec<_>>())
-            .collect()
     }
 
     /// Every kind has at least one ready instance.
@@ -100,7 +118,7 @@ impl Registry {
 
     /// Wakes requests waiting for an instance of `kind`.
     pub fn notify_ready(&self, kind: Kind) {
-        if let Some(set) = self.set(kind) {
+        if let Some(set) = self.kind(kind) {
             set.ready.notify_waiters();
         }
     }
@@ -125,40 +143,52 @@ impl KindSet {
         self.ready.notify_waiters();
     }
 
-    /// Whether `inst` may leave rotation on a verdict: at least one other instance of the
-    /// kind exists and every other one is ready. Call with `verdicts` held.
-    fn others_all_ready(&self, inst: &Arc<Instance>) -> bool {
-        let list = self.instances();
-        let mut others = list.iter().filter(|i| !Arc::ptr_eq(i, inst)).peekable();
-        others.peek().is_some() && others.all(|i| i.is_ready())
+    fn verdicts(&self) -> MutexGuard<'_, Pending> {
+        // A poisoned lock only means a panic elsewhere; the list stays consistent.
+        let mut pending = self.verdicts.lock().unwrap_or_else(|p| p.into_inner());
+        pending.prune();
+        pending
     }
 
-    /// Takes `inst` out of rotation (as `state`) if that leaves the kind with every other
-    /// instance ready; returns whether it did.
-    pub fn try_take_out(&self, inst: &Arc<Instance>, state: InstanceState) -> bool {
-        let _held = self.verdicts.lock().unwrap_or_else(|p| p.into_inner());
-        if !self.others_all_ready(inst) {
-            return false;
-        }
-        inst.set_state(state);
-        true
+    /// Whether `inst` may leave rotation on a verdict: at least one other instance of the
+    /// kind exists and every other one is ready, with no verdict pending against it.
+    fn others_all_ready(&self, inst: &Arc<Instance>, pending: &Pending) -> bool {
+        let list = self.instances();
+        let mut others = list.iter().filter(|i| !Arc::ptr_eq(i, inst)).peekable();
+        others.peek().is_some() && others.all(|i| i.is_ready() && !pending.contains(i))
+    }
+
+    /// A health verdict: `Some` (the kind's verdict lock, held) when `inst` may leave
+    /// rotation; its task changes its state before dropping the guard.
+    pub fn may_leave_rotation(&self, inst: &Arc<Instance>) -> Option<MutexGuard<'_, Pending>> {
+        let pending = self.verdicts();
+        self.others_all_ready(inst, &pending).then_some(pending)
     }
 
     /// Reports a real request's outcome (`None`: no response). When real traffic says
-    /// the instance is broken, it is replaced: drained at once while its siblings are all
-    /// ready; the rolling way (new process ready first) when it is its kind's only
-    /// instance; not yet while a sibling is already out (the cause is likely shared): the
-    /// verdict is asked again on the next failure.
+    /// the instance is broken, it is replaced: condemned (drained at once) while its
+    /// siblings are all ready; the rolling way (new process ready first) when it is its
+    /// kind's only instance; not yet while a sibling is already out (the cause is likely
+    /// shared): the verdict is asked again on the next failure.
     pub fn record_outcome(&self, inst: &Arc<Instance>, status: Option<u16>, threshold: u32) {
         if !inst.count_outcome(status, threshold) {
             return;
         }
-        let _held = self.verdicts.lock().unwrap_or_else(|p| p.into_inner());
+        let reason = format!(
+            "{threshold} real requests failed in a row (supervisor.traffic_failure_threshold)"
+        );
+        let mut pending = self.verdicts();
         let alone = !self.instances().iter().any(|i| !Arc::ptr_eq(i, inst));
         if alone {
-            inst.ask_replacement();
-        } else if inst.is_ready() && self.others_all_ready(inst) {
-            inst.condemn();
+            inst.reset_failures();
+            inst.send(Command::Recycle { reason });
+        } else if inst.is_ready()
+            && !pending.contains(inst)
+            && self.others_all_ready(inst, &pending)
+        {
+            inst.reset_failures();
+            pending.add(inst);
+            inst.send(Command::Condemn { reason });
         } else {
             tracing::debug!(
                 kind = inst.kind.name(),
@@ -230,52 +260,68 @@ impl KindSet {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::instance::{InstanceState, Owner};
     use std::path::PathBuf;
 
-    fn kind_with(n: u32) -> (Registry, Vec<Arc<Instance>>) {
+    fn kind_with(n: u32) -> (Registry, Vec<Arc<Instance>>, Vec<Owner>) {
         let registry = Registry::new([Kind::Sync]);
-        let list: Vec<Arc<Instance>> = (0..n)
-            .map(|i| {
-                Arc::new(Instance::new(
-                    Kind::Sync,
-                    i,
-                    PathBuf::from("/nonexistent"),
-                    1,
-                ))
-            })
-            .collect();
-        for i in &list {
-            i.set_state(InstanceState::Ready);
+        let (list, mut owners): (Vec<_>, Vec<_>) = (0..n)
+            .map(|i| Instance::new(Kind::Sync, i, PathBuf::from("/nonexistent"), 1))
+            .unzip();
+        for (i, o) in owners.iter_mut().enumerate() {
+            o.publish(|s| {
+                s.state = InstanceState::Ready;
+                s.pid = Some(100 + i as u32);
+            });
         }
-        let set = registry.set(Kind::Sync).unwrap();
+        let set = registry.kind(Kind::Sync).unwrap();
         set.update(|l| l.extend(list.iter().cloned()));
-        (registry, list)
+        (registry, list, owners)
     }
 
     #[test]
     fn verdicts_never_take_the_last_ready_instance_nor_two_at_once() {
-        let (registry, list) = kind_with(2);
-        let set = registry.set(Kind::Sync).unwrap();
-        assert!(set.try_take_out(&list[0], InstanceState::Unhealthy));
+        let (registry, list, mut owners) = kind_with(2);
+        let set = registry.kind(Kind::Sync).unwrap();
+        let out = set.may_leave_rotation(&list[0]);
+        assert!(out.is_some());
+        owners[0].publish(|s| s.state = InstanceState::Unhealthy);
+        drop(out);
         assert!(!list[0].is_ready());
-        assert!(!set.try_take_out(&list[1], InstanceState::Unhealthy));
-        assert!(list[1].is_ready(), "the last ready one stays in rotation");
+        assert!(set.may_leave_rotation(&list[1]).is_none());
         for _ in 0..10 {
             set.record_outcome(&list[1], None, 3);
         }
-        assert!(list[1].is_ready());
-        assert!(!list[1].take_traffic_verdict());
+        assert!(list[1].is_ready(), "the last ready one stays in rotation");
+        assert_eq!(owners[1].try_command(), None);
         // Once its sibling is back, the next failure executes the waiting verdict.
-        list[0].set_state(InstanceState::Ready);
+        owners[0].publish(|s| s.state = InstanceState::Ready);
         set.record_outcome(&list[1], None, 3);
-        assert!(!list[1].is_ready());
-        assert!(list[1].take_traffic_verdict());
+        assert!(matches!(
+            owners[1].try_command(),
+            Some(Command::Condemn { .. })
+        ));
+        // Until its task has acted on it, the condemned one counts as out: no second
+        // verdict, health or traffic, takes its sibling out too.
+        assert!(set.may_leave_rotation(&list[0]).is_none());
+        for _ in 0..10 {
+            set.record_outcome(&list[0], None, 3);
+        }
+        assert_eq!(owners[0].try_command(), None);
+        // Its task acted (out of rotation), then a new process became ready: the verdict
+        // is spent.
+        owners[1].publish(|s| s.state = InstanceState::Draining);
+        owners[1].publish(|s| {
+            s.state = InstanceState::Ready;
+            s.pid = Some(200);
+        });
+        assert!(set.may_leave_rotation(&list[0]).is_some());
     }
 
     #[test]
     fn the_only_instance_is_replaced_the_rolling_way() {
-        let (registry, list) = kind_with(1);
-        let set = registry.set(Kind::Sync).unwrap();
+        let (registry, list, mut owners) = kind_with(1);
+        let set = registry.kind(Kind::Sync).unwrap();
         for _ in 0..3 {
             set.record_outcome(&list[0], Some(500), 3);
         }
@@ -283,7 +329,10 @@ mod tests {
             list[0].is_ready(),
             "stays in rotation until its replacement is ready"
         );
-        assert!(list[0].take_replace_verdict());
-        assert!(!list[0].take_traffic_verdict());
+        assert!(matches!(
+            owners[0].try_command(),
+            Some(Command::Recycle { .. })
+        ));
+        assert_eq!(owners[0].try_command(), None);
     }
 }

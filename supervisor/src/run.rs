@@ -2,25 +2,29 @@
 //! systemd's), start the fleet, serve; on SIGHUP reload with a rolling restart; on
 //! SIGTERM/SIGINT drain in order — the front first (finish accepted requests), then the
 //! workers (SIGTERM, SIGKILL at the deadline) — and exit 0 when everything stopped cleanly.
+//! A second stop signal ends the drain early; `run` still returns (exit 1), so the
+//! telemetry is flushed on the way out.
 
 use crate::admin::Admin;
 use crate::auth::Verifier;
-use crate::child_log::Style;
 use crate::control::{ReloadOutcome, ReloadRequest};
 use crate::fleet::Fleet;
 use crate::front::{Front, FrontSettings};
-use crate::instance::Kind;
+use crate::instance::{Instance, Kind};
 use crate::listener::{self, Listening};
 use crate::registry::Registry;
 use crate::signals::{Signals, SupervisorSignal};
 use crate::systemd;
 use anyhow::Context as _;
 use firemode_config::{load_for_reload, Config, Overrides, KILL_GRACE};
+use firemode_telemetry::traces::LogStyle;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 /// Where the config came from, so a reload reads it the same way.
@@ -30,10 +34,14 @@ pub struct ConfigSource {
     pub overrides: Overrides,
 }
 
-pub async fn run(config: Config, source: ConfigSource, log_style: Style) -> anyhow::Result<bool> {
-    let mut config = Arc::new(config);
+pub async fn run(
+    config: Config,
+    source: ConfigSource,
+    log_style: LogStyle,
+) -> anyhow::Result<bool> {
+    let config = Arc::new(config);
     log_startup(&source);
-    let mut signals = Signals::install()?;
+    let signals = Signals::install()?;
     firemode_telemetry::install_metrics();
     describe_metrics();
     publish_limits(&config);
@@ -42,183 +50,273 @@ pub async fn run(config: Config, source: ConfigSource, log_style: Style) -> anyh
     let verifier = Verifier::new(&config)?;
     // The key the front verifies with; a reload never swaps it (design §4).
     let signing_key = key_material(&config);
-
-    let activated = systemd::activated_listener()?;
-    let front_from_systemd = activated.is_some();
-    let front_listener = match activated {
-        Some(std) => {
-            tracing::info!(
-                "using the socket passed by systemd for the front (server.listen ignored)"
-            );
-            TcpListener::from_std(std)?
-        }
-        None => TcpListener::bind(&config.server.listen)
-            .await
-            .with_context(|| format!("server.listen: cannot listen on {}", config.server.listen))?,
-    };
-    let admin_listener = TcpListener::bind(&config.server.admin_listen)
-        .await
-        .with_context(|| {
-            format!(
-                "server.admin_listen: cannot listen on {}",
-                config.server.admin_listen
-            )
-        })?;
-    tracing::info!(listener = "front", addr = %front_listener.local_addr()?, "listening");
-    tracing::info!(listener = "admin", addr = %admin_listener.local_addr()?, "listening");
-    crate::runtime_dir::write_admin_addr(&runtime_dir, admin_listener.local_addr()?);
+    let listeners = Listeners::bind(&config).await?;
+    crate::runtime_dir::write_admin_addr(&runtime_dir, listeners.admin.socket.local_addr()?);
 
     let registry = Arc::new(Registry::new(Kind::ALL));
-    let (recycle_tx, mut recycle_rx) = tokio::sync::mpsc::unbounded_channel();
-    let mut fleet = Fleet::new(registry.clone(), runtime_dir.clone(), log_style, recycle_tx);
+    let (recycle_tx, recycles) = mpsc::unbounded_channel();
+    let mut fleet = Fleet::new(registry.clone(), runtime_dir, log_style, recycle_tx);
     fleet.start(&config)?;
-
-    let drain_started: Arc<std::sync::OnceLock<(Instant, Duration)>> = Arc::default();
-    let remaining = {
-        let drain_started = drain_started.clone();
-        move || match drain_started.get() {
-            Some((start, budget)) => (*start + *budget).saturating_duration_since(Instant::now()),
-            None => Duration::ZERO,
-        }
-    };
-
-    let (stop_front, stop_front_rx) = watch::channel(false);
     let front = Arc::new(Front::new(
         registry.clone(),
         FrontSettings::new(&config, verifier),
         config.server.poison_threshold,
     ));
-    let front_task = tokio::spawn(listener::serve(
-        Listening {
-            name: "front",
-            socket: front_listener,
-            from_systemd: front_from_systemd,
-        },
-        front.clone(),
-        |f: Arc<Front>, req| Box::pin(async move { f.handle(req).await }),
-        stop_front_rx,
-        remaining.clone(),
-        config.server.header_read_timeout.get(),
-        {
+    let (reload_tx, reloads) = mpsc::channel(16);
+    let serving = Serving::start(listeners, &config, front.clone(), &registry, reload_tx);
+    let mut system = System {
+        config,
+        signing_key,
+        source,
+        fleet,
+        front,
+        registry,
+        signals,
+        reloads,
+        recycles,
+    };
+    let signal = system.serve().await;
+    Ok(system.shut_down(signal, serving).await)
+}
+
+/// The two listeners, bound (or the front's taken from systemd) before anything starts.
+struct Listeners {
+    front: Listening,
+    admin: Listening,
+}
+
+impl Listeners {
+    async fn bind(config: &Config) -> anyhow::Result<Self> {
+        let activated = systemd::activated_listener()?;
+        let from_systemd = activated.is_some();
+        let front = match activated {
+            Some(std) => {
+                tracing::info!(
+                    "using the socket passed by systemd for the front (server.listen ignored)"
+                );
+                TcpListener::from_std(std)?
+            }
+            None => TcpListener::bind(&config.server.listen)
+                .await
+                .with_context(|| {
+                    format!("server.listen: cannot listen on {}", config.server.listen)
+                })?,
+        };
+        let admin_listen = &config.server.admin_listen;
+        let admin = TcpListener::bind(admin_listen)
+            .await
+            .with_context(|| format!("server.admin_listen: cannot listen on {admin_listen}"))?;
+        tracing::info!(listener = "front", addr = %front.local_addr()?, "listening");
+        tracing::info!(listener = "admin", addr = %admin.local_addr()?, "listening");
+        Ok(Self {
+            front: Listening {
+                name: "front",
+                socket: front,
+                from_systemd,
+            },
+            admin: Listening {
+                name: "admin",
+                socket: admin,
+                from_systemd: false,
+            },
+        })
+    }
+}
+
+/// The tasks that serve while the system runs, and the handles that stop them.
+struct Serving {
+    front: JoinHandle<bool>,
+    stop_front: watch::Sender<bool>,
+    admin: JoinHandle<bool>,
+    stop_admin: watch::Sender<bool>,
+    /// `/readyz` says 503 from the moment this is set.
+    draining: Arc<AtomicBool>,
+    /// When the drain began and its budget: what the front's grace period is.
+    drain_started: Arc<OnceLock<(Instant, Duration)>>,
+    notifier: JoinHandle<()>,
+}
+
+impl Serving {
+    fn start(
+        listeners: Listeners,
+        config: &Config,
+        front: Arc<Front>,
+        registry: &Arc<Registry>,
+        reload: mpsc::Sender<ReloadRequest>,
+    ) -> Self {
+        let drain_started: Arc<OnceLock<(Instant, Duration)>> = Arc::default();
+        let remaining = {
+            let drain_started = drain_started.clone();
+            move || match drain_started.get() {
+                Some((start, budget)) => {
+                    (*start + *budget).saturating_duration_since(Instant::now())
+                }
+                None => Duration::ZERO,
+            }
+        };
+        let (stop_front, stop_front_rx) = watch::channel(false);
+        let send_timeout = {
             let front = front.clone();
             move || front.send_timeout()
-        },
-    ));
-    let (stop_admin, stop_admin_rx) = watch::channel(false);
-    let (reload_tx, mut reload_rx) = tokio::sync::mpsc::channel(16);
-    let draining = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let admin = Arc::new(Admin {
-        registry: registry.clone(),
-        reload: reload_tx,
-        draining: draining.clone(),
-        published_slots: Default::default(),
-    });
-    let admin_task = tokio::spawn(listener::serve(
-        Listening {
-            name: "admin",
-            socket: admin_listener,
-            from_systemd: false,
-        },
-        admin,
-        |a: Arc<Admin>, req| Box::pin(async move { a.handle(req).await }),
-        stop_admin_rx,
-        || Duration::from_secs(1),
-        Duration::from_secs(10),
-        || Duration::from_secs(10),
-    ));
-    let notifier = tokio::spawn(notify_systemd(registry.clone()));
-
-    let signal = 'serve: loop {
-        let event = tokio::select! {
-            s = signals.next() => Event::Signal(s),
-            Some(inst) = recycle_rx.recv() => Event::Recycle(inst),
-            Some(req) = reload_rx.recv() => Event::Reload(req),
         };
-        let waiters = match event {
-            Event::Signal(SupervisorSignal::Reload) => Vec::new(),
-            Event::Reload(req) => vec![req.reply],
-            Event::Signal(s) => break s,
-            Event::Recycle(inst) => {
-                let outcome = tokio::select! {
-                    r = fleet.replace(&inst) => r,
-                    s = signals.next() => {
-                        if s == SupervisorSignal::Reload {
-                            tracing::warn!("SIGHUP during a recycle is ignored; send it again");
-                            Ok(())
-                        } else {
-                            break 'serve s
-                        }
-                    }
-                };
-                if let Err(e) = outcome {
-                    tracing::error!(error = %format!("{e:#}"), "recycling failed");
-                }
-                continue;
-            }
-        };
-        let mut reloading = Reloading {
-            config: &mut config,
-            signing_key: &signing_key,
-            source: &source,
-            fleet: &mut fleet,
-            front: &front,
-            signals: &mut signals,
-            requests: &mut reload_rx,
-        };
-        if let Err(stop) = reloading.settle(waiters).await {
-            break stop;
+        let front_task = tokio::spawn(listener::serve(
+            listeners.front,
+            front,
+            |f: Arc<Front>, req| Box::pin(async move { f.handle(req).await }),
+            stop_front_rx,
+            remaining,
+            config.server.header_read_timeout.get(),
+            send_timeout,
+        ));
+        let (stop_admin, stop_admin_rx) = watch::channel(false);
+        let draining = Arc::new(AtomicBool::new(false));
+        let admin = Arc::new(Admin {
+            registry: registry.clone(),
+            reload,
+            draining: draining.clone(),
+            published_slots: Default::default(),
+        });
+        let admin_task = tokio::spawn(listener::serve(
+            listeners.admin,
+            admin,
+            |a: Arc<Admin>, req| Box::pin(async move { a.handle(req).await }),
+            stop_admin_rx,
+            || Duration::from_secs(1),
+            Duration::from_secs(10),
+            || Duration::from_secs(10),
+        ));
+        Self {
+            front: front_task,
+            stop_front,
+            admin: admin_task,
+            stop_admin,
+            draining,
+            drain_started,
+            notifier: tokio::spawn(notify_systemd(registry.clone())),
         }
-        let (ready, total) = registry.ready_counts();
-        systemd::ready(&format!("{ready}/{total} instances ready"));
-    };
-    notifier.abort();
-    let drain_timeout = config.supervisor.drain_timeout.get();
-    let started = Instant::now();
-    let _ = drain_started.set((started, drain_timeout));
-    tracing::info!(?signal, drain_timeout = %config.supervisor.drain_timeout, "draining");
-    systemd::stopping("draining");
-    // Let systemd wait for our own deadline plus the kill grace.
-    systemd::extend_timeout(drain_timeout + KILL_GRACE, "draining");
-    let progress = tokio::spawn(report_drain(front.clone()));
-    // A second stop signal means "now": exit at once; the workers die with us
-    // (PR_SET_PDEATHSIG).
-    let impatient = tokio::spawn(async move {
+    }
+}
+
+/// What the run loop works on: the running configuration, the fleet, the front, and where
+/// events come from.
+struct System {
+    config: Arc<Config>,
+    signing_key: Option<Vec<u8>>,
+    source: ConfigSource,
+    fleet: Fleet,
+    front: Arc<Front>,
+    registry: Arc<Registry>,
+    signals: Signals,
+    reloads: mpsc::Receiver<ReloadRequest>,
+    /// Instances asking for their rolling replacement.
+    recycles: mpsc::UnboundedReceiver<Arc<Instance>>,
+}
+
+/// What the run loop reacts to.
+enum Event {
+    Signal(SupervisorSignal),
+    Recycle(Arc<Instance>),
+    Reload(ReloadRequest),
+}
+
+impl System {
+    /// Serves until a stop signal (which it returns): reloads and recycling meanwhile.
+    async fn serve(&mut self) -> SupervisorSignal {
         loop {
-            if signals.next().await != SupervisorSignal::Reload {
-                tracing::warn!("second stop signal: exiting without finishing the drain");
-                std::process::exit(1);
+            let event = tokio::select! {
+                s = self.signals.next() => Event::Signal(s),
+                Some(inst) = self.recycles.recv() => Event::Recycle(inst),
+                Some(req) = self.reloads.recv() => Event::Reload(req),
+            };
+            let waiters = match event {
+                Event::Signal(SupervisorSignal::Reload) => Vec::new(),
+                Event::Reload(req) => vec![req.reply],
+                Event::Signal(stop) => return stop,
+                Event::Recycle(inst) => match self.recycle(&inst).await {
+                    Ok(()) => continue,
+                    Err(stop) => return stop,
+                },
+            };
+            if let Err(stop) = self.settle(waiters).await {
+                return stop;
             }
+            let (ready, total) = self.registry.ready_counts();
+            systemd::ready(&format!("{ready}/{total} instances ready"));
         }
-    });
+    }
 
+    /// Replaces `inst` the rolling way. `Err` is a stop signal that ended it.
+    async fn recycle(&mut self, inst: &Arc<Instance>) -> Result<(), SupervisorSignal> {
+        let outcome = tokio::select! {
+            r = self.fleet.replace(inst) => r,
+            s = self.signals.next() => {
+                if s != SupervisorSignal::Reload {
+                    return Err(s);
+                }
+                tracing::warn!("SIGHUP during a recycle is ignored; send it again");
+                Ok(())
+            }
+        };
+        if let Err(e) = outcome {
+            tracing::error!(error = %format!("{e:#}"), "recycling failed");
+        }
+        Ok(())
+    }
+
+    /// The ordered drain: the front first (it stops accepting and finishes what it
+    /// accepted), then the workers (SIGKILL at the deadline), then the admin listener.
+    /// A second stop signal ends it early (the workers are killed as the fleet drops).
+    /// Returns whether everything stopped cleanly.
+    async fn shut_down(&mut self, signal: SupervisorSignal, serving: Serving) -> bool {
+        serving.notifier.abort();
+        let drain_timeout = self.config.supervisor.drain_timeout.get();
+        let started = Instant::now();
+        let _ = serving.drain_started.set((started, drain_timeout));
+        tracing::info!(?signal, drain_timeout = %self.config.supervisor.drain_timeout, "draining");
+        systemd::stopping("draining");
+        // Let systemd wait for our own deadline plus the kill grace.
+        systemd::extend_timeout(drain_timeout + KILL_GRACE, "draining");
+        let progress = tokio::spawn(report_drain(self.front.clone()));
+        let deadline = started + drain_timeout;
+        let clean = tokio::select! {
+            clean = drain(serving, &mut self.fleet, deadline) => clean,
+            () = second_stop(&mut self.signals) => {
+                tracing::warn!("second stop signal: exiting without finishing the drain");
+                false
+            }
+        };
+        progress.abort();
+        let elapsed_ms = started.elapsed().as_millis() as u64;
+        if clean {
+            tracing::info!(elapsed_ms, "drained; exiting");
+        } else {
+            tracing::warn!(elapsed_ms, "stopped, but not everything drained cleanly");
+        }
+        clean
+    }
+}
+
+/// The drain's steps, in order (see [`System::shut_down`]).
+async fn drain(serving: Serving, fleet: &mut Fleet, deadline: Instant) -> bool {
     // 1. `/readyz` says 503 from now on (a load balancer stops sending work); the front
     //    stops accepting and finishes what it accepted.
-    draining.store(true, std::sync::atomic::Ordering::Release);
-    let _ = stop_front.send(true);
-    let front_clean = front_task.await.unwrap_or(false);
+    serving.draining.store(true, Ordering::Release);
+    let _ = serving.stop_front.send(true);
+    let front_clean = serving.front.await.unwrap_or(false);
     if !front_clean {
         tracing::warn!("drain timeout reached with client requests still open");
     }
     // 2. The workers finish their in-flight requests and exit; SIGKILL at the deadline.
-    let deadline = (started + drain_timeout).max(Instant::now() + Duration::from_millis(100));
+    let deadline = deadline.max(Instant::now() + Duration::from_millis(100));
     let workers_clean = fleet.drain_all(deadline).await;
-    progress.abort();
-    impatient.abort();
-    let _ = stop_admin.send(true);
-    let _ = admin_task.await;
-    let clean = front_clean && workers_clean;
-    if clean {
-        tracing::info!(
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "drained; exiting"
-        );
-    } else {
-        tracing::warn!(
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "stopped, but not everything drained cleanly"
-        );
-    }
-    Ok(clean)
+    let _ = serving.stop_admin.send(true);
+    let _ = serving.admin.await;
+    front_clean && workers_clean
+}
+
+/// Resolves on a stop signal (a SIGHUP during the drain means nothing).
+async fn second_stop(signals: &mut Signals) {
+    while signals.next().await == SupervisorSignal::Reload {}
 }
 
 /// The first line: which build runs, and with which config (what an operator checks first
@@ -303,24 +401,7 @@ fn describe_metrics() {
     metrics::gauge!("active_connections", "listener" => "front").set(0.0);
 }
 
-enum Event {
-    Signal(SupervisorSignal),
-    Recycle(Arc<crate::instance::Instance>),
-    Reload(ReloadRequest),
-}
-
-/// What a reload works on, borrowed from the run loop for as long as reloads keep coming.
-struct Reloading<'a> {
-    config: &'a mut Arc<Config>,
-    signing_key: &'a Option<Vec<u8>>,
-    source: &'a ConfigSource,
-    fleet: &'a mut Fleet,
-    front: &'a Front,
-    signals: &'a mut Signals,
-    requests: &'a mut tokio::sync::mpsc::Receiver<ReloadRequest>,
-}
-
-impl Reloading<'_> {
+impl System {
     /// Reloads until no more are asked for: a SIGHUP or `POST /reload` that arrives during a
     /// reload asks for one more afterwards, and each `POST /reload` is answered with the
     /// outcome of the first reload that started after it. `Err` is a stop signal that ended
@@ -336,11 +417,11 @@ impl Reloading<'_> {
             let mut again = false;
             let outcome = {
                 let reloading = reload(
-                    self.config,
-                    self.signing_key,
-                    self.source,
-                    self.fleet,
-                    self.front,
+                    &self.config,
+                    &self.signing_key,
+                    &self.source,
+                    &mut self.fleet,
+                    &self.front,
                 );
                 tokio::pin!(reloading);
                 loop {
@@ -350,7 +431,7 @@ impl Reloading<'_> {
                             SupervisorSignal::Reload => again = true,
                             stop => break Err(stop),
                         },
-                        Some(req) = self.requests.recv() => {
+                        Some(req) = self.reloads.recv() => {
                             again = true;
                             next_waiters.push(req.reply);
                         }
@@ -370,7 +451,7 @@ impl Reloading<'_> {
             };
             match &outcome {
                 (ReloadOutcome::Applied, Some(new)) => {
-                    *self.config = new.clone();
+                    self.config = new.clone();
                     publish_limits(new);
                     tracing::info!("reload complete");
                 }

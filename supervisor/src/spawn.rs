@@ -3,10 +3,11 @@
 //! supervisor is SIGKILLed. Before each start the runtime dir and the worker config file are
 //! checked (and written again when something deleted them).
 
-use crate::child_log::{self, Style};
+use crate::child_log;
 use crate::instance::{Instance, Kind};
 use crate::runtime_dir::WorkerConfigFile;
 use firemode_config::WorkerKind;
+use firemode_telemetry::traces::LogStyle;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
@@ -22,7 +23,7 @@ pub struct SpawnSpec {
     /// The generation's config; every instance started from this spec holds it, so the file
     /// lives as long as one of them runs.
     pub config_file: Arc<WorkerConfigFile>,
-    pub log_style: Style,
+    pub log_style: LogStyle,
 }
 
 impl SpawnSpec {
@@ -30,7 +31,7 @@ impl SpawnSpec {
         kind: Kind,
         worker: &WorkerKind,
         config_file: Arc<WorkerConfigFile>,
-        log_style: Style,
+        log_style: LogStyle,
     ) -> anyhow::Result<Self> {
         let program = if worker.command.is_empty() {
             let exe = std::env::current_exe()?;

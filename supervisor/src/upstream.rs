@@ -147,7 +147,7 @@ pub async fn send(
     instance: &Arc<Instance>,
     mut req: Request<Full<Bytes>>,
 ) -> Result<Response<PooledBody>, UpstreamError> {
-    let guard = instance.track_owned();
+    let guard = instance.begin_request();
     let pool = &instance.pool;
     // The semaphore is never closed; the error arm only keeps this free of panics.
     let permit = pool.permits.clone().acquire_owned().await.map_err(|_| {

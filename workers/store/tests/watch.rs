@@ -108,6 +108,7 @@ async fn merge(store: &Store, tenant: &str, session_id: &str) {
                 status: 200,
                 body: "{}".into(),
                 remember: true,
+                journal: Vec::new(),
             }),
         )
         .await
