@@ -52,6 +52,7 @@ async fn merge(store: &Store, session_id: &str, new_state: Option<String>) {
         status: 200,
         body: "{}".into(),
         remember: true,
+        journal: Vec::new(),
     };
     let outcome = store
         .merge_session(
