@@ -21,6 +21,10 @@ use tokio::time::Instant;
 /// Connections the front keeps to one instance at most (requests beyond wait for one). A
 /// worker serves them on two cores; more would only queue inside it, costing memory.
 const UPSTREAM_CONNECTIONS_PER_INSTANCE: usize = 64;
+/// Long-polls (`GET …/changes?wait=`) held at one instance at most; each is an idle Unix
+/// socket connection at the worker until a merge or its wait ends. Beyond, a long-poll
+/// waits for a connection within its deadline like any request.
+const LONG_POLL_CONNECTIONS_PER_INSTANCE: usize = 4096;
 /// How long a retired instance's task may take to act on its `Drain` before the fleet
 /// goes on anyway (it acts within microseconds unless something is badly wrong).
 const ACKNOWLEDGE_WITHIN: Duration = Duration::from_secs(5);
@@ -101,7 +105,13 @@ impl Fleet {
                 socket.display()
             );
         }
-        let (inst, owner) = Instance::new(kind, index, socket, UPSTREAM_CONNECTIONS_PER_INSTANCE);
+        let (inst, owner) = Instance::new(
+            kind,
+            index,
+            socket,
+            UPSTREAM_CONNECTIONS_PER_INSTANCE,
+            LONG_POLL_CONNECTIONS_PER_INSTANCE,
+        );
         self.tasks.spawn(supervise(owner, ctx.clone()));
         self.members.push(Member {
             inst: inst.clone(),

@@ -10,7 +10,7 @@
 //! flight, served, answered, failures in a row) are not state: the front counts them, the
 //! task reads them (and resets them for a new process).
 
-use crate::upstream::UpstreamPool;
+use crate::upstream::{PoolKind, UpstreamPool};
 use serde::Serialize;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
@@ -152,7 +152,10 @@ pub struct Instance {
     answered: AtomicU64,
     /// Real requests that failed in a row (see `traffic`).
     traffic_failures: AtomicU32,
+    /// Connections for ordinary requests.
     pub pool: UpstreamPool,
+    /// Connections for long-polls, which the worker holds for up to a minute each.
+    pub long_polls: UpstreamPool,
 }
 
 /// The write side of one instance: its state and its command queue. Exactly one exists
@@ -188,12 +191,14 @@ impl Instance {
         index: u32,
         socket: PathBuf,
         upstream_limit: usize,
+        long_poll_limit: usize,
     ) -> (Arc<Self>, Owner) {
         let (commands, receiver) = mpsc::unbounded_channel();
         let inst = Arc::new(Self {
             kind,
             index,
-            pool: UpstreamPool::new(socket.clone(), upstream_limit),
+            pool: UpstreamPool::new(socket.clone(), upstream_limit, upstream_limit),
+            long_polls: UpstreamPool::new(socket.clone(), long_poll_limit, upstream_limit),
             socket,
             published: watch::Sender::new(Snapshot::default()),
             state: AtomicU8::new(InstanceState::Starting as u8),
@@ -210,6 +215,14 @@ impl Instance {
             commands: receiver,
         };
         (inst, owner)
+    }
+
+    /// The connection pool a request of `kind` uses.
+    pub fn pool(&self, kind: PoolKind) -> &UpstreamPool {
+        match kind {
+            PoolKind::Requests => &self.pool,
+            PoolKind::LongPolls => &self.long_polls,
+        }
     }
 
     /// Asks the instance's task to do something (see [`Command`]).
@@ -429,7 +442,7 @@ mod tests {
     use super::*;
 
     fn instance() -> (Arc<Instance>, Owner) {
-        Instance::new(Kind::Sync, 0, PathBuf::from("/nonexistent"), 1)
+        Instance::new(Kind::Sync, 0, PathBuf::from("/nonexistent"), 1, 1)
     }
 
     #[tokio::test(start_paused = true)]

@@ -266,7 +266,7 @@ mod tests {
     fn kind_with(n: u32) -> (Registry, Vec<Arc<Instance>>, Vec<Owner>) {
         let registry = Registry::new([Kind::Sync]);
         let (list, mut owners): (Vec<_>, Vec<_>) = (0..n)
-            .map(|i| Instance::new(Kind::Sync, i, PathBuf::from("/nonexistent"), 1))
+            .map(|i| Instance::new(Kind::Sync, i, PathBuf::from("/nonexistent"), 1, 1))
             .unzip();
         for (i, o) in owners.iter_mut().enumerate() {
             o.publish(|s| {

@@ -4,6 +4,7 @@
 //! make at most `limit` worker connections instead of opening and closing hundreds: memory
 //! stays bounded and no CPU goes to connection churn. A connection goes back on the stack
 //! when its response body has been read to the end; one that is closed is dropped.
+//! Long-polls have a pool of their own ([`PoolKind`]).
 //! [`exchange`] reads that body to its end at once (see `buffered`), so the connection and
 //! permit go back as soon as the worker has answered, whatever the client does.
 
@@ -30,6 +31,36 @@ pub struct UpstreamPool {
     idle: Mutex<Vec<Sender>>,
     /// One permit per connection that may exist (idle or in use).
     permits: Arc<Semaphore>,
+    /// The most connections kept while idle (the rest are closed when their answer is in).
+    max_idle: usize,
+}
+
+/// Which of an instance's two pools a request uses: long-polls (`GET …/changes?wait=` with
+/// a wait) are held at the worker for up to a minute each, so they get their own, larger
+/// pool and never take the connections every other request needs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PoolKind {
+    Requests,
+    LongPolls,
+}
+
+impl PoolKind {
+    /// The pool for `req`: a `GET`/`HEAD` of a session's `changes` with a `wait` above 0.
+    pub fn of<B>(req: &Request<B>) -> PoolKind {
+        let read = req.method() == http::Method::GET || req.method() == http::Method::HEAD;
+        let changes = req.uri().path().ends_with("/changes");
+        let waits = req.uri().query().is_some_and(|query| {
+            query
+                .split('&')
+                .filter_map(|pair| pair.strip_prefix("wait="))
+                .any(|seconds| seconds.parse::<u64>().is_ok_and(|s| s > 0))
+        });
+        if read && changes && waits {
+            PoolKind::LongPolls
+        } else {
+            PoolKind::Requests
+        }
+    }
 }
 
 /// Why a request did not get a whole answer from the worker. In every case no byte of it
@@ -85,11 +116,12 @@ pub async fn exchange(
 }
 
 impl UpstreamPool {
-    pub fn new(socket: PathBuf, limit: usize) -> Self {
+    pub fn new(socket: PathBuf, limit: usize, max_idle: usize) -> Self {
         Self {
             socket,
-            idle: Mutex::new(Vec::with_capacity(limit)),
+            idle: Mutex::new(Vec::with_capacity(max_idle.min(limit))),
             permits: Arc::new(Semaphore::new(limit.max(1))),
+            max_idle,
         }
     }
 
@@ -109,8 +141,12 @@ impl UpstreamPool {
 
     /// Called while the request's permit is still held: the stack never outgrows the permits.
     fn put_back(&self, sender: Sender) {
-        if !sender.is_closed() {
-            self.idle().push(sender);
+        if sender.is_closed() {
+            return;
+        }
+        let mut idle = self.idle();
+        if idle.len() < self.max_idle {
+            idle.push(sender);
         }
     }
 
@@ -148,7 +184,8 @@ pub async fn send(
     mut req: Request<Full<Bytes>>,
 ) -> Result<Response<PooledBody>, UpstreamError> {
     let guard = instance.begin_request();
-    let pool = &instance.pool;
+    let kind = PoolKind::of(&req);
+    let pool = instance.pool(kind);
     // The semaphore is never closed; the error arm only keeps this free of panics.
     let permit = pool.permits.clone().acquire_owned().await.map_err(|_| {
         UpstreamError::Connect(std::io::Error::other("the upstream pool is closed"))
@@ -159,7 +196,7 @@ pub async fn send(
             continue;
         }
         match sender.try_send_request(req).await {
-            Ok(resp) => return Ok(wrap(resp, sender, release)),
+            Ok(resp) => return Ok(wrap(resp, sender, kind, release)),
             Err(mut e) => match e.take_message() {
                 Some(unsent) => req = unsent,
                 None => return Err(UpstreamError::Exchange(e.into_error())),
@@ -168,7 +205,7 @@ pub async fn send(
     }
     let mut sender = pool.connect().await?;
     match sender.try_send_request(req).await {
-        Ok(resp) => Ok(wrap(resp, sender, release)),
+        Ok(resp) => Ok(wrap(resp, sender, kind, release)),
         Err(e) => Err(UpstreamError::Exchange(e.into_error())),
     }
 }
@@ -176,10 +213,12 @@ pub async fn send(
 fn wrap(
     resp: Response<Incoming>,
     sender: Sender,
+    kind: PoolKind,
     (guard, permit): (Outstanding, OwnedSemaphorePermit),
 ) -> Response<PooledBody> {
     resp.map(|body| PooledBody {
         body,
+        kind,
         release: Some((sender, guard, permit)),
     })
 }
@@ -189,13 +228,14 @@ fn wrap(
 /// against the instance's load.
 pub struct PooledBody {
     body: Incoming,
+    kind: PoolKind,
     release: Option<(Sender, Outstanding, OwnedSemaphorePermit)>,
 }
 
 impl PooledBody {
     fn release(&mut self) {
         if let Some((sender, guard, permit)) = self.release.take() {
-            guard.instance().pool.put_back(sender);
+            guard.instance().pool(self.kind).put_back(sender);
             drop(permit);
         }
     }

@@ -362,3 +362,73 @@ async fn a_long_poll_outlives_the_request_timeout() {
     assert_eq!(held.status, 200, "{}", String::from_utf8_lossy(&held.body));
     assert_eq!(held.json()["changes"], json!([]));
 }
+
+/// The waiting long-polls of one sync instance, from the worker's gauge in `/metrics`.
+async fn long_polls_waiting(sys: &TestSystem) -> f64 {
+    let metrics = sys.admin_get("/metrics").await;
+    String::from_utf8_lossy(&metrics.body)
+        .lines()
+        .filter(|line| line.starts_with("sync_long_polls_waiting"))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// A hundred tablets long-polling one session (more than the 64 connections the front keeps
+/// for ordinary requests to an instance) neither block other requests nor miss the merge
+/// that ends their wait.
+#[tokio::test]
+async fn many_long_polls_leave_room_for_other_requests() {
+    const WAITERS: usize = 100;
+    let sys = TestSystem::start(SystemOptions {
+        sync_instances: 1,
+        set: vec![("server.request_timeout", "5s".into())],
+        ..SystemOptions::default()
+    })
+    .await;
+    let f = sys.front;
+    let t = token("tablet-1", Some("acme"));
+    let clock = post(
+        f,
+        &t,
+        "HOT",
+        "h-0",
+        batch("t1", json!({}), 1, json!([set("/a", json!(0))])),
+    )
+    .await
+    .json()["vector_clock"]
+        .clone();
+    let waiters: Vec<_> = (0..WAITERS)
+        .map(|_| {
+            let (t, path) = (t.clone(), changes_path("HOT", &clock, 20));
+            tokio::spawn(async move { get(f, &t, &path).await })
+        })
+        .collect();
+    firemode_tests::eventually(
+        "every long-poll held at the worker",
+        std::time::Duration::from_secs(20),
+        || async { (long_polls_waiting(&sys).await >= WAITERS as f64).then_some(()) },
+    )
+    .await;
+    // Ordinary requests still get a connection at once (a 5 s request_timeout would end them
+    // while 100 long-polls held every connection).
+    let read = get(f, &t, "/v1/tests/sessions/HOT").await;
+    assert_eq!(read.status, 200, "{}", String::from_utf8_lossy(&read.body));
+    post(
+        f,
+        &t,
+        "HOT",
+        "h-1",
+        batch("t1", json!({}), 2, json!([set("/a", json!(1))])),
+    )
+    .await;
+    for waiter in waiters {
+        let woken = waiter.await.unwrap();
+        assert_eq!(
+            woken.status,
+            200,
+            "{}",
+            String::from_utf8_lossy(&woken.body)
+        );
+        assert_eq!(woken.json()["changes"], json!([set("/a", json!(1))]));
+    }
+}

@@ -49,7 +49,7 @@ impl App for SyncApp {
 }
 
 fn describe_metrics() {
-    use metrics::{describe_counter, describe_histogram, Unit};
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
     describe_counter!(
         "crdt_conflicts_total",
         "Concurrent writes resolved by the merge"
@@ -64,7 +64,12 @@ fn describe_metrics() {
         Unit::Bytes,
         "Offline bundle sizes before compression"
     );
+    describe_gauge!(
+        "sync_long_polls_waiting",
+        "GET …/changes requests held until a merge or the end of their wait"
+    );
     metrics::counter!("crdt_conflicts_total").absolute(0);
+    metrics::gauge!("sync_long_polls_waiting").set(0.0);
 }
 
 /// Installs the configured catalog and follows the store's current one, rendering each

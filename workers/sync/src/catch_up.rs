@@ -146,6 +146,7 @@ pub async fn changes(
             return Ok(json_response(StatusCode::OK, Bytes::from(body.to_string())));
         }
         // `version` comes from the same read that found nothing new: a merge after it wakes us.
+        let _waiting = Waiting::start();
         let changed = app
             .store
             .wait_for_change(&caller.tenant, session_id, version, deadline)
@@ -160,6 +161,22 @@ pub async fn changes(
             });
             return Ok(json_response(StatusCode::OK, Bytes::from(body.to_string())));
         }
+    }
+}
+
+/// Counts a long-poll in `sync_long_polls_waiting` while it waits.
+struct Waiting;
+
+impl Waiting {
+    fn start() -> Waiting {
+        metrics::gauge!("sync_long_polls_waiting").increment(1.0);
+        Waiting
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        metrics::gauge!("sync_long_polls_waiting").decrement(1.0);
     }
 }
 
