@@ -215,6 +215,9 @@ fn attempt(
     let before = state.clone();
     match state.apply(&generated.batch) {
         Err(refusal) => {
+            let firemode_merge::NotApplied::MissingDependencies(refusal) = refusal else {
+                panic!("a session never compacted refused with {refusal}");
+            };
             assert_eq!(&refusal.session_clock, before.clock());
             assert_eq!(*state, before, "a refused batch changed the state");
             assert!(!delivered[index], "a delivered batch was refused");

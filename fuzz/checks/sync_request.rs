@@ -112,6 +112,9 @@ pub fn check(data: &[u8]) {
         }
         Ok(Outcome::Duplicate) => panic!("a new session took a batch for a duplicate"),
         Err(refusal) => {
+            let firemode_merge::NotApplied::MissingDependencies(refusal) = refusal else {
+                panic!("a new session refused with {refusal}");
+            };
             assert!(refusal.session_clock.is_empty());
             assert_eq!(
                 state,

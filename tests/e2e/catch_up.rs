@@ -432,3 +432,101 @@ async fn many_long_polls_leave_room_for_other_requests() {
         assert_eq!(woken.json()["changes"], json!([set("/a", json!(1))]));
     }
 }
+
+/// Compaction (design §3): history older than `sync.tombstone_retention` is folded away; the
+/// document stays as it was, a batch or `since` from before the horizon gets 410
+/// `must-refetch`, and a tablet that refetches carries on from the session's clock.
+#[tokio::test]
+async fn clocks_behind_the_compaction_horizon_must_refetch() {
+    let sys = TestSystem::start(SystemOptions {
+        set: vec![("sync.tombstone_retention", "1s".into())],
+        ..SystemOptions::default()
+    })
+    .await;
+    let f = sys.front;
+    let t = token("tablet-1", Some("acme"));
+    post(
+        f,
+        &t,
+        "OLD",
+        "o-1",
+        batch(
+            "t1",
+            json!({}),
+            1,
+            json!([set("/a/b", json!(1)), set("/x", json!(1))]),
+        ),
+    )
+    .await;
+    post(
+        f,
+        &t,
+        "OLD",
+        "o-2",
+        batch(
+            "t1",
+            json!({}),
+            2,
+            json!([{"op": "remove", "path": "/a/b"}]),
+        ),
+    )
+    .await;
+    let before = get(f, &t, "/v1/tests/sessions/OLD").await.json();
+    // The retention is time itself: let it pass, then the next merge compacts.
+    tokio::time::sleep(std::time::Duration::from_millis(1_500)).await;
+    let after = post(
+        f,
+        &t,
+        "OLD",
+        "o-3",
+        batch("t1", json!({}), 3, json!([set("/y", json!(2))])),
+    )
+    .await
+    .json();
+    let now = get(f, &t, "/v1/tests/sessions/OLD").await.json();
+    let mut expected = before["document"].clone();
+    expected["y"] = json!(2);
+    assert_eq!(now["document"], expected, "compaction changed the document");
+    assert_eq!(
+        now["document"]["a"],
+        json!({}),
+        "the removed value came back"
+    );
+
+    // A tablet that never synced (its clock is older than the horizon) must refetch.
+    let late = request(
+        f,
+        Method::POST,
+        &results("OLD"),
+        &[
+            ("authorization", &format!("Bearer {t}")),
+            ("idempotency-key", "o-late"),
+        ],
+        batch("t2", json!({}), 4, json!([set("/a/b", json!("late"))])).to_string(),
+    )
+    .await
+    .unwrap();
+    let problem = late.problem(410);
+    assert_eq!(problem["type"], "tag:firemode,2026:problem/must-refetch");
+    assert!(problem["horizon"].is_object(), "{problem}");
+    get(f, &t, &changes_path("OLD", &json!({}), 0))
+        .await
+        .problem(410);
+    // After a full GET, from the session's clock, both work.
+    let clock = now["vector_clock"].clone();
+    assert_eq!(
+        get(f, &t, &changes_path("OLD", &clock, 0)).await.json()["changes"],
+        json!([])
+    );
+    post(
+        f,
+        &t,
+        "OLD",
+        "o-late-2",
+        batch("t2", clock, 4, json!([set("/a/b", json!("again"))])),
+    )
+    .await;
+    let last = get(f, &t, "/v1/tests/sessions/OLD").await.json();
+    assert_eq!(last["document"]["a"], json!({"b": "again"}));
+    assert_eq!(after["vector_clock"]["t1"], 3);
+}

@@ -30,6 +30,17 @@ pub struct SinceAhead {
     pub session_clock: VectorClock,
 }
 
+/// Why a `since` gets no changes.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SinceRefused {
+    /// It names events the session has not seen (HTTP 409).
+    #[error(transparent)]
+    Ahead(#[from] SinceAhead),
+    /// It predates the compaction horizon (HTTP 410 `must-refetch`).
+    #[error(transparent)]
+    MustRefetch(#[from] crate::compaction::MustRefetch),
+}
+
 /// Whether `clock` covers the event `(replica, sequence)`.
 fn covered(clock: &VectorClock, replica: &str, sequence: u64) -> bool {
     sequence <= clock.get(replica).copied().unwrap_or(0)

@@ -25,8 +25,22 @@ enum Step<'a> {
     MakeParents(&'a Register),
 }
 
-/// Replays `writes` in order-key order on `{}`.
-pub(crate) fn materialise<'a>(writes: impl IntoIterator<Item = &'a Register>) -> Value {
+/// Replays `writes` in order-key order on `base` (the session's compacted prefix, `{}` when
+/// never compacted).
+pub(crate) fn materialise<'a>(
+    base: &Value,
+    writes: impl IntoIterator<Item = &'a Register>,
+) -> Value {
+    materialise_with(base, writes, std::iter::empty())
+}
+
+/// [`materialise`], plus only the remembered parent-making of `parents_only` (compaction
+/// folds those steps into the base while their tombstones stay).
+pub(crate) fn materialise_with<'a>(
+    base: &Value,
+    writes: impl IntoIterator<Item = &'a Register>,
+    parents_only: impl IntoIterator<Item = &'a Register>,
+) -> Value {
     let mut steps: Vec<(OrderKey<'a>, Step<'a>)> = Vec::new();
     for write in writes {
         steps.push((write.order_key(), Step::Write(write)));
@@ -34,10 +48,15 @@ pub(crate) fn materialise<'a>(writes: impl IntoIterator<Item = &'a Register>) ->
             steps.push((made.order_key(), Step::MakeParents(write)));
         }
     }
+    for tombstone in parents_only {
+        if let Some(made) = &tombstone.parents_made {
+            steps.push((made.order_key(), Step::MakeParents(tombstone)));
+        }
+    }
     // Keys are unique per write; a hidden set's key is remembered by one tombstone at most
     // once, and making parents objects twice is the same as once, so ties cannot matter.
     steps.sort_by(|left, right| left.0.cmp(&right.0));
-    let mut root = Map::new();
+    let mut root = base.as_object().cloned().unwrap_or_default();
     for (_, step) in steps {
         match step {
             Step::Write(write) => replay(&mut root, write),

@@ -79,6 +79,7 @@
 //! * [`state`]: [`SessionState`] and [`SessionState::apply`], registers and conflicts.
 //! * [`document`]: replaying the registers into plain JSON.
 //! * [`delta`]: the changes a client at an older clock needs ([`SessionState::changes_since`]).
+//! * [`compaction`]: folding the replay's old prefix into a base document; the horizon.
 //! * `overlap`: a write's overlapping registers found by range, conflicts capped and counted.
 //! * `register`, `stored`: the stored write and the checked deserialization of a saved state.
 
@@ -86,6 +87,7 @@
 #![warn(missing_docs, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod batch;
+pub mod compaction;
 pub mod delta;
 pub mod document;
 mod overlap;
@@ -95,10 +97,13 @@ pub mod state;
 mod stored;
 
 pub use batch::{Batch, Change, InvalidBatch};
-pub use delta::SinceAhead;
+pub use compaction::{Checkpoint, Compacted, MustRefetch};
+pub use delta::{SinceAhead, SinceRefused};
 pub use overlap::ReportLimits;
 pub use pointer::{Pointer, PointerError, MAX_POINTER_DEPTH};
-pub use state::{Applied, Conflict, ConflictSide, MissingDependencies, Outcome, SessionState};
+pub use state::{
+    Applied, Conflict, ConflictSide, MissingDependencies, NotApplied, Outcome, SessionState,
+};
 
 /// Per replica id, a count of events: a client's view, or the session's applied events.
 pub type VectorClock = std::collections::BTreeMap<String, u64>;

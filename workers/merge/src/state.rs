@@ -6,7 +6,8 @@ use std::ops::Bound;
 use serde::{Serialize, Serializer};
 use serde_json::Value;
 
-use crate::delta::{changes_since, check_since, SinceAhead};
+use crate::compaction::{Checkpoint, MustRefetch};
+use crate::delta::{changes_since, check_since, SinceRefused};
 use crate::document::materialise;
 use crate::overlap::{Conflicts, ReportLimits, Winners};
 use crate::register::Register;
@@ -26,7 +27,7 @@ use crate::{Batch, Change, Pointer, VectorClock};
 /// * `registers` holds, per path, the write with the largest order key, and only writes that no
 ///   write at an ancestor path with a larger key hides. Every register's dot is covered by
 ///   `clock` and its timestamp is its event's stamp.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, serde::Deserialize)]
 #[serde(try_from = "crate::stored::StoredSession")]
 pub struct SessionState {
     /// The pointwise max of the applied dots.
@@ -42,6 +43,34 @@ pub struct SessionState {
     /// owners existed load with none; their replicas go to the first user who writes next.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub(crate) owners: BTreeMap<String, String>,
+    /// The compacted prefix of the replay: the document every register is replayed on
+    /// (`{}` until the first compaction; see [`crate::compaction`]).
+    #[serde(skip_serializing_if = "is_empty_object")]
+    pub(crate) base: Value,
+    /// What every batch and `since` must cover since the last compaction (empty before).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub(crate) horizon: VectorClock,
+    /// Candidate horizons, oldest first.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub(crate) checkpoints: Vec<Checkpoint>,
+}
+
+fn is_empty_object(value: &Value) -> bool {
+    value.as_object().is_some_and(serde_json::Map::is_empty)
+}
+
+impl Default for SessionState {
+    fn default() -> Self {
+        SessionState {
+            clock: VectorClock::new(),
+            stamps: BTreeMap::new(),
+            registers: BTreeMap::new(),
+            owners: BTreeMap::new(),
+            base: Value::Object(serde_json::Map::new()),
+            horizon: VectorClock::new(),
+            checkpoints: Vec::new(),
+        }
+    }
 }
 
 /// What [`SessionState::apply`] did with a batch.
@@ -136,6 +165,17 @@ pub struct MissingDependencies {
     pub session_clock: VectorClock,
 }
 
+/// Why [`SessionState::apply`] changed nothing.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum NotApplied {
+    /// The batch names events the session has not seen (HTTP 409).
+    #[error(transparent)]
+    MissingDependencies(#[from] MissingDependencies),
+    /// The batch's clock predates the compaction horizon (HTTP 410).
+    #[error(transparent)]
+    MustRefetch(#[from] MustRefetch),
+}
+
 impl SessionState {
     /// The session clock: per replica, the number of its events applied.
     pub fn clock(&self) -> &VectorClock {
@@ -145,7 +185,7 @@ impl SessionState {
     /// The merged document as plain JSON: `set /a/b 1` reads back as `{"a":{"b":1}}`; an empty
     /// session is `{}`. See [`crate::document`] for the replay rules.
     pub fn document(&self) -> Value {
-        materialise(self.registers.values())
+        materialise(&self.base, self.registers.values())
     }
 
     /// The changes that take the document of exactly the batches `since` covers to this
@@ -154,8 +194,9 @@ impl SessionState {
     /// present), they give [`SessionState::document`]. Empty when `since` covers the clock;
     /// `since = {}` rebuilds the document from nothing. Refused when `since` names events the
     /// session has not applied. See [`crate::delta`].
-    pub fn changes_since(&self, since: &VectorClock) -> Result<Vec<Change>, SinceAhead> {
+    pub fn changes_since(&self, since: &VectorClock) -> Result<Vec<Change>, SinceRefused> {
         check_since(since, &self.clock)?;
+        self.check_horizon(since, None)?;
         Ok(changes_since(
             self.registers.values(),
             &self.document(),
@@ -173,7 +214,7 @@ impl SessionState {
     ///   [`MissingDependencies`].
     /// * Otherwise every change becomes a write stamped `max(timestamp_ms, 1 + the largest stamp
     ///   the batch covers)` and ordered by (stamp, replica, sequence, list index).
-    pub fn apply(&mut self, batch: &Batch) -> Result<Outcome, MissingDependencies> {
+    pub fn apply(&mut self, batch: &Batch) -> Result<Outcome, NotApplied> {
         self.apply_reporting(batch, ReportLimits::UNLIMITED)
     }
 
@@ -183,7 +224,7 @@ impl SessionState {
         &mut self,
         batch: &Batch,
         limits: ReportLimits,
-    ) -> Result<Outcome, MissingDependencies> {
+    ) -> Result<Outcome, NotApplied> {
         let replica = batch.replica_id.as_str();
         let seen = self.clock.get(replica).copied().unwrap_or(0);
         let sequence = batch.sequence(&self.clock);
@@ -198,8 +239,11 @@ impl SessionState {
         if sequence > seen.saturating_add(1) || unseen {
             return Err(MissingDependencies {
                 session_clock: self.clock.clone(),
-            });
+            }
+            .into());
         }
+        let own = batch.replica_named.then_some((replica, sequence));
+        self.check_horizon(&batch.clock, own)?;
 
         let effective_timestamp = self.effective_timestamp(batch, sequence);
         // Concurrent: a write from an event the batch does not cover, other than the batch's

@@ -24,6 +24,13 @@ pub(crate) struct StoredSession {
     /// Absent in states saved before replicas had owners.
     #[serde(default)]
     owners: BTreeMap<String, String>,
+    /// Absent before the first compaction.
+    #[serde(default)]
+    base: Option<serde_json::Value>,
+    #[serde(default)]
+    horizon: VectorClock,
+    #[serde(default)]
+    checkpoints: Vec<crate::Checkpoint>,
 }
 
 /// Why a saved session state was refused.
@@ -60,11 +67,32 @@ impl TryFrom<StoredSession> for SessionState {
                 )));
             }
         }
+        let base = stored
+            .base
+            .unwrap_or_else(|| serde_json::Value::Object(serde_json::Map::new()));
+        if !base.is_object() {
+            return Err(CorruptState(
+                "the base document is not an object".to_owned(),
+            ));
+        }
+        let ahead = |clock: &VectorClock| {
+            clock
+                .iter()
+                .any(|(replica, &count)| count > stored.clock.get(replica).copied().unwrap_or(0))
+        };
+        if ahead(&stored.horizon) || stored.checkpoints.iter().any(|c| ahead(&c.clock)) {
+            return Err(CorruptState(
+                "the horizon or a checkpoint names events the clock does not".to_owned(),
+            ));
+        }
         Ok(SessionState {
             clock: stored.clock,
             stamps: stored.stamps,
             registers,
             owners: stored.owners,
+            base,
+            horizon: stored.horizon,
+            checkpoints: stored.checkpoints,
         })
     }
 }

@@ -6,40 +6,11 @@
 
 mod support;
 
-use firemode_merge::{Change, SessionState, VectorClock};
+use firemode_merge::{SessionState, VectorClock};
 use proptest::prelude::*;
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value};
 use support::history::{deliver, generate_with_knowledge, script, Generated};
-use support::model;
-
-/// Applies `changes` to `document` with the client's rules: `set` writes the value, creating
-/// missing parents and replacing non-object ones; `remove` deletes the key if present.
-fn apply_changes(document: &mut Value, changes: &[Change]) {
-    for change in changes {
-        let tokens = change.path().tokens();
-        let (last, parents) = tokens.split_last().expect("pointers are never empty");
-        match change.value() {
-            Some(value) => {
-                let mut node = &mut *document;
-                for token in parents {
-                    if !node[token.as_str()].is_object() {
-                        node[token.as_str()] = json!({});
-                    }
-                    node = &mut node[token.as_str()];
-                }
-                node[last.as_str()] = value.clone();
-            }
-            None => {
-                let parent = parents
-                    .iter()
-                    .try_fold(&mut *document, |node, token| node.get_mut(token.as_str()));
-                if let Some(Value::Object(object)) = parent {
-                    object.remove(last);
-                }
-            }
-        }
-    }
-}
+use support::{apply_changes, model};
 
 /// Whether `since` covers the batch's event.
 fn covers(since: &VectorClock, generated: &Generated) -> bool {
@@ -142,6 +113,9 @@ proptest! {
         let mut ahead = state.clock().clone();
         *ahead.entry("tablet-7".to_owned()).or_insert(0) += 1;
         let refusal = state.changes_since(&ahead).expect_err("ahead of the session");
+        let firemode_merge::SinceRefused::Ahead(refusal) = refusal else {
+            return Err(TestCaseError::fail(format!("refused: {refusal}")));
+        };
         prop_assert_eq!(&refusal.session_clock, state.clock());
     }
 }

@@ -3,7 +3,7 @@
 
 mod support;
 
-use firemode_merge::{InvalidBatch, MissingDependencies, Outcome, SessionState};
+use firemode_merge::{InvalidBatch, MissingDependencies, NotApplied, Outcome, SessionState};
 use serde_json::json;
 use support::{apply_new, batch, clock, remove, session, set, unnamed_batch};
 
@@ -113,9 +113,9 @@ fn two_concurrent_batches_commute() {
 fn a_missing_dependency_is_refused_with_the_session_clock() {
     let mut state = session(&[batch("a", &[("a", 1)], 10, vec![set("/x", json!(1))])]);
     let before = state.clone();
-    let expected = Err(MissingDependencies {
+    let expected = Err(NotApplied::MissingDependencies(MissingDependencies {
         session_clock: clock(&[("a", 1)]),
-    });
+    }));
     // b claims a's second event, which the session has not seen.
     let claims_unseen = batch("b", &[("a", 2), ("b", 1)], 10, vec![set("/y", json!(1))]);
     assert_eq!(state.apply(&claims_unseen), expected);

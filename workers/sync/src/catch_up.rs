@@ -12,7 +12,7 @@ use crate::problems::store_problem;
 use crate::session;
 use crate::HttpResponse;
 use bytes::Bytes;
-use firemode_merge::{SinceAhead, VectorClock};
+use firemode_merge::{SinceAhead, SinceRefused, VectorClock};
 use firemode_wire::Problem;
 use firemode_worker::json_response;
 use http::request::Parts;
@@ -135,7 +135,7 @@ pub async fn changes(
     let deadline = tokio::time::Instant::now() + query.wait;
     loop {
         let (state, version) = session::load(app, caller, session_id).await?;
-        let changes = state.changes_since(&query.since).map_err(since_ahead)?;
+        let changes = state.changes_since(&query.since).map_err(since_refused)?;
         let now = tokio::time::Instant::now();
         if !changes.is_empty() || now >= deadline {
             let body = json!({
@@ -180,7 +180,15 @@ impl Drop for Waiting {
     }
 }
 
-/// 409 with the session clock: `since` names events this session has not seen.
+/// 409 with the session clock when `since` names events this session has not seen; 410
+/// `must-refetch` when it predates the compaction horizon.
+fn since_refused(e: SinceRefused) -> Problem {
+    match e {
+        SinceRefused::Ahead(e) => since_ahead(e),
+        SinceRefused::MustRefetch(e) => crate::problems::must_refetch(&e),
+    }
+}
+
 fn since_ahead(e: SinceAhead) -> Problem {
     Problem::new(
         StatusCode::CONFLICT,

@@ -4,8 +4,8 @@
 
 use crate::session;
 use firemode_merge::{
-    Applied, Batch, Conflict, ConflictSide, MissingDependencies, Outcome, ReportLimits,
-    SessionState,
+    Applied, Batch, Conflict, ConflictSide, MissingDependencies, MustRefetch, NotApplied, Outcome,
+    ReportLimits, SessionState,
 };
 use firemode_store::{MergeFn, MergeStep};
 use firemode_wire::Problem;
@@ -27,7 +27,12 @@ pub struct MergeInput {
     pub request_id: String,
     /// When the merge was asked for (ms since the epoch), kept with its conflicts.
     pub at_ms: u64,
+    /// `sync.tombstone_retention`, in ms: history older than this is compacted.
+    pub tombstone_retention_ms: u64,
 }
+
+/// A session keeps about this many candidate horizons over its retention.
+const CHECKPOINTS_PER_RETENTION: u64 = 30;
 
 /// Why a batch was refused without changing the session. Refusals are not remembered under
 /// the idempotency key: the client's retry, after fixing what was wrong, must be merged.
@@ -40,6 +45,18 @@ pub enum Refusal {
     /// "Sync first": the batch's clock names events the session lacks.
     #[error("the batch's vector clock names events this session has not seen; fetch the session, merge, and send again")]
     MissingDependencies(#[from] MissingDependencies),
+    /// The batch's clock predates the compaction horizon (410).
+    #[error(transparent)]
+    MustRefetch(#[from] MustRefetch),
+}
+
+impl From<NotApplied> for Refusal {
+    fn from(e: NotApplied) -> Refusal {
+        match e {
+            NotApplied::MissingDependencies(e) => Refusal::MissingDependencies(e),
+            NotApplied::MustRefetch(e) => Refusal::MustRefetch(e),
+        }
+    }
 }
 
 /// The closure for `Store::merge_session`.
@@ -77,6 +94,7 @@ fn apply(input: &MergeInput, stored: Option<&str>) -> Result<MergeStep, Refusal>
         Outcome::Applied(applied) => {
             record_conflicts(session_id, &applied);
             state.claim(replica, &input.subject);
+            compact(&mut state, input);
             let (count, listed, total) =
                 (applied.applied, &applied.conflicts, applied.conflicts_total);
             MergeStep {
@@ -96,6 +114,21 @@ fn apply(input: &MergeInput, stored: Option<&str>) -> Result<MergeStep, Refusal>
             journal: Vec::new(),
         },
     })
+}
+
+/// Notes the session clock as a candidate horizon now and then, and compacts the history
+/// older than `sync.tombstone_retention` (design §3: storage grows with the live document).
+fn compact(state: &mut SessionState, input: &MergeInput) {
+    let retention = input.tombstone_retention_ms.max(1);
+    state.checkpoint(input.at_ms, (retention / CHECKPOINTS_PER_RETENTION).max(1));
+    if let Some(compacted) = state.compact_before(input.at_ms.saturating_sub(retention)) {
+        tracing::info!(
+            session_id = input.session_id,
+            folded = compacted.folded,
+            tombstones = compacted.tombstones,
+            "session history compacted"
+        );
+    }
 }
 
 /// The journal entries of the listed conflicts (design §3 "conflicts kept"): the store numbers
@@ -179,6 +212,7 @@ mod tests {
             },
             request_id: "req-1".into(),
             at_ms: 1_000,
+            tombstone_retention_ms: 30 * 24 * 3600 * 1000,
         }
     }
 

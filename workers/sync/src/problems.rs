@@ -120,8 +120,23 @@ impl From<Refusal> for Problem {
                 "vector_clock",
                 serde_json::to_value(&missing.session_clock).unwrap_or_default(),
             ),
+            Refusal::MustRefetch(refetch) => must_refetch(&refetch),
         }
     }
+}
+
+/// 410 `must-refetch`: the clock predates what the session keeps; fetch it whole.
+pub fn must_refetch(refetch: &firemode_merge::MustRefetch) -> Problem {
+    Problem::new(
+        StatusCode::GONE,
+        "must-refetch",
+        "Fetch the whole session",
+        refetch.to_string(),
+    )
+    .with(
+        "horizon",
+        serde_json::to_value(&refetch.horizon).unwrap_or_default(),
+    )
 }
 
 impl From<BundleError> for Problem {

@@ -52,6 +52,8 @@ pub async fn post(
         },
         request_id: request_id(req),
         at_ms: received_ms,
+        tombstone_retention_ms: u64::try_from(sync.tombstone_retention.get().as_millis())
+            .unwrap_or(u64::MAX),
     });
     let ttl = sync.idempotency_ttl.get();
     let outcome = app

@@ -280,6 +280,9 @@ pub fn attempt(
     let before = state.clone();
     match state.apply(&generated.batch) {
         Err(refusal) => {
+            let firemode_merge::NotApplied::MissingDependencies(refusal) = refusal else {
+                return Err(TestCaseError::fail(format!("refused: {refusal}")));
+            };
             prop_assert_eq!(&refusal.session_clock, before.clock());
             prop_assert_eq!(&*state, &before, "a refused batch changed the state");
             prop_assert!(!delivered[index]);

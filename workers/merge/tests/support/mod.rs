@@ -6,7 +6,7 @@ pub mod history;
 pub mod model;
 
 use firemode_merge::{Applied, Batch, Change, Outcome, Pointer, SessionState, VectorClock};
-use serde_json::Value;
+use serde_json::{json, Value};
 
 /// A parsed pointer; panics on a bad literal, which is a bug in the test.
 pub fn pointer(text: &str) -> Pointer {
@@ -79,5 +79,34 @@ pub fn apply_new(state: &mut SessionState, batch: &Batch) -> Applied {
     match state.apply(batch) {
         Ok(Outcome::Applied(applied)) => applied,
         other => panic!("expected {batch:?} to apply, got {other:?}"),
+    }
+}
+
+/// Applies `changes` to `document` with the client's rules: `set` writes the value, creating
+/// missing parents and replacing non-object ones; `remove` deletes the key if present.
+pub fn apply_changes(document: &mut Value, changes: &[Change]) {
+    for change in changes {
+        let tokens = change.path().tokens();
+        let (last, parents) = tokens.split_last().expect("pointers are never empty");
+        match change.value() {
+            Some(value) => {
+                let mut node = &mut *document;
+                for token in parents {
+                    if !node[token.as_str()].is_object() {
+                        node[token.as_str()] = json!({});
+                    }
+                    node = &mut node[token.as_str()];
+                }
+                node[last.as_str()] = value.clone();
+            }
+            None => {
+                let parent = parents
+                    .iter()
+                    .try_fold(&mut *document, |node, token| node.get_mut(token.as_str()));
+                if let Some(Value::Object(object)) = parent {
+                    object.remove(last);
+                }
+            }
+        }
     }
 }
