@@ -110,7 +110,8 @@ impl SessionState {
     }
 
     /// Folds every register below the first replay step the `horizon` does not cover into
-    /// the base document, and makes `horizon` the clock every batch and `since` must cover.
+    /// the base document, and makes `horizon` the clock every batch and `since` must cover;
+    /// does nothing when that prefix holds no tombstone.
     /// `horizon` must be a clock this session had (causally closed, covered by its clock).
     pub fn compact_to(&mut self, horizon: VectorClock) -> Compacted {
         let covers =
@@ -131,6 +132,16 @@ impl SessionState {
             .filter(|key| !covers(&key.replica_id, key.sequence) || key.timestamp == u64::MAX)
             .min();
         let in_prefix = |key: &WriteKey| first_uncovered.as_ref().is_none_or(|first| key < first);
+        // Only tombstones are worth compacting: with none in the prefix nothing shrinks, and the
+        // horizon stays where it is (no client is sent to refetch for nothing).
+        let worth_it = self.registers.values().any(|register| {
+            let own = in_prefix(&register.write_key());
+            let made = register.parents_made.as_ref().is_some_and(&in_prefix);
+            (own && register.value.is_none()) || (!own && made)
+        });
+        if !worth_it {
+            return Compacted::default();
+        }
         // The base: the old base and the prefix's steps (writes below the first uncovered
         // key, and the parent-makings below it that later tombstones remember).
         let mut prefix = Vec::new();
