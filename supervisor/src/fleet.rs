@@ -257,6 +257,14 @@ impl Fleet {
         self.registry.set_members(self.instances());
     }
 
+    /// Asks every sync process to answer its held long-polls now (the start of a shutdown:
+    /// the front finishes its requests first, and a long-poll would hold that up).
+    pub fn release_waiters(&self) {
+        for m in &self.members {
+            m.inst.send(Command::ReleaseWaiters);
+        }
+    }
+
     /// Drains every instance (shutdown) and waits for all of their tasks. Returns whether
     /// every instance stopped without SIGKILL.
     pub async fn drain_all(&mut self, deadline: Instant) -> bool {

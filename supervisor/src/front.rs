@@ -310,7 +310,8 @@ impl Front {
             "status" => status_label(resp.status()),
         )
         .record(elapsed.as_secs_f64());
-        if elapsed >= settings.slow_threshold {
+        // A long-poll is slow by design: its wait is not a slow request.
+        if elapsed >= settings.slow_threshold && route != Route::Changes {
             tracing::warn!(
                 request_id,
                 route = route.template(),

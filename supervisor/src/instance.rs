@@ -93,6 +93,9 @@ pub enum Command {
     /// The current process is broken but is its kind's only instance: ask the fleet for a
     /// rolling replacement (the new process ready before this one leaves rotation).
     Recycle { reason: String },
+    /// The supervisor is stopping: a sync process answers its held long-polls now (SIGUSR1)
+    /// instead of holding the drain up; it keeps serving.
+    ReleaseWaiters,
 }
 
 /// An instance's state as its task last published it.

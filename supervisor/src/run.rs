@@ -302,6 +302,8 @@ async fn drain(serving: Serving, fleet: &mut Fleet, deadline: Instant) -> bool {
     //    stops accepting and finishes what it accepted.
     serving.draining.store(true, Ordering::Release);
     let _ = serving.stop_front.send(true);
+    // Held long-polls answer now, or the front would wait for them until the deadline.
+    fleet.release_waiters();
     let front_clean = serving.front.await.unwrap_or(false);
     if !front_clean {
         tracing::warn!("drain timeout reached with client requests still open");

@@ -33,7 +33,7 @@
 
 use crate::backoff::RestartPolicy;
 use crate::health::{next_probe_after, probe, Probe, FIRST_PROBE_AFTER};
-use crate::instance::{Command, Instance, InstanceState, Owner, Snapshot};
+use crate::instance::{Command, Instance, InstanceState, Kind, Owner, Snapshot};
 use crate::registry::Registry;
 use crate::spawn::{describe_exit, spawn, SpawnSpec};
 use firemode_config::Config;
@@ -224,6 +224,10 @@ impl Task {
                 }
                 Life::Running(p)
             }
+            (Life::Running(p), Command::ReleaseWaiters) => {
+                self.release_waiters(&p);
+                Life::Running(p)
+            }
             // A verdict about a process that is already stopping or gone; a drain of a
             // task that has ended.
             (life, _) => life,
@@ -334,6 +338,8 @@ impl Task {
     /// at it (see [`Task::terminate`]), SIGKILL at `deadline`.
     fn begin_stop(&mut self, process: Process, deadline: Instant, then: Then) -> Life {
         self.inst.pool.clear();
+        // Held long-polls would keep "something in flight" until the deadline.
+        self.release_waiters(&process);
         self.publish(|s| {
             s.state = InstanceState::Draining;
             s.stopping_pid = s.pid;
@@ -344,6 +350,18 @@ impl Task {
             terminated: false,
             then,
         })
+    }
+
+    /// SIGUSR1 to a sync process: answer every held long-poll now (with what is new, often
+    /// nothing); the client polls again and reaches an instance that stays. Other kinds hold
+    /// no requests and are not signalled.
+    fn release_waiters(&self, process: &Process) {
+        if self.inst.kind != Kind::Sync {
+            return;
+        }
+        if let Some(pid) = process.child.id() {
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGUSR1);
+        }
     }
 
     /// Nothing in flight at the draining process any more (the count lives in response

@@ -53,7 +53,7 @@ impl PoolKind {
             query
                 .split('&')
                 .filter_map(|pair| pair.strip_prefix("wait="))
-                .any(|seconds| seconds.parse::<u64>().is_ok_and(|s| s > 0))
+                .any(|seconds| seconds.parse::<u64>().is_ok_and(|s| (1..=60).contains(&s)))
         });
         if read && changes && waits {
             PoolKind::LongPolls

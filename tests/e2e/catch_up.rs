@@ -530,3 +530,84 @@ async fn clocks_behind_the_compaction_horizon_must_refetch() {
     assert_eq!(last["document"]["a"], json!({"b": "again"}));
     assert_eq!(after["vector_clock"]["t1"], 3);
 }
+
+/// A long-poll held at a worker that drains (SIGTERM) is answered at once with what is new
+/// (nothing): the stop does not wait for it, and the client sees a 200, never a 502/504.
+#[tokio::test]
+async fn a_draining_worker_answers_its_long_polls_at_once() {
+    let mut sys = TestSystem::start(SystemOptions {
+        sync_instances: 1,
+        ..SystemOptions::default()
+    })
+    .await;
+    let f = sys.front;
+    let t = token("tablet-1", Some("acme"));
+    let held = {
+        let (t, path) = (t.clone(), changes_path("D1", &json!({}), 60));
+        tokio::spawn(async move { get(f, &t, &path).await })
+    };
+    firemode_tests::eventually(
+        "the long-poll held at the worker",
+        std::time::Duration::from_secs(20),
+        || async { (long_polls_waiting(&sys).await >= 1.0).then_some(()) },
+    )
+    .await;
+    sys.signal(nix::sys::signal::Signal::SIGTERM);
+    let answer = held.await.unwrap();
+    assert_eq!(
+        answer.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&answer.body)
+    );
+    assert_eq!(answer.json()["changes"], json!([]));
+    // The drain did not wait for the long-poll's minute (nor the 30 s drain timeout).
+    let status = sys.wait_exit(std::time::Duration::from_secs(20)).await;
+    assert!(status.success(), "{status:?}\n{}", sys.logs());
+}
+
+/// A rolling reload takes the old sync instance out of rotation: its held long-polls are
+/// answered at once (200, nothing new) rather than held until its drain deadline.
+#[tokio::test]
+async fn a_reload_releases_the_long_polls_of_the_instances_it_replaces() {
+    let sys = TestSystem::start(SystemOptions {
+        sync_instances: 1,
+        ..SystemOptions::default()
+    })
+    .await;
+    let f = sys.front;
+    let t = token("tablet-1", Some("acme"));
+    let old = sys.worker_pids().await;
+    let held = {
+        let (t, path) = (t.clone(), changes_path("R1", &json!({}), 60));
+        tokio::spawn(async move { get(f, &t, &path).await })
+    };
+    firemode_tests::eventually(
+        "the long-poll held at the worker",
+        std::time::Duration::from_secs(20),
+        || async { (long_polls_waiting(&sys).await >= 1.0).then_some(()) },
+    )
+    .await;
+    sys.signal(nix::sys::signal::Signal::SIGHUP);
+    // The guard is far below the 60 s wait: only a release answers in time.
+    let answer = tokio::time::timeout(std::time::Duration::from_secs(40), held)
+        .await
+        .expect("the held long-poll was released by the reload")
+        .unwrap();
+    assert_eq!(
+        answer.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&answer.body)
+    );
+    assert_eq!(answer.json()["changes"], json!([]));
+    firemode_tests::eventually(
+        "the old instances replaced",
+        std::time::Duration::from_secs(30),
+        || async {
+            let now = sys.worker_pids().await;
+            old.iter().all(|pid| !now.contains(pid)).then_some(())
+        },
+    )
+    .await;
+}

@@ -23,6 +23,11 @@ struct Flags {
     /// The schema was migrated (or found current) once: never serve on a schema this
     /// binary does not know, even from memory.
     schema: AtomicBool,
+    /// SIGUSR1 (the supervisor takes this process out of rotation or stops) or SIGTERM
+    /// arrived: requests that wait for something (long-polls) answer now instead of holding
+    /// the drain up.
+    waiters_released: AtomicBool,
+    release: tokio::sync::Notify,
 }
 
 impl Readiness {
@@ -36,6 +41,26 @@ impl Readiness {
     /// answers from its in-memory catalog during a database outage).
     pub fn set_store_optional(&self) {
         self.inner.store_optional.store(true, Ordering::Release);
+    }
+
+    /// Releases every held request (and every later one) and wakes what waits in
+    /// [`Readiness::waiters_released`]; the process keeps serving.
+    pub fn release_waiters(&self) {
+        self.inner.waiters_released.store(true, Ordering::Release);
+        self.inner.release.notify_waiters();
+    }
+
+    /// Resolves once the process is leaving (at once if it already is): a request that
+    /// holds its answer for an event (a long-poll) selects on this and answers early.
+    pub async fn waiters_released(&self) {
+        loop {
+            // Registered before the flag is read, so a release in between is not missed.
+            let released = self.inner.release.notified();
+            if self.inner.waiters_released.load(Ordering::Acquire) {
+                return;
+            }
+            released.await;
+        }
     }
 
     pub fn is_ready(&self) -> bool {

@@ -1,4 +1,5 @@
-//! The accept loop on the worker's Unix socket and the graceful drain on SIGTERM/SIGINT:
+//! The accept loop on the worker's Unix socket and the graceful drain on SIGTERM/SIGINT
+//! (SIGUSR1 only releases held requests such as long-polls; the process keeps serving):
 //! stop accepting, remove the socket, let every connection finish its in-flight request,
 //! then return so the process exits 0.
 //!
@@ -78,6 +79,8 @@ async fn accept_loop<A: App>(
     })?;
     let mut term = signal(SignalKind::terminate()).map_err(WorkerError::Signals)?;
     let mut int = signal(SignalKind::interrupt()).map_err(WorkerError::Signals)?;
+    // The supervisor takes this process out of rotation: answer held requests, keep serving.
+    let mut release = signal(SignalKind::user_defined1()).map_err(WorkerError::Signals)?;
     let graceful = GracefulShutdown::new();
     let builder = hyper::server::conn::http1::Builder::new();
 
@@ -110,11 +113,13 @@ async fn accept_loop<A: App>(
                     }
                 });
             }
+            _ = release.recv() => readiness.release_waiters(),
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
     }
     tracing::info!("draining");
+    readiness.release_waiters();
     drop(listener);
     let _ = std::fs::remove_file(socket);
     graceful.shutdown().await;

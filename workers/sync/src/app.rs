@@ -24,6 +24,8 @@ pub struct SyncApp {
     pub config: Arc<Config>,
     /// The catalog the bundle embeds; `None` until the first one is installed.
     pub catalog: Arc<ArcSwapOption<RenderedCatalog>>,
+    /// Readiness, and the drain long-polls stop waiting at.
+    pub readiness: firemode_worker::Readiness,
 }
 
 impl SyncApp {
@@ -38,6 +40,7 @@ impl SyncApp {
             store: ctx.store,
             config: ctx.config,
             catalog,
+            readiness: ctx.readiness,
         })
     }
 }

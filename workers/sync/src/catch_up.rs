@@ -147,11 +147,14 @@ pub async fn changes(
         }
         // `version` comes from the same read that found nothing new: a merge after it wakes us.
         let _waiting = Waiting::start();
-        let changed = app
-            .store
-            .wait_for_change(&caller.tenant, session_id, version, deadline)
-            .await
-            .map_err(store_problem)?;
+        // A worker leaving rotation answers at once (nothing new): the client polls again,
+        // and the front sends it to an instance that stays.
+        let changed = tokio::select! {
+            changed = app.store.wait_for_change(&caller.tenant, session_id, version, deadline) => {
+                changed.map_err(store_problem)?
+            }
+            () = app.readiness.waiters_released() => false,
+        };
         if !changed {
             // The wait ended with nothing new: answer the (empty) changes at this clock.
             let body = json!({
