@@ -33,6 +33,28 @@ enum Saved {
     Raced,
 }
 
+/// The session a merge writes, and the moments its statements use.
+struct MergeAt<'a> {
+    tenant: &'a str,
+    session_id: &'a str,
+    /// When the merge runs (ms since the epoch): `updated_at`, `created_at`, the journal's `at`.
+    now: i64,
+    /// Idempotency records created at or after this are live ([`live_since`]).
+    live: i64,
+}
+
+/// What a merge found under the session's lock.
+enum Locked {
+    /// The key has a live idempotency record: the request it answered and its answer.
+    Recorded {
+        hash: String,
+        status: i32,
+        body: String,
+    },
+    /// No live record: the session's stored state and version (`None` without a row).
+    Session { state: String, version: Option<i64> },
+}
+
 /// The advisory-lock key of a session: the first 8 bytes of SHA-256 over tenant and session
 /// id. Two sessions sharing a key only wait for each other.
 fn session_lock_key(tenant: &str, session_id: &str) -> i64 {
@@ -218,56 +240,21 @@ impl PgStore {
     ) -> Result<MergeOutcome, StoreError> {
         let mut conn = self.pool.get().await.map_err(pool_error)?;
         let tx = conn.transaction().await.map_err(unavailable)?;
-        let now = now_ms();
-        let live = live_since(ttl);
-        let lock_key = session_lock_key(tenant, session_id);
-        let session_params: [(&(dyn ToSql + Sync), Type); 2] =
-            [(&tenant, Type::TEXT), (&session_id, Type::TEXT)];
-        let record_params: [(&(dyn ToSql + Sync), Type); 4] = [
-            (&tenant, Type::TEXT),
-            (&idem.subject, Type::TEXT),
-            (&idem.key, Type::TEXT),
-            (&live, Type::INT8),
-        ];
-        let lock_params: [(&(dyn ToSql + Sync), Type); 1] = [(&lock_key, Type::INT8)];
-        let (timeout_set, locked, row, record) = tokio::join!(
-            tx.batch_execute(&self.set_lock_timeout),
-            tx.query_typed("SELECT pg_advisory_xact_lock($1)", &lock_params),
-            tx.query_typed_opt(
-                "SELECT state, version FROM sync_sessions
-                 WHERE tenant = $1 AND session_id = $2 FOR UPDATE",
-                &session_params,
-            ),
-            tx.query_typed_opt(
-                "SELECT request_hash, status, body FROM sync_idempotency
-                 WHERE tenant = $1 AND subject = $2 AND idem_key = $3 AND created_at >= $4",
-                &record_params,
-            ),
-        );
-        // The first failure is the cause; the statements after it only report the aborted
-        // transaction.
-        timeout_set.map_err(unavailable)?;
-        locked.map_err(lock_error)?;
-        let row = row.map_err(lock_error)?;
-        let record = record.map_err(unavailable)?;
-        if let Some(r) = record {
-            let (hash, status, body): (String, i32, String) = (r.get(0), r.get(1), r.get(2));
-            tx.commit().await.map_err(unavailable)?;
-            return Ok(if idem.is_same_request(&hash) {
-                MergeOutcome::Replay {
-                    status: status as u16,
-                    body,
-                }
-            } else {
-                MergeOutcome::KeyReused
-            });
-        }
-        let (state, version): (String, Option<i64>) = match &row {
-            Some(r) => (r.get(0), Some(r.get(1))),
-            None => (String::new(), None),
+        let at = MergeAt {
+            tenant,
+            session_id,
+            now: now_ms(),
+            live: live_since(ttl),
+        };
+        let (state, version) = match self.lock_and_read(&tx, &at, &idem).await? {
+            Locked::Recorded { hash, status, body } => {
+                tx.commit().await.map_err(unavailable)?;
+                return Ok(idem.answer_from_record(&hash, status as u16, body));
+            }
+            Locked::Session { state, version } => (state, version),
         };
         let step = merge(version.is_some_and(|v| v > 0).then_some(state.as_str()));
-        let saved = self.save_merge(&tx, tenant, session_id, version, &idem, &step, now, live);
+        let saved = save_merge(&tx, &at, version, &idem, &step);
         // Long-pollers on every host hear of the new version at commit (pipelined).
         let notified = async {
             match step.new_state {
@@ -291,112 +278,61 @@ impl PgStore {
         Ok(MergeOutcome::Ran(step))
     }
 
-    /// Writes the merge's new state (when it has one) and its idempotency record (when it is
-    /// remembered), pipelined.
-    #[allow(clippy::too_many_arguments)]
-    async fn save_merge(
+    /// The merge's first pipelined round trip: the lock timeout, the session's advisory
+    /// lock, then (under the lock, as a transaction's statements run in order) the session's
+    /// row and the key's live idempotency record.
+    async fn lock_and_read(
         &self,
         tx: &tokio_postgres::Transaction<'_>,
-        tenant: &str,
-        session_id: &str,
-        version: Option<i64>,
+        at: &MergeAt<'_>,
         idem: &IdempotencyKey,
-        step: &MergeStep,
-        now: i64,
-        live: i64,
-    ) -> Result<Saved, StoreError> {
-        let status = i32::from(step.status);
-        let save_state = async {
-            let Some(new_state) = &step.new_state else {
-                return Ok(1);
-            };
-            let version_or_new = version.unwrap_or(0);
-            let params: [(&(dyn ToSql + Sync), Type); 5] = [
-                (&tenant, Type::TEXT),
-                (&session_id, Type::TEXT),
-                (new_state, Type::TEXT),
-                (&now, Type::INT8),
-                (&version_or_new, Type::INT8),
-            ];
-            let rows = match version {
-                // The row is locked; the version check only guards against a writer that
-                // did not take the advisory lock.
-                Some(_) => tx.query_typed(
-                    "UPDATE sync_sessions SET state = $3, version = version + 1, updated_at = $4
-                     WHERE tenant = $1 AND session_id = $2 AND version = $5 RETURNING 1",
-                    &params,
-                ),
-                None => tx.query_typed(
-                    "INSERT INTO sync_sessions (tenant, session_id, state, version, updated_at)
-                     VALUES ($1, $2, $3, 1, $4) ON CONFLICT DO NOTHING RETURNING 1",
-                    &params[..4],
-                ),
-            };
-            rows.await.map(|rows| rows.len())
-        };
-        // An expired record of the same key is replaced; a live one (the same key, at the
-        // same moment, for another session) is kept and nothing of this merge is.
-        let remember = async {
-            if !step.remember {
-                return Ok(1);
-            }
-            tx.query_typed(
-                "INSERT INTO sync_idempotency
-                 (tenant, subject, idem_key, request_hash, status, body, created_at)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7)
-                 ON CONFLICT (tenant, subject, idem_key) DO UPDATE
-                 SET request_hash = EXCLUDED.request_hash, status = EXCLUDED.status,
-                     body = EXCLUDED.body, created_at = EXCLUDED.created_at
-                 WHERE sync_idempotency.created_at < $8
-                 RETURNING 1",
-                &[
-                    (&tenant, Type::TEXT),
-                    (&idem.subject, Type::TEXT),
-                    (&idem.key, Type::TEXT),
-                    (&idem.request_hash, Type::TEXT),
-                    (&status, Type::INT4),
-                    (&step.body, Type::TEXT),
-                    (&now, Type::INT8),
-                    (&live, Type::INT8),
-                ],
-            )
-            .await
-            .map(|rows| rows.len())
-        };
-        // After the state's statement (pipelined in order): the session row exists.
-        let journal = async {
-            if step.journal.is_empty() || step.new_state.is_none() {
-                return Ok(0);
-            }
-            let count = i64::try_from(step.journal.len()).unwrap_or(i64::MAX);
-            tx.query_typed(
-                "WITH numbered AS (
-                     UPDATE sync_sessions SET conflicts_seq = conflicts_seq + $3
-                     WHERE tenant = $1 AND session_id = $2 RETURNING conflicts_seq)
-                 INSERT INTO sync_conflicts (tenant, session_id, seq, entry, at)
-                 SELECT $1, $2, numbered.conflicts_seq - $3 + kept.ord, kept.entry, $5
-                 FROM numbered, unnest($4::text[]) WITH ORDINALITY AS kept(entry, ord)",
-                &[
-                    (&tenant, Type::TEXT),
-                    (&session_id, Type::TEXT),
-                    (&count, Type::INT8),
-                    (&step.journal, Type::TEXT_ARRAY),
-                    (&now, Type::INT8),
-                ],
-            )
-            .await
-            .map(|rows| rows.len())
-        };
-        let (saved, remembered, journaled) = tokio::join!(save_state, remember, journal);
-        let saved = saved.map_err(lock_error)?;
-        let remembered = remembered.map_err(lock_error)?;
-        journaled.map_err(lock_error)?;
-        Ok(if saved == 0 {
-            Saved::Raced
-        } else if remembered == 0 {
-            Saved::KeyTaken
-        } else {
-            Saved::Done
+    ) -> Result<Locked, StoreError> {
+        let lock_key = session_lock_key(at.tenant, at.session_id);
+        let session_params: [(&(dyn ToSql + Sync), Type); 2] =
+            [(&at.tenant, Type::TEXT), (&at.session_id, Type::TEXT)];
+        let record_params: [(&(dyn ToSql + Sync), Type); 4] = [
+            (&at.tenant, Type::TEXT),
+            (&idem.subject, Type::TEXT),
+            (&idem.key, Type::TEXT),
+            (&at.live, Type::INT8),
+        ];
+        let lock_params: [(&(dyn ToSql + Sync), Type); 1] = [(&lock_key, Type::INT8)];
+        let (timeout_set, locked, row, record) = tokio::join!(
+            tx.batch_execute(&self.set_lock_timeout),
+            tx.query_typed("SELECT pg_advisory_xact_lock($1)", &lock_params),
+            tx.query_typed_opt(
+                "SELECT state, version FROM sync_sessions
+                 WHERE tenant = $1 AND session_id = $2 FOR UPDATE",
+                &session_params,
+            ),
+            tx.query_typed_opt(
+                "SELECT request_hash, status, body FROM sync_idempotency
+                 WHERE tenant = $1 AND subject = $2 AND idem_key = $3 AND created_at >= $4",
+                &record_params,
+            ),
+        );
+        // The first failure is the cause; the statements after it only report the aborted
+        // transaction.
+        timeout_set.map_err(unavailable)?;
+        locked.map_err(lock_error)?;
+        let row = row.map_err(lock_error)?;
+        let record = record.map_err(unavailable)?;
+        if let Some(r) = record {
+            return Ok(Locked::Recorded {
+                hash: r.get(0),
+                status: r.get(1),
+                body: r.get(2),
+            });
+        }
+        Ok(match &row {
+            Some(r) => Locked::Session {
+                state: r.get(0),
+                version: Some(r.get(1)),
+            },
+            None => Locked::Session {
+                state: String::new(),
+                version: None,
+            },
         })
     }
 
@@ -478,4 +414,136 @@ impl PgStore {
         .await
         .map_err(unavailable)
     }
+}
+
+/// The merge's second pipelined round trip: its new state (when it has one), its
+/// idempotency record (when it is remembered) and its journal entries, sent in that order.
+async fn save_merge(
+    tx: &tokio_postgres::Transaction<'_>,
+    at: &MergeAt<'_>,
+    version: Option<i64>,
+    idem: &IdempotencyKey,
+    step: &MergeStep,
+) -> Result<Saved, StoreError> {
+    let (saved, remembered, journaled) = tokio::join!(
+        save_state(tx, at, version, step),
+        remember(tx, at, idem, step),
+        // After the state's statement (pipelined in order): the session row exists.
+        append_journal(tx, at, step),
+    );
+    let saved = saved.map_err(lock_error)?;
+    let remembered = remembered.map_err(lock_error)?;
+    journaled.map_err(lock_error)?;
+    Ok(if saved == 0 {
+        Saved::Raced
+    } else if remembered == 0 {
+        Saved::KeyTaken
+    } else {
+        Saved::Done
+    })
+}
+
+/// Writes the merge's new state, if it has one: the rows written (0 when the session changed
+/// without the lock), or 1 when there is nothing to write.
+async fn save_state(
+    tx: &tokio_postgres::Transaction<'_>,
+    at: &MergeAt<'_>,
+    version: Option<i64>,
+    step: &MergeStep,
+) -> Result<usize, tokio_postgres::Error> {
+    let Some(new_state) = &step.new_state else {
+        return Ok(1);
+    };
+    let version_or_new = version.unwrap_or(0);
+    let params: [(&(dyn ToSql + Sync), Type); 5] = [
+        (&at.tenant, Type::TEXT),
+        (&at.session_id, Type::TEXT),
+        (new_state, Type::TEXT),
+        (&at.now, Type::INT8),
+        (&version_or_new, Type::INT8),
+    ];
+    let rows = match version {
+        // The row is locked; the version check only guards against a writer that
+        // did not take the advisory lock.
+        Some(_) => tx.query_typed(
+            "UPDATE sync_sessions SET state = $3, version = version + 1, updated_at = $4
+                     WHERE tenant = $1 AND session_id = $2 AND version = $5 RETURNING 1",
+            &params,
+        ),
+        None => tx.query_typed(
+            "INSERT INTO sync_sessions (tenant, session_id, state, version, updated_at)
+                     VALUES ($1, $2, $3, 1, $4) ON CONFLICT DO NOTHING RETURNING 1",
+            &params[..4],
+        ),
+    };
+    rows.await.map(|rows| rows.len())
+}
+
+/// Writes the merge's idempotency record, if it is remembered: the rows written (0 when the
+/// key has a live record), or 1 when there is nothing to write.
+///
+/// An expired record of the same key is replaced; a live one (the same key, at the same
+/// moment, for another session) is kept and nothing of this merge is.
+async fn remember(
+    tx: &tokio_postgres::Transaction<'_>,
+    at: &MergeAt<'_>,
+    idem: &IdempotencyKey,
+    step: &MergeStep,
+) -> Result<usize, tokio_postgres::Error> {
+    if !step.remember {
+        return Ok(1);
+    }
+    let status = i32::from(step.status);
+    tx.query_typed(
+        "INSERT INTO sync_idempotency
+                 (tenant, subject, idem_key, request_hash, status, body, created_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)
+                 ON CONFLICT (tenant, subject, idem_key) DO UPDATE
+                 SET request_hash = EXCLUDED.request_hash, status = EXCLUDED.status,
+                     body = EXCLUDED.body, created_at = EXCLUDED.created_at
+                 WHERE sync_idempotency.created_at < $8
+                 RETURNING 1",
+        &[
+            (&at.tenant, Type::TEXT),
+            (&idem.subject, Type::TEXT),
+            (&idem.key, Type::TEXT),
+            (&idem.request_hash, Type::TEXT),
+            (&status, Type::INT4),
+            (&step.body, Type::TEXT),
+            (&at.now, Type::INT8),
+            (&at.live, Type::INT8),
+        ],
+    )
+    .await
+    .map(|rows| rows.len())
+}
+
+/// Appends the merge's conflicts to the session's journal, numbered after its
+/// `conflicts_seq`, when it has a new state and conflicts to keep.
+async fn append_journal(
+    tx: &tokio_postgres::Transaction<'_>,
+    at: &MergeAt<'_>,
+    step: &MergeStep,
+) -> Result<usize, tokio_postgres::Error> {
+    if step.journal.is_empty() || step.new_state.is_none() {
+        return Ok(0);
+    }
+    let count = i64::try_from(step.journal.len()).unwrap_or(i64::MAX);
+    tx.query_typed(
+        "WITH numbered AS (
+                     UPDATE sync_sessions SET conflicts_seq = conflicts_seq + $3
+                     WHERE tenant = $1 AND session_id = $2 RETURNING conflicts_seq)
+                 INSERT INTO sync_conflicts (tenant, session_id, seq, entry, at)
+                 SELECT $1, $2, numbered.conflicts_seq - $3 + kept.ord, kept.entry, $5
+                 FROM numbered, unnest($4::text[]) WITH ORDINALITY AS kept(entry, ord)",
+        &[
+            (&at.tenant, Type::TEXT),
+            (&at.session_id, Type::TEXT),
+            (&count, Type::INT8),
+            (&step.journal, Type::TEXT_ARRAY),
+            (&at.now, Type::INT8),
+        ],
+    )
+    .await
+    .map(|rows| rows.len())
 }

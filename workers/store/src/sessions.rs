@@ -22,6 +22,21 @@ impl IdempotencyKey {
     pub(crate) fn is_same_request(&self, stored_hash: &str) -> bool {
         stored_hash == self.request_hash || self.legacy_request_hash.as_deref() == Some(stored_hash)
     }
+
+    /// The outcome when the key already has a live record: its stored answer for the same
+    /// request, [`MergeOutcome::KeyReused`] for another.
+    pub(crate) fn answer_from_record(
+        &self,
+        stored_hash: &str,
+        status: u16,
+        body: String,
+    ) -> MergeOutcome {
+        if self.is_same_request(stored_hash) {
+            MergeOutcome::Replay { status, body }
+        } else {
+            MergeOutcome::KeyReused
+        }
+    }
 }
 
 /// What the merge closure decided.

@@ -4,7 +4,7 @@
 
 use crate::migrations::{MIGRATIONS, SCHEMA_TABLE};
 use crate::sessions::{
-    live_since, IdempotencyKey, JournalEntry, MergeFn, MergeOutcome, StoredSession,
+    live_since, IdempotencyKey, JournalEntry, MergeFn, MergeOutcome, MergeStep, StoredSession,
 };
 use crate::{catalog_conflict, now_ms, StoreError, StoreOptions};
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
@@ -214,6 +214,9 @@ impl SqliteStore {
         .await
     }
 
+    /// One merge in one `BEGIN IMMEDIATE` transaction: the key's expired record is dropped
+    /// and a live one answers; otherwise the closure decides on the stored state and what it
+    /// decided is written.
     pub async fn merge_session(
         &self,
         tenant: &str,
@@ -224,81 +227,14 @@ impl SqliteStore {
     ) -> Result<MergeOutcome, StoreError> {
         let (tenant, session_id) = (tenant.to_string(), session_id.to_string());
         self.with_conn(move |conn| {
-            // IMMEDIATE: the write lock is taken now, so concurrent merges queue here (up to
-            // the busy timeout, the merge's lock timeout).
-            let tx = conn
-                .transaction_with_behavior(TransactionBehavior::Immediate)
-                .map_err(|e| match e.sqlite_error_code() {
-                    Some(
-                        rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked,
-                    ) => StoreError::Busy("the session is being merged by another request".into()),
-                    _ => unavailable(e),
-                })?;
-            tx.execute(
-                "DELETE FROM sync_idempotency
-                 WHERE tenant = ?1 AND subject = ?2 AND idem_key = ?3 AND created_at < ?4",
-                params![tenant, idem.subject, idem.key, live_since(ttl)],
-            )
-            .map_err(unavailable)?;
-            let record: Option<(String, i64, String)> = tx
-                .query_row(
-                    "SELECT request_hash, status, body FROM sync_idempotency
-                     WHERE tenant = ?1 AND subject = ?2 AND idem_key = ?3",
-                    params![tenant, idem.subject, idem.key],
-                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-                )
-                .optional()
-                .map_err(unavailable)?;
-            if let Some((hash, status, body)) = record {
+            let tx = begin_merge(conn)?;
+            if let Some((hash, status, body)) = live_record(&tx, &tenant, &idem, live_since(ttl))? {
                 tx.commit().map_err(unavailable)?;
-                return Ok(if idem.is_same_request(&hash) {
-                    MergeOutcome::Replay {
-                        status: status as u16,
-                        body,
-                    }
-                } else {
-                    MergeOutcome::KeyReused
-                });
+                return Ok(idem.answer_from_record(&hash, status as u16, body));
             }
-            let stored: Option<String> = tx
-                .query_row(
-                    "SELECT state FROM sync_sessions WHERE tenant = ?1 AND session_id = ?2",
-                    params![tenant, session_id],
-                    |r| r.get(0),
-                )
-                .optional()
-                .map_err(unavailable)?;
+            let stored = stored_state(&tx, &tenant, &session_id)?;
             let step = merge(stored.as_deref());
-            let now = now_ms();
-            if let Some(state) = &step.new_state {
-                tx.execute(
-                    "INSERT INTO sync_sessions (tenant, session_id, state, version, updated_at)
-                     VALUES (?1, ?2, ?3, 1, ?4)
-                     ON CONFLICT (tenant, session_id) DO UPDATE
-                     SET state = excluded.state, version = sync_sessions.version + 1,
-                         updated_at = excluded.updated_at",
-                    params![tenant, session_id, state, now],
-                )
-                .map_err(unavailable)?;
-                journal(&tx, &tenant, &session_id, &step.journal, now)?;
-            }
-            if step.remember {
-                tx.execute(
-                    "INSERT INTO sync_idempotency
-                     (tenant, subject, idem_key, request_hash, status, body, created_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                    params![
-                        tenant,
-                        idem.subject,
-                        idem.key,
-                        idem.request_hash,
-                        step.status as i64,
-                        step.body,
-                        now
-                    ],
-                )
-                .map_err(unavailable)?;
-            }
+            save_merge(&tx, &tenant, &session_id, &idem, &step, now_ms())?;
             tx.commit().map_err(unavailable)?;
             Ok(MergeOutcome::Ran(step))
         })
@@ -396,6 +332,99 @@ impl SqliteStore {
         })
         .await
     }
+}
+
+/// Begins a merge's transaction. IMMEDIATE: the write lock is taken now, so concurrent merges
+/// queue here (up to the busy timeout, the merge's lock timeout).
+fn begin_merge(conn: &mut Connection) -> Result<rusqlite::Transaction<'_>, StoreError> {
+    conn.transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(|e| match e.sqlite_error_code() {
+            Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked) => {
+                StoreError::Busy("the session is being merged by another request".into())
+            }
+            _ => unavailable(e),
+        })
+}
+
+/// Deletes the key's record if it expired (created before `live`), then reads the live one:
+/// the request it answered (its hash), and its status and body.
+fn live_record(
+    tx: &rusqlite::Transaction<'_>,
+    tenant: &str,
+    idem: &IdempotencyKey,
+    live: i64,
+) -> Result<Option<(String, i64, String)>, StoreError> {
+    tx.execute(
+        "DELETE FROM sync_idempotency
+                 WHERE tenant = ?1 AND subject = ?2 AND idem_key = ?3 AND created_at < ?4",
+        params![tenant, idem.subject, idem.key, live],
+    )
+    .map_err(unavailable)?;
+    tx.query_row(
+        "SELECT request_hash, status, body FROM sync_idempotency
+                     WHERE tenant = ?1 AND subject = ?2 AND idem_key = ?3",
+        params![tenant, idem.subject, idem.key],
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+    )
+    .optional()
+    .map_err(unavailable)
+}
+
+/// The session's stored state, `None` for a new session.
+fn stored_state(
+    tx: &rusqlite::Transaction<'_>,
+    tenant: &str,
+    session_id: &str,
+) -> Result<Option<String>, StoreError> {
+    tx.query_row(
+        "SELECT state FROM sync_sessions WHERE tenant = ?1 AND session_id = ?2",
+        params![tenant, session_id],
+        |r| r.get(0),
+    )
+    .optional()
+    .map_err(unavailable)
+}
+
+/// Writes what the merge decided: its new state and journal entries (when it has a new
+/// state), then its idempotency record (when it is remembered).
+fn save_merge(
+    tx: &rusqlite::Transaction<'_>,
+    tenant: &str,
+    session_id: &str,
+    idem: &IdempotencyKey,
+    step: &MergeStep,
+    now: i64,
+) -> Result<(), StoreError> {
+    if let Some(state) = &step.new_state {
+        tx.execute(
+            "INSERT INTO sync_sessions (tenant, session_id, state, version, updated_at)
+                     VALUES (?1, ?2, ?3, 1, ?4)
+                     ON CONFLICT (tenant, session_id) DO UPDATE
+                     SET state = excluded.state, version = sync_sessions.version + 1,
+                         updated_at = excluded.updated_at",
+            params![tenant, session_id, state, now],
+        )
+        .map_err(unavailable)?;
+        journal(tx, tenant, session_id, &step.journal, now)?;
+    }
+    if step.remember {
+        tx.execute(
+            "INSERT INTO sync_idempotency
+                     (tenant, subject, idem_key, request_hash, status, body, created_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                tenant,
+                idem.subject,
+                idem.key,
+                idem.request_hash,
+                step.status as i64,
+                step.body,
+                now
+            ],
+        )
+        .map_err(unavailable)?;
+    }
+    Ok(())
 }
 
 /// Appends `entries` to the session's conflict journal, numbered after its `conflicts_seq`,

@@ -34,60 +34,16 @@ pub fn batch_from_value(value: &Value, ctx: &RequestContext<'_>) -> Result<Batch
             "the body must be a JSON object {\"changes\": [...], \"_sync_meta\": {...}}".into(),
         );
     };
-    let changes = match obj.get("changes") {
-        Some(Value::Array(a)) => a,
-        Some(_) => return Err("`changes` must be a list".into()),
-        None => return Err("`changes` is missing".into()),
-    };
-    if changes.len() > ctx.max_changes {
-        return Err(format!(
-            "`changes` has {} entries; at most {} per batch (sync.max_changes_per_batch)",
-            changes.len(),
-            ctx.max_changes
-        ));
-    }
-    let changes = changes
-        .iter()
-        .enumerate()
-        .map(|(i, c)| parse_change(c).map_err(|e| format!("changes[{i}]: {e}")))
-        .collect::<Result<Vec<_>, _>>()?;
-
+    let changes = changes_from(obj, ctx.max_changes)?;
     let empty = Map::new();
     let meta = match obj.get("_sync_meta") {
         None | Some(Value::Null) => &empty,
         Some(Value::Object(m)) => m,
         Some(_) => return Err("`_sync_meta` must be an object".into()),
     };
-    let clock = match meta.get("vector_clock") {
-        None | Some(Value::Null) => VectorClock::new(),
-        Some(Value::Object(m)) => parse_clock(m)?,
-        Some(_) => {
-            return Err(
-                "`_sync_meta.vector_clock` must be an object of replica id → counter".into(),
-            )
-        }
-    };
-    let (replica_id, replica_named) = match meta.get("replica_id") {
-        None | Some(Value::Null) => (ctx.subject.to_string(), false),
-        Some(Value::String(s)) => (s.clone(), true),
-        Some(_) => return Err("`_sync_meta.replica_id` must be a string".into()),
-    };
-    check_replica_id(&replica_id, "`_sync_meta.replica_id`")?;
-    // Like the identity claims: no control characters in a new replica's name. (Clock
-    // entries may still name a replica an older release accepted.)
-    if replica_id.chars().any(char::is_control) {
-        return Err("`_sync_meta.replica_id` must not contain control characters".into());
-    }
-    let ceiling = ctx
-        .now_ms
-        .saturating_add(ctx.max_clock_skew.as_millis() as u64);
-    let timestamp_ms = match meta.get("timestamp") {
-        None | Some(Value::Null) => ctx.now_ms,
-        Some(v) => v
-            .as_u64()
-            .ok_or("`_sync_meta.timestamp` must be a non-negative integer (ms since the epoch)")?
-            .min(ceiling),
-    };
+    let clock = clock_from(meta)?;
+    let (replica_id, replica_named) = replica_from(meta, ctx.subject)?;
+    let timestamp_ms = timestamp_from(meta, ctx)?;
     let batch = Batch {
         replica_id,
         replica_named,
@@ -97,6 +53,70 @@ pub fn batch_from_value(value: &Value, ctx: &RequestContext<'_>) -> Result<Batch
     };
     batch.validate().map_err(|e| e.to_string())?;
     Ok(batch)
+}
+
+/// The body's `changes`: a list of at most `max_changes`, each a valid change.
+fn changes_from(obj: &Map<String, Value>, max_changes: usize) -> Result<Vec<Change>, String> {
+    let changes = match obj.get("changes") {
+        Some(Value::Array(a)) => a,
+        Some(_) => return Err("`changes` must be a list".into()),
+        None => return Err("`changes` is missing".into()),
+    };
+    if changes.len() > max_changes {
+        return Err(format!(
+            "`changes` has {} entries; at most {} per batch (sync.max_changes_per_batch)",
+            changes.len(),
+            max_changes
+        ));
+    }
+    changes
+        .iter()
+        .enumerate()
+        .map(|(i, c)| parse_change(c).map_err(|e| format!("changes[{i}]: {e}")))
+        .collect()
+}
+
+/// `_sync_meta.vector_clock`, empty when absent.
+fn clock_from(meta: &Map<String, Value>) -> Result<VectorClock, String> {
+    match meta.get("vector_clock") {
+        None | Some(Value::Null) => Ok(VectorClock::new()),
+        Some(Value::Object(m)) => parse_clock(m),
+        Some(_) => {
+            Err("`_sync_meta.vector_clock` must be an object of replica id → counter".into())
+        }
+    }
+}
+
+/// `_sync_meta.replica_id`, or the token's subject when the body names none; and whether the
+/// body named it.
+fn replica_from(meta: &Map<String, Value>, subject: &str) -> Result<(String, bool), String> {
+    let (replica_id, replica_named) = match meta.get("replica_id") {
+        None | Some(Value::Null) => (subject.to_string(), false),
+        Some(Value::String(s)) => (s.clone(), true),
+        Some(_) => return Err("`_sync_meta.replica_id` must be a string".into()),
+    };
+    check_replica_id(&replica_id, "`_sync_meta.replica_id`")?;
+    // Like the identity claims: no control characters in a new replica's name. (Clock
+    // entries may still name a replica an older release accepted.)
+    if replica_id.chars().any(char::is_control) {
+        return Err("`_sync_meta.replica_id` must not contain control characters".into());
+    }
+    Ok((replica_id, replica_named))
+}
+
+/// `_sync_meta.timestamp`, the server's clock when absent, never later than the server's
+/// clock plus the allowed skew.
+fn timestamp_from(meta: &Map<String, Value>, ctx: &RequestContext<'_>) -> Result<u64, String> {
+    let ceiling = ctx
+        .now_ms
+        .saturating_add(ctx.max_clock_skew.as_millis() as u64);
+    Ok(match meta.get("timestamp") {
+        None | Some(Value::Null) => ctx.now_ms,
+        Some(v) => v
+            .as_u64()
+            .ok_or("`_sync_meta.timestamp` must be a non-negative integer (ms since the epoch)")?
+            .min(ceiling),
+    })
 }
 
 fn check_replica_id(id: &str, what: &str) -> Result<(), String> {
