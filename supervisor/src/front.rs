@@ -59,6 +59,26 @@ fn long_poll_wait(route: Route, query: Option<&str>) -> Duration {
     Duration::from_secs(wait)
 }
 
+/// Lowers the `wait` of a long-poll's query to at most `left` (whole seconds, rounded down).
+fn shorten_wait(uri: &mut Uri, left: Duration) {
+    let (Some(path), Some(query)) = (uri.path_and_query().map(|pq| pq.path()), uri.query()) else {
+        return;
+    };
+    let query: Vec<String> = query
+        .split('&')
+        .map(|pair| match pair.strip_prefix("wait=") {
+            Some(seconds) => match seconds.parse::<u64>() {
+                Ok(seconds) => format!("wait={}", seconds.min(left.as_secs())),
+                Err(_) => pair.to_owned(),
+            },
+            None => pair.to_owned(),
+        })
+        .collect();
+    if let Ok(shorter) = format!("{path}?{}", query.join("&")).parse::<Uri>() {
+        *uri = shorter;
+    }
+}
+
 /// Route templates: what logs and metrics name a request by (never the raw path).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Route {
@@ -437,7 +457,7 @@ impl Exchange<'_> {
         let mut retried = false;
         loop {
             let pid = instance.pid();
-            let err = match self.attempt(set, &instance, budget).await? {
+            let err = match self.attempt(set, &instance, budget, retried).await? {
                 Ok(resp) => return Ok(resp),
                 Err(e) => e,
             };
@@ -445,8 +465,14 @@ impl Exchange<'_> {
                 .await?;
             metrics::counter!("firemode_upstream_retries_total", "kind" => self.kind.name())
                 .increment(1);
+            // A long-poll may fail late in its wait: it queues afresh for its retry.
+            let queue_until = if self.route == Route::Changes {
+                (Instant::now() + self.settings.queue_timeout).min(self.deadline)
+            } else {
+                queue_deadline.max(Instant::now())
+            };
             instance = set
-                .wait_pick(Some((&instance, pid)), queue_deadline.max(Instant::now()))
+                .wait_pick(Some((&instance, pid)), queue_until)
                 .await
                 .ok_or_else(|| bad_gateway(&err))?;
         }
@@ -519,15 +545,20 @@ impl Exchange<'_> {
         set: &KindSet,
         instance: &Arc<Instance>,
         budget: &Arc<Budget>,
+        retry: bool,
     ) -> Result<Result<Response<Buffered>, UpstreamError>, Reply> {
         let threshold = self.settings.traffic_threshold;
         let answered_before = instance.answered();
-        let sent = upstream::exchange(
-            instance,
-            self.upstream.request(),
-            budget,
-            &self.settings.spill_dir,
-        );
+        let mut request = self.upstream.request();
+        if retry && self.route == Route::Changes {
+            // A retried long-poll waits only what its deadline has left.
+            let left = self
+                .deadline
+                .saturating_duration_since(Instant::now())
+                .saturating_sub(self.settings.request_timeout);
+            shorten_wait(request.uri_mut(), left);
+        }
+        let sent = upstream::exchange(instance, request, budget, &self.settings.spill_dir);
         match tokio::time::timeout_at(self.deadline, sent).await {
             Ok(Ok(resp)) => {
                 set.record_outcome(instance, Some(resp.status().as_u16()), threshold);
@@ -844,6 +875,18 @@ impl Upstream {
 #[cfg(test)]
 mod tests {
     use super::Route;
+
+    #[test]
+    fn a_retried_long_poll_waits_only_what_is_left() {
+        let mut uri: http::Uri = "/v1/tests/sessions/S/changes?since=%7B%7D&wait=60"
+            .parse()
+            .unwrap();
+        super::shorten_wait(&mut uri, std::time::Duration::from_millis(12_900));
+        assert_eq!(uri, "/v1/tests/sessions/S/changes?since=%7B%7D&wait=12");
+        let mut short: http::Uri = "/v1/tests/sessions/S/changes?wait=5".parse().unwrap();
+        super::shorten_wait(&mut short, std::time::Duration::from_secs(30));
+        assert_eq!(short, "/v1/tests/sessions/S/changes?wait=5");
+    }
 
     #[test]
     fn routes_by_template() {

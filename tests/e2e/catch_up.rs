@@ -611,3 +611,43 @@ async fn a_reload_releases_the_long_polls_of_the_instances_it_replaces() {
     )
     .await;
 }
+
+/// A long-poll whose worker is SIGKILLed late in its wait is retried on the restarted
+/// worker with only the wait its deadline has left, so the client gets a 200, not a 504.
+#[tokio::test]
+async fn a_retried_long_poll_waits_only_what_its_deadline_has_left() {
+    let sys = TestSystem::start(SystemOptions {
+        sync_instances: 1,
+        set: vec![("server.request_timeout", "2s".into())],
+        ..SystemOptions::default()
+    })
+    .await;
+    let f = sys.front;
+    let t = token("tablet-1", Some("acme"));
+    let held = {
+        let (t, path) = (t.clone(), changes_path("K9", &json!({}), 8));
+        tokio::spawn(async move { get(f, &t, &path).await })
+    };
+    firemode_tests::eventually(
+        "the long-poll held at the worker",
+        std::time::Duration::from_secs(20),
+        || async { (long_polls_waiting(&sys).await >= 1.0).then_some(()) },
+    )
+    .await;
+    // Late in the 8 s wait (the front's deadline is 2 s + 8 s): a full 8 s retry would not fit.
+    tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+    let victim = sys.instances("sync").await[0]["pid"].as_u64().unwrap() as i32;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(victim),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let answer = held.await.unwrap();
+    assert_eq!(
+        answer.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&answer.body)
+    );
+    assert_eq!(answer.json()["changes"], json!([]));
+}
