@@ -507,7 +507,9 @@ impl Task {
             // Its socket file is gone (a tmp cleaner, a deleted runtime dir): it serves the
             // connections it has but can take no new one. Replaced the rolling way (the new
             // process ready first), so nothing in flight fails.
-            Probe::NoSocket if !p.recycle_asked => {
+            // Refused with the file still there is a process that died (its exit is the
+            // task's next event, and restarts it), not a vanished socket: no replacement.
+            Probe::NoSocket if !p.recycle_asked && !self.inst.socket.exists() => {
                 tracing::warn!(
                     kind,
                     instance = index,
@@ -515,7 +517,14 @@ impl Task {
                 );
                 self.ask_fleet(p);
             }
-            Probe::NoSocket => return self.failed_check(p, "its socket is gone".into()),
+            Probe::NoSocket => {
+                let reason = if self.inst.socket.exists() {
+                    "its socket refuses connections"
+                } else {
+                    "its socket is gone"
+                };
+                return self.failed_check(p, reason.into());
+            }
             Probe::Failed(reason) => return self.failed_check(p, reason),
         }
         None
