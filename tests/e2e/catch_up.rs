@@ -373,6 +373,28 @@ async fn long_polls_waiting(sys: &TestSystem) -> f64 {
         .sum()
 }
 
+/// A `GET …/changes` from nothing with `wait` seconds, held at the worker when this returns.
+async fn hold_long_poll(
+    sys: &TestSystem,
+    tok: &str,
+    session: &str,
+    wait: u64,
+) -> tokio::task::JoinHandle<Reply> {
+    let (f, t, path) = (
+        sys.front,
+        tok.to_owned(),
+        changes_path(session, &json!({}), wait),
+    );
+    let held = tokio::spawn(async move { get(f, &t, &path).await });
+    firemode_tests::eventually(
+        "the long-poll held at the worker",
+        std::time::Duration::from_secs(20),
+        || async { (long_polls_waiting(sys).await >= 1.0).then_some(()) },
+    )
+    .await;
+    held
+}
+
 /// A hundred tablets long-polling one session (more than the 64 connections the front keeps
 /// for ordinary requests to an instance) neither block other requests nor miss the merge
 /// that ends their wait.
@@ -540,18 +562,8 @@ async fn a_draining_worker_answers_its_long_polls_at_once() {
         ..SystemOptions::default()
     })
     .await;
-    let f = sys.front;
     let t = token("tablet-1", Some("acme"));
-    let held = {
-        let (t, path) = (t.clone(), changes_path("D1", &json!({}), 60));
-        tokio::spawn(async move { get(f, &t, &path).await })
-    };
-    firemode_tests::eventually(
-        "the long-poll held at the worker",
-        std::time::Duration::from_secs(20),
-        || async { (long_polls_waiting(&sys).await >= 1.0).then_some(()) },
-    )
-    .await;
+    let held = hold_long_poll(&sys, &t, "D1", 60).await;
     sys.signal(nix::sys::signal::Signal::SIGTERM);
     let answer = held.await.unwrap();
     assert_eq!(
@@ -575,19 +587,9 @@ async fn a_reload_releases_the_long_polls_of_the_instances_it_replaces() {
         ..SystemOptions::default()
     })
     .await;
-    let f = sys.front;
     let t = token("tablet-1", Some("acme"));
     let old = sys.worker_pids().await;
-    let held = {
-        let (t, path) = (t.clone(), changes_path("R1", &json!({}), 60));
-        tokio::spawn(async move { get(f, &t, &path).await })
-    };
-    firemode_tests::eventually(
-        "the long-poll held at the worker",
-        std::time::Duration::from_secs(20),
-        || async { (long_polls_waiting(&sys).await >= 1.0).then_some(()) },
-    )
-    .await;
+    let held = hold_long_poll(&sys, &t, "R1", 60).await;
     sys.signal(nix::sys::signal::Signal::SIGHUP);
     // The guard is far below the 60 s wait: only a release answers in time.
     let answer = tokio::time::timeout(std::time::Duration::from_secs(40), held)
@@ -622,18 +624,8 @@ async fn a_retried_long_poll_waits_only_what_its_deadline_has_left() {
         ..SystemOptions::default()
     })
     .await;
-    let f = sys.front;
     let t = token("tablet-1", Some("acme"));
-    let held = {
-        let (t, path) = (t.clone(), changes_path("K9", &json!({}), 8));
-        tokio::spawn(async move { get(f, &t, &path).await })
-    };
-    firemode_tests::eventually(
-        "the long-poll held at the worker",
-        std::time::Duration::from_secs(20),
-        || async { (long_polls_waiting(&sys).await >= 1.0).then_some(()) },
-    )
-    .await;
+    let held = hold_long_poll(&sys, &t, "K9", 8).await;
     // Late in the 8 s wait (the front's deadline is 2 s + 8 s): a full 8 s retry would not fit.
     tokio::time::sleep(std::time::Duration::from_secs(5)).await;
     let victim = sys.instances("sync").await[0]["pid"].as_u64().unwrap() as i32;
