@@ -138,12 +138,7 @@ pub async fn changes(
         let changes = state.changes_since(&query.since).map_err(since_refused)?;
         let now = tokio::time::Instant::now();
         if !changes.is_empty() || now >= deadline {
-            let body = json!({
-                "session_id": session_id,
-                "vector_clock": state.clock(),
-                "changes": changes,
-            });
-            return Ok(json_response(StatusCode::OK, Bytes::from(body.to_string())));
+            return Ok(changes_answer(session_id, &state, &changes));
         }
         // `version` comes from the same read that found nothing new: a merge after it wakes us.
         let _waiting = Waiting::start();
@@ -157,14 +152,23 @@ pub async fn changes(
         };
         if !changed {
             // The wait ended with nothing new: answer the (empty) changes at this clock.
-            let body = json!({
-                "session_id": session_id,
-                "vector_clock": state.clock(),
-                "changes": changes,
-            });
-            return Ok(json_response(StatusCode::OK, Bytes::from(body.to_string())));
+            return Ok(changes_answer(session_id, &state, &changes));
         }
     }
+}
+
+/// The 200 of `GET …/changes`: the session clock and the changes up to it.
+fn changes_answer(
+    session_id: &str,
+    state: &firemode_merge::SessionState,
+    changes: &[firemode_merge::Change],
+) -> HttpResponse {
+    let body = json!({
+        "session_id": session_id,
+        "vector_clock": state.clock(),
+        "changes": changes,
+    });
+    json_response(StatusCode::OK, Bytes::from(body.to_string()))
 }
 
 /// Counts a long-poll in `sync_long_polls_waiting` while it waits.
