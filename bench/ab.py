@@ -6,7 +6,10 @@ alternates oha runs between them, so machine noise hits both alike. Prints req/s
 front's CPU per request and its RSS of each, and the ratios B/A. How BENCHMARKS.md's before/after
 figures were measured.
 
-    bench/ab.py DIR_A DIR_B [--rounds 4] [--duration 8] [--conns 64,500]
+    bench/ab.py DIR_A DIR_B [--rounds 4] [--duration 8] [--conns 64,500] [--rust-log LEVEL]
+
+Both builds run the shipped defaults (RUST_LOG unset) unless --rust-log is given; the
+override is printed first.
 
 DIR_A and DIR_B each hold `firemode`, `firemode-classify` and `firemode-sync` (e.g. copies
 of target/release/ before and after a change). Needs oha (cargo install oha).
@@ -24,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from run import SECRET, cpu_seconds, median, oha, rss_mib  # noqa: E402
 
 
-def start(bin_dir, work, front, admin):
+def start(bin_dir, work, front, admin, rust_log):
     os.makedirs(work, exist_ok=True)
     cfg = os.path.join(work, "firemode.toml")
     with open(cfg, "w") as f:
@@ -42,8 +45,11 @@ instances = 1
 jwt_secret = "{SECRET}"
 """)
     log = open(os.path.join(work, "firemode.log"), "w")
-    proc = subprocess.Popen([os.path.join(bin_dir, "firemode"), "--config", cfg], stderr=log,
-                            env=dict(os.environ, RUST_LOG="warn"))
+    env = dict(os.environ)
+    env.pop("RUST_LOG", None)
+    if rust_log:
+        env["RUST_LOG"] = rust_log
+    proc = subprocess.Popen([os.path.join(bin_dir, "firemode"), "--config", cfg], stderr=log, env=env)
     end = time.time() + 60
     while True:
         try:
@@ -65,13 +71,17 @@ def main():
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--duration", type=int, default=8)
     ap.add_argument("--conns", default="64,500")
+    ap.add_argument("--rust-log", default=None,
+                    help="RUST_LOG for both builds; unset (the shipped default) unless given")
     args = ap.parse_args()
+    print("settings: shipped defaults" + (f", override RUST_LOG={args.rust_log}" if args.rust_log else
+                                          " (RUST_LOG unset)"), flush=True)
     work = tempfile.mkdtemp(prefix="fm-ab-")
     builds = {}
     try:
         for i, (name, d) in enumerate((("A", args.a), ("B", args.b))):
             front, admin = f"127.0.0.1:{28280 + i}", f"127.0.0.1:{29290 + i}"
-            proc, token = start(os.path.abspath(d), os.path.join(work, name), front, admin)
+            proc, token = start(os.path.abspath(d), os.path.join(work, name), front, admin, args.rust_log)
             builds[name] = dict(proc=proc, token=token, front=front)
         results = {}
         for conns in [int(c) for c in args.conns.split(",")]:
