@@ -81,6 +81,8 @@
 //! * [`delta`]: the changes a client at an older clock needs ([`SessionState::changes_since`]).
 //! * [`compaction`]: folding the replay's old prefix into a base document; the horizon.
 //! * `overlap`: a write's overlapping registers found by range, conflicts capped and counted.
+//! * [`rows`]: the session as rows a store keeps (head, registers by path key, stamps, base),
+//!   what a batch reads ([`Batch::reads`]) and what a change writes ([`RowChanges`]).
 //! * `register`, `stored`: the stored write and the checked deserialization of a saved state.
 
 #![forbid(unsafe_code)]
@@ -93,6 +95,8 @@ pub mod document;
 mod overlap;
 pub mod pointer;
 mod register;
+pub mod rows;
+mod stamps;
 pub mod state;
 mod stored;
 
@@ -101,9 +105,11 @@ pub use compaction::{Checkpoint, Compacted, MustRefetch};
 pub use delta::{SinceAhead, SinceRefused};
 pub use overlap::ReportLimits;
 pub use pointer::{Pointer, PointerError, MAX_POINTER_DEPTH};
+pub use rows::{path_key, KeyRange, Reads, RegisterRow, RowChanges, SessionRows, StampRow};
 pub use state::{
     Applied, Conflict, ConflictSide, MissingDependencies, NotApplied, Outcome, SessionState,
 };
+pub use stored::CorruptState;
 
 /// Per replica id, a count of events: a client's view, or the session's applied events.
 pub type VectorClock = std::collections::BTreeMap<String, u64>;

@@ -11,13 +11,16 @@ use crate::delta::{changes_since, check_since, SinceRefused};
 use crate::document::materialise;
 use crate::overlap::{Conflicts, ReportLimits, Winners};
 use crate::register::Register;
+use crate::stamps::Stamps;
 use crate::{Batch, Change, Pointer, VectorClock};
 
 /// Everything the merge remembers about one session.
 ///
-/// Serializes to one JSON value, `{"clock":{…},"stamps":{…},"registers":[…]}`, so a store can
-/// save it inside the merge's transaction; deserializing checks the invariants below and refuses
-/// a state that breaks them. [`Default`] is an empty session.
+/// A store keeps it as rows ([`crate::rows`]: a head, one row per register and per event), so a
+/// merge loads and writes only what its batch touches. A session held whole also serializes to
+/// one JSON value, `{"clock":{…},"stamps":{…},"registers":[…]}` (how releases before the rows
+/// kept it); deserializing either checks the invariants below and refuses a state that breaks
+/// them. [`Default`] is an empty session.
 ///
 /// Invariants:
 /// * `clock[r]` is the number of events of `r` applied (delivery is causal, so they are
@@ -32,8 +35,10 @@ use crate::{Batch, Change, Pointer, VectorClock};
 pub struct SessionState {
     /// The pointwise max of the applied dots.
     pub(crate) clock: VectorClock,
-    /// Per replica, the largest effective timestamp up to each applied event, in sequence order.
-    pub(crate) stamps: BTreeMap<String, Vec<u64>>,
+    /// Per replica, the largest effective timestamp up to each applied event (all of them in a
+    /// session held whole; in one loaded for a batch, the ones it can need: see [`crate::rows`]).
+    #[serde(serialize_with = "serialize_stamps")]
+    pub(crate) stamps: Stamps,
     /// The surviving writes, keyed by path (sorted by tokens, so descendants follow a path).
     #[serde(serialize_with = "serialize_registers")]
     pub(crate) registers: BTreeMap<Pointer, Register>,
@@ -63,7 +68,7 @@ impl Default for SessionState {
     fn default() -> Self {
         SessionState {
             clock: VectorClock::new(),
-            stamps: BTreeMap::new(),
+            stamps: Stamps::default(),
             registers: BTreeMap::new(),
             owners: BTreeMap::new(),
             base: Value::Object(serde_json::Map::new()),
@@ -279,14 +284,12 @@ impl SessionState {
             }
         }
         winners.restore(&mut self.registers);
-        self.clock.insert(batch.replica_id.clone(), sequence);
-        let covered = self.stamps.entry(batch.replica_id.clone()).or_default();
-        let largest = covered
-            .last()
-            .copied()
+        let largest = self
+            .stamp(replica, seen)
             .unwrap_or(0)
             .max(effective_timestamp);
-        covered.push(largest);
+        self.stamps.insert(replica, sequence, largest);
+        self.clock.insert(batch.replica_id.clone(), sequence);
         Ok(Outcome::Applied(Applied {
             dot: (batch.replica_id.clone(), sequence),
             effective_timestamp,
@@ -315,8 +318,7 @@ impl SessionState {
 
     /// The largest stamp of events `(replica, 1..=sequence)`, if applied.
     fn stamp(&self, replica: &str, sequence: u64) -> Option<u64> {
-        let position = usize::try_from(sequence.checked_sub(1)?).ok()?;
-        self.stamps.get(replica)?.get(position).copied()
+        self.stamps.get(replica, sequence)
     }
 
     /// `max(timestamp_ms, 1 + the largest stamp of any event the batch covers)`; `stamps` keeps
@@ -406,6 +408,17 @@ impl SessionState {
         self.registers.insert(write.path.clone(), write);
         true
     }
+}
+
+/// Stamps are stored per replica as the list of events `1..=clock[r]`; only a session held
+/// whole has them all (a state loaded for one batch is saved as rows, [`crate::rows`]).
+fn serialize_stamps<S: Serializer>(stamps: &Stamps, serializer: S) -> Result<S::Ok, S::Error> {
+    let dense = stamps.to_dense().ok_or_else(|| {
+        serde::ser::Error::custom(
+            "a session loaded for one batch is saved as rows, not as one value",
+        )
+    })?;
+    dense.serialize(serializer)
 }
 
 /// Registers are stored as a list sorted by path (map keys would have to be strings).

@@ -9,6 +9,7 @@ use std::fmt;
 use serde::Deserialize;
 
 use crate::register::Register;
+use crate::stamps::Stamps;
 use crate::{Pointer, SessionState, VectorClock};
 
 /// The serialized shape of a [`SessionState`], before its invariants are checked.
@@ -33,9 +34,11 @@ pub(crate) struct StoredSession {
     checkpoints: Vec<crate::Checkpoint>,
 }
 
-/// Why a saved session state was refused.
+/// Why a saved session state (one value, or its rows) was refused.
 #[derive(Debug)]
-pub(crate) struct CorruptState(String);
+pub struct CorruptState(pub(crate) String);
+
+impl std::error::Error for CorruptState {}
 
 impl fmt::Display for CorruptState {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -48,46 +51,25 @@ impl TryFrom<StoredSession> for SessionState {
 
     fn try_from(stored: StoredSession) -> Result<Self, Self::Error> {
         check_clock_and_stamps(&stored.clock, &stored.stamps)?;
+        let mut stamps = Stamps::default();
+        for (replica, list) in &stored.stamps {
+            for (sequence, &stamp) in (1u64..).zip(list) {
+                stamps.insert(replica, sequence, stamp);
+            }
+        }
         let mut registers: BTreeMap<Pointer, Register> = BTreeMap::new();
         for register in stored.registers {
-            check_register(&register, &stored.stamps)?;
+            check_register(&register, &stamps)?;
             if let Some(previous) = registers.insert(register.path.clone(), register) {
                 return Err(CorruptState(format!("two registers at {}", previous.path)));
             }
         }
-        for register in registers.values() {
-            let tokens = register.path.tokens();
-            let hidden_by = (1..tokens.len())
-                .filter_map(|depth| registers.get(&tokens[..depth]))
-                .find(|ancestor| ancestor.cmp_order(register).is_gt());
-            if let Some(ancestor) = hidden_by {
-                return Err(CorruptState(format!(
-                    "register {} is hidden by the larger write at {}",
-                    register.path, ancestor.path
-                )));
-            }
-        }
-        let base = stored
-            .base
-            .unwrap_or_else(|| serde_json::Value::Object(serde_json::Map::new()));
-        if !base.is_object() {
-            return Err(CorruptState(
-                "the base document is not an object".to_owned(),
-            ));
-        }
-        let ahead = |clock: &VectorClock| {
-            clock
-                .iter()
-                .any(|(replica, &count)| count > stored.clock.get(replica).copied().unwrap_or(0))
-        };
-        if ahead(&stored.horizon) || stored.checkpoints.iter().any(|c| ahead(&c.clock)) {
-            return Err(CorruptState(
-                "the horizon or a checkpoint names events the clock does not".to_owned(),
-            ));
-        }
+        check_none_hidden(&registers)?;
+        let base = check_base(stored.base)?;
+        check_within_clock(&stored.clock, &stored.horizon, &stored.checkpoints)?;
         Ok(SessionState {
             clock: stored.clock,
-            stamps: stored.stamps,
+            stamps,
             registers,
             owners: stored.owners,
             base,
@@ -97,22 +79,73 @@ impl TryFrom<StoredSession> for SessionState {
     }
 }
 
+/// No register may sit below a larger write at an ancestor path (that write hid it).
+pub(crate) fn check_none_hidden(
+    registers: &BTreeMap<Pointer, Register>,
+) -> Result<(), CorruptState> {
+    for register in registers.values() {
+        let tokens = register.path.tokens();
+        let hidden_by = (1..tokens.len())
+            .filter_map(|depth| registers.get(&tokens[..depth]))
+            .find(|ancestor| ancestor.cmp_order(register).is_gt());
+        if let Some(ancestor) = hidden_by {
+            return Err(CorruptState(format!(
+                "register {} is hidden by the larger write at {}",
+                register.path, ancestor.path
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The compacted base document: `{}` when absent, and always an object.
+pub(crate) fn check_base(
+    base: Option<serde_json::Value>,
+) -> Result<serde_json::Value, CorruptState> {
+    let base = base.unwrap_or_else(|| serde_json::Value::Object(serde_json::Map::new()));
+    if !base.is_object() {
+        return Err(CorruptState(
+            "the base document is not an object".to_owned(),
+        ));
+    }
+    Ok(base)
+}
+
+/// The horizon and every checkpoint name only applied events.
+pub(crate) fn check_within_clock(
+    clock: &VectorClock,
+    horizon: &VectorClock,
+    checkpoints: &[crate::Checkpoint],
+) -> Result<(), CorruptState> {
+    let ahead = |other: &VectorClock| {
+        other
+            .iter()
+            .any(|(replica, &count)| count > clock.get(replica).copied().unwrap_or(0))
+    };
+    if ahead(horizon) || checkpoints.iter().any(|c| ahead(&c.clock)) {
+        return Err(CorruptState(
+            "the horizon or a checkpoint names events the clock does not".to_owned(),
+        ));
+    }
+    Ok(())
+}
+
 /// A register's event, and the hidden `set` a tombstone remembers, must be applied events with
 /// the stamps recorded for them; only a tombstone remembers, and only an earlier write.
-fn check_register(
+pub(crate) fn check_register(register: &Register, stamps: &Stamps) -> Result<(), CorruptState> {
+    check_register_within(register, |replica, sequence, timestamp| {
+        stamps
+            .get(replica, sequence)
+            .is_some_and(|largest| timestamp <= largest)
+    })
+}
+
+/// [`check_register`] with `within(replica, sequence, timestamp)` saying whether that event
+/// is applied and may carry that stamp.
+pub(crate) fn check_register_within(
     register: &Register,
-    stamps: &BTreeMap<String, Vec<u64>>,
+    within: impl Fn(&str, u64, u64) -> bool,
 ) -> Result<(), CorruptState> {
-    let stamp_of = |replica: &str, sequence: u64| {
-        usize::try_from(sequence)
-            .ok()
-            .and_then(|sequence| sequence.checked_sub(1))
-            .and_then(|position| stamps.get(replica)?.get(position))
-            .copied()
-    };
-    let within = |replica: &str, sequence: u64, timestamp: u64| {
-        stamp_of(replica, sequence).is_some_and(|largest| timestamp <= largest)
-    };
     if !within(&register.replica_id, register.sequence, register.timestamp) {
         return Err(CorruptState(format!(
             "register {} claims event ({:?}, {}) stamped {}, which the stamps do not allow",

@@ -1,0 +1,375 @@
+//! A session as rows a store keeps, so that a merge reads and writes only what its batch
+//! touches (design §3: its cost does not grow with the session).
+//!
+//! * **Head**, one small JSON value per session: the clock, each replica's latest stamp and
+//!   owner, the horizon and the checkpoints. Rewritten by every merge.
+//! * **Registers**, one row each, keyed by [`path_key`]: the key's byte order is the paths'
+//!   order, so a path's subtree is one contiguous range ([`KeyRange`]).
+//! * **Stamps**, one row per applied event: `(replica, sequence, stamp)`.
+//! * **Base**, the compacted prefix (design §3): written only by compaction.
+//!
+//! A merge of a batch asks for [`Batch::reads`]: the registers at the proper ancestors of
+//! its paths and in their subtrees, and the stamps at the counts its clock names. A state
+//! loaded from those rows ([`SessionState::from_rows`]) applies the batch exactly as the whole
+//! session would (a write only meets registers at its path, above it and below it; the
+//! effective timestamp only needs those stamps), and [`SessionState::changed_rows`] says
+//! what to write back. Reads that show the whole session (the document, catching up,
+//! compaction) load every register and no stamp rows.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::compaction::Checkpoint;
+use crate::register::Register;
+use crate::stamps::Stamps;
+use crate::stored::{
+    check_base, check_none_hidden, check_register_within, check_within_clock, CorruptState,
+};
+use crate::{Batch, Pointer, SessionState, VectorClock};
+
+/// The store key of a register at `pointer`: each token's bytes, with `0x00` written
+/// `0x01 0x01` and `0x01` written `0x01 0x02`, then a `0x00`. Byte order of keys is the
+/// token order of paths, and the keys of a path's subtree are exactly those that start with
+/// its key.
+pub fn path_key(pointer: &Pointer) -> Vec<u8> {
+    let tokens = pointer.tokens();
+    let mut key = Vec::with_capacity(tokens.iter().map(|t| t.len() + 1).sum());
+    for token in tokens {
+        for &byte in token.as_bytes() {
+            match byte {
+                0x00 => key.extend_from_slice(&[0x01, 0x01]),
+                0x01 => key.extend_from_slice(&[0x01, 0x02]),
+                other => key.push(other),
+            }
+        }
+        key.push(0x00);
+    }
+    key
+}
+
+/// The register keys `start <= key < end`.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct KeyRange {
+    /// The first key in the range.
+    pub start: Vec<u8>,
+    /// The first key past the range.
+    pub end: Vec<u8>,
+}
+
+impl KeyRange {
+    /// The register at exactly `pointer`.
+    pub fn at(pointer: &Pointer) -> KeyRange {
+        let start = path_key(pointer);
+        let mut end = start.clone();
+        end.push(0x00);
+        KeyRange { start, end }
+    }
+
+    /// The register at `pointer` and every one below it.
+    pub fn subtree(pointer: &Pointer) -> KeyRange {
+        let start = path_key(pointer);
+        let mut end = start.clone();
+        // Every key is terminated by 0x00: the subtree's keys extend it, and the smallest key
+        // that does not is the same with that last byte raised to 0x01.
+        if let Some(last) = end.last_mut() {
+            *last = 0x01;
+        }
+        KeyRange { start, end }
+    }
+
+    /// Whether `key` falls in the range.
+    pub fn contains(&self, key: &[u8]) -> bool {
+        self.start.as_slice() <= key && key < self.end.as_slice()
+    }
+}
+
+/// What a merge of one batch reads besides the head (see [`Batch::reads`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Reads {
+    /// Disjoint key ranges, sorted: the registers the batch's writes can meet.
+    pub registers: Vec<KeyRange>,
+    /// `(replica, sequence)` whose stamp rows the merge may need.
+    pub stamps: Vec<(String, u64)>,
+}
+
+impl Batch {
+    /// The rows a merge of this batch needs: for each change, the registers at the proper
+    /// ancestors of its path and in its subtree; the stamps at every count its clock names
+    /// (and, for a named replica, its previous event). The head is always read.
+    pub fn reads(&self) -> Reads {
+        let mut ranges = Vec::new();
+        for change in &self.changes {
+            let path = change.path();
+            let tokens = path.tokens();
+            for depth in 1..tokens.len() {
+                if let Ok(ancestor) = Pointer::from_tokens(tokens[..depth].iter().cloned()) {
+                    ranges.push(KeyRange::at(&ancestor));
+                }
+            }
+            ranges.push(KeyRange::subtree(path));
+        }
+        let mut stamps: Vec<(String, u64)> = self
+            .clock
+            .iter()
+            .filter(|(_, &count)| count > 0)
+            .map(|(replica, &count)| (replica.clone(), count))
+            .collect();
+        if let Some(&own) = self
+            .clock
+            .get(&self.replica_id)
+            .filter(|_| self.replica_named)
+        {
+            if own > 1 {
+                stamps.push((self.replica_id.clone(), own - 1));
+            }
+        }
+        stamps.sort();
+        stamps.dedup();
+        Reads {
+            registers: merge_ranges(ranges),
+            stamps,
+        }
+    }
+}
+
+/// Sorts `ranges` and joins the ones that overlap or touch.
+fn merge_ranges(mut ranges: Vec<KeyRange>) -> Vec<KeyRange> {
+    ranges.sort();
+    let mut merged: Vec<KeyRange> = Vec::with_capacity(ranges.len());
+    for range in ranges {
+        match merged.last_mut() {
+            Some(last) if range.start <= last.end => {
+                if range.end > last.end {
+                    last.end = range.end;
+                }
+            }
+            _ => merged.push(range),
+        }
+    }
+    merged
+}
+
+/// One applied event's stamp row.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StampRow {
+    /// The writer.
+    pub replica_id: String,
+    /// Its sequence number.
+    pub sequence: u64,
+    /// The largest effective timestamp of the replica's events up to this one.
+    pub stamp: u64,
+}
+
+/// One register row: its key ([`path_key`]) and the register as JSON.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RegisterRow {
+    /// [`path_key`] of the register's path.
+    pub key: Vec<u8>,
+    /// The register, as JSON (its path included).
+    pub register: String,
+}
+
+/// What a store read for a session: its head, the register rows asked for (every one, for
+/// a whole-session read), the stamp rows asked for, and the base when it has one.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SessionRows {
+    /// The head value ([`SessionState::head_row`]).
+    pub head: String,
+    /// The base document's JSON, `None` before the first compaction.
+    pub base: Option<String>,
+    /// Register JSON values, in any order.
+    pub registers: Vec<String>,
+    /// Stamp rows, in any order.
+    pub stamps: Vec<StampRow>,
+}
+
+/// What to write back after changing a state loaded from rows.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RowChanges {
+    /// The new head.
+    pub head: String,
+    /// The new base, when it changed (compaction).
+    pub base: Option<String>,
+    /// Registers to insert or replace.
+    pub upserts: Vec<RegisterRow>,
+    /// Keys of registers to delete.
+    pub deletes: Vec<Vec<u8>>,
+    /// Stamp rows to insert.
+    pub stamps: Vec<StampRow>,
+}
+
+/// The head row's shape.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Head {
+    #[serde(default)]
+    clock: VectorClock,
+    /// Per replica, its stamp at `clock[replica]`.
+    #[serde(default)]
+    latest: BTreeMap<String, u64>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    owners: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    horizon: VectorClock,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    checkpoints: Vec<Checkpoint>,
+}
+
+impl SessionState {
+    /// The session (or the part of it a batch needs) from its rows, refusing rows that break
+    /// the state's invariants. Register rows must include, with each register, every register
+    /// at its ancestors (both [`Batch::reads`] and a whole-session read do).
+    pub fn from_rows(rows: &SessionRows) -> Result<SessionState, CorruptState> {
+        let head: Head = serde_json::from_str(&rows.head)
+            .map_err(|e| CorruptState(format!("the session head does not parse: {e}")))?;
+        let stamps = head_stamps(&head, &rows.stamps)?;
+        let mut registers: BTreeMap<Pointer, Register> = BTreeMap::new();
+        for text in &rows.registers {
+            let register: Register = serde_json::from_str(text)
+                .map_err(|e| CorruptState(format!("a register does not parse: {e}")))?;
+            check_register_within(&register, |replica, sequence, timestamp| {
+                let applied =
+                    (1..=head.clock.get(replica).copied().unwrap_or(0)).contains(&sequence);
+                let below_latest = head.latest.get(replica).is_some_and(|&l| timestamp <= l);
+                applied && below_latest
+            })?;
+            if let Some(previous) = registers.insert(register.path.clone(), register) {
+                return Err(CorruptState(format!("two registers at {}", previous.path)));
+            }
+        }
+        check_none_hidden(&registers)?;
+        let base = rows
+            .base
+            .as_deref()
+            .map(serde_json::from_str::<Value>)
+            .transpose()
+            .map_err(|e| CorruptState(format!("the base document does not parse: {e}")))?;
+        let base = check_base(base)?;
+        check_within_clock(&head.clock, &head.horizon, &head.checkpoints)?;
+        Ok(SessionState {
+            clock: head.clock,
+            stamps,
+            registers,
+            owners: head.owners,
+            base,
+            horizon: head.horizon,
+            checkpoints: head.checkpoints,
+        })
+    }
+
+    /// The head row of this state.
+    pub fn head_row(&self) -> String {
+        let latest = self
+            .clock
+            .iter()
+            .filter_map(|(replica, &count)| {
+                Some((replica.clone(), self.stamps.get(replica, count)?))
+            })
+            .collect();
+        let head = Head {
+            clock: self.clock.clone(),
+            latest,
+            owners: self.owners.clone(),
+            horizon: self.horizon.clone(),
+            checkpoints: self.checkpoints.clone(),
+        };
+        serde_json::to_string(&head).unwrap_or_default()
+    }
+
+    /// The base row, `None` while the base is `{}`.
+    pub fn base_row(&self) -> Option<String> {
+        let empty = self.base.as_object().is_some_and(serde_json::Map::is_empty);
+        (!empty).then(|| self.base.to_string())
+    }
+
+    /// Every row of this state, as [`RowChanges`] against an empty session: how a session
+    /// kept as one value (an older release's layout) moves to rows.
+    pub fn all_rows(&self) -> RowChanges {
+        self.changed_rows(&SessionState::default())
+    }
+
+    /// The rows to write to turn `before` into this state, where this state is `before` (as
+    /// loaded by [`SessionState::from_rows`]) after [`SessionState::apply`], a checkpoint or a
+    /// compaction.
+    pub fn changed_rows(&self, before: &SessionState) -> RowChanges {
+        let deletes = before
+            .registers
+            .keys()
+            .filter(|path| !self.registers.contains_key(*path))
+            .map(path_key)
+            .collect();
+        let upserts = self
+            .registers
+            .iter()
+            .filter(|(path, register)| before.registers.get(*path) != Some(*register))
+            .map(|(path, register)| RegisterRow {
+                key: path_key(path),
+                register: serde_json::to_string(register).unwrap_or_default(),
+            })
+            .collect();
+        let stamps = self
+            .stamps
+            .added_since(&before.stamps)
+            .map(|(replica_id, sequence, stamp)| StampRow {
+                replica_id: replica_id.to_owned(),
+                sequence,
+                stamp,
+            })
+            .collect();
+        RowChanges {
+            head: self.head_row(),
+            base: (self.base != before.base)
+                .then(|| self.base_row().unwrap_or_else(|| "{}".to_owned())),
+            upserts,
+            deletes,
+            stamps,
+        }
+    }
+
+    /// Whether a checkpoint at or before `cutoff_ms` is waiting to become the horizon: then
+    /// the whole session should be loaded and [`SessionState::compact_before`] run.
+    pub fn compaction_due(&self, cutoff_ms: u64) -> bool {
+        self.checkpoints
+            .first()
+            .is_some_and(|c| c.at_ms <= cutoff_ms)
+    }
+}
+
+/// The stamps of the head (each replica's latest) and of the stamp rows, checked: every row
+/// names an applied event, and no stamp exceeds its replica's latest (stamps are running
+/// maxima).
+fn head_stamps(head: &Head, rows: &[StampRow]) -> Result<Stamps, CorruptState> {
+    let names_same = head.clock.len() == head.latest.len()
+        && head.clock.keys().eq(head.latest.keys())
+        && head.clock.values().all(|&count| count > 0);
+    if !names_same {
+        return Err(CorruptState(
+            "the head's clock and latest stamps name different replicas".to_owned(),
+        ));
+    }
+    let mut stamps = Stamps::default();
+    for (replica, &count) in &head.clock {
+        stamps.insert(
+            replica,
+            count,
+            head.latest.get(replica).copied().unwrap_or(0),
+        );
+    }
+    for row in rows {
+        let count = head.clock.get(&row.replica_id).copied().unwrap_or(0);
+        let latest = head.latest.get(&row.replica_id).copied().unwrap_or(0);
+        let consistent = (1..=count).contains(&row.sequence)
+            && row.stamp <= latest
+            && (row.sequence < count || row.stamp == latest);
+        if !consistent {
+            return Err(CorruptState(format!(
+                "the stamp row ({:?}, {}) does not match the session clock",
+                row.replica_id, row.sequence
+            )));
+        }
+        stamps.insert(&row.replica_id, row.sequence, row.stamp);
+    }
+    Ok(stamps)
+}
