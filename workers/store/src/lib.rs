@@ -21,13 +21,17 @@
 
 pub mod backup;
 pub mod check;
+mod legacy;
 mod migrations;
 mod postgres;
 mod sessions;
 mod sqlite;
 mod watch;
 
-pub use sessions::{IdempotencyKey, JournalEntry, MergeFn, MergeOutcome, MergeStep, StoredSession};
+pub use sessions::{
+    CompactFn, IdempotencyKey, JournalEntry, MergeFn, MergeOutcome, MergeStep, Reads, RowChanges,
+    SessionRows, StoredSession,
+};
 pub use watch::pg::CHANNEL as WATCH_CHANNEL;
 pub use watch::WatchStats;
 
@@ -186,7 +190,8 @@ impl Store {
 
 impl Store {
     /// Runs one sync merge in one transaction: the session's lock, the idempotency check,
-    /// `merge` on the stored state, the new state and the idempotency record.
+    /// `merge` on the session's head and the rows `reads` names (the registers and stamps a
+    /// batch can meet: `Batch::reads`), then the rows it changed and the idempotency record.
     #[tracing::instrument(name = "store.merge_session", skip_all, fields(db.system = self.db_system()))]
     pub async fn merge_session(
         &self,
@@ -194,14 +199,21 @@ impl Store {
         session_id: &str,
         idem: IdempotencyKey,
         ttl: Duration,
+        reads: Reads,
         merge: MergeFn,
     ) -> Result<MergeOutcome, StoreError> {
         let outcome = match &self.inner {
-            Inner::Sqlite(s) => s.merge_session(tenant, session_id, idem, ttl, merge).await,
-            Inner::Postgres(p) => p.merge_session(tenant, session_id, idem, ttl, merge).await,
+            Inner::Sqlite(s) => {
+                s.merge_session(tenant, session_id, idem, ttl, reads, merge)
+                    .await
+            }
+            Inner::Postgres(p) => {
+                p.merge_session(tenant, session_id, idem, ttl, reads, merge)
+                    .await
+            }
         };
         if let Ok(MergeOutcome::Ran(MergeStep {
-            new_state: Some(_), ..
+            changes: Some(_), ..
         })) = &outcome
         {
             self.watch.merged(tenant, session_id);
@@ -209,7 +221,23 @@ impl Store {
         outcome
     }
 
-    /// A session's stored state, `None` when it has no applied batch yet.
+    /// Compacts a session under its lock: `compact` gets every row but the stamps and returns
+    /// what to write. `Ok(false)` when the session has no row or there was nothing to write.
+    #[tracing::instrument(name = "store.compact_session", skip_all, fields(db.system = self.db_system()))]
+    pub async fn compact_session(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        compact: CompactFn,
+    ) -> Result<bool, StoreError> {
+        match &self.inner {
+            Inner::Sqlite(s) => s.compact_session(tenant, session_id, compact).await,
+            Inner::Postgres(p) => p.compact_session(tenant, session_id, compact).await,
+        }
+    }
+
+    /// A session's stored rows (every register, read in one snapshot), `None` when it has
+    /// no applied batch yet.
     #[tracing::instrument(name = "store.session", skip_all, fields(db.system = self.db_system()))]
     pub async fn session(
         &self,

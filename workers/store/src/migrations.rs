@@ -62,7 +62,36 @@ pub const MIGRATIONS: &[(i64, &str)] = &[
          );
          CREATE INDEX sync_conflicts_at ON sync_conflicts (at);",
     ),
+    (
+        ROWS_LAYOUT,
+        // A session as rows (`firemode_merge::rows`), so a merge reads and writes only what its
+        // batch touches: `sync_sessions.state` becomes the small head, the compacted base gets
+        // its own column, one row per register (keyed by its path's sortable key) and one per
+        // applied event's stamp. The sessions kept as one value move over in the same
+        // transaction ([`crate::legacy`]). Keys and replica ids are bytes: a JSON key may hold
+        // any character, NUL included, which PostgreSQL's TEXT refuses.
+        "ALTER TABLE sync_sessions ADD COLUMN base TEXT;
+         CREATE TABLE sync_registers (
+             tenant     TEXT NOT NULL,
+             session_id TEXT NOT NULL,
+             path_key   BYTEA NOT NULL,
+             register   TEXT NOT NULL,
+             PRIMARY KEY (tenant, session_id, path_key)
+         );
+         CREATE TABLE sync_stamps (
+             tenant     TEXT NOT NULL,
+             session_id TEXT NOT NULL,
+             replica_id BYTEA NOT NULL,
+             seq        BIGINT NOT NULL,
+             stamp      BIGINT NOT NULL,
+             PRIMARY KEY (tenant, session_id, replica_id, seq)
+         );",
+    ),
 ];
+
+/// The migration that moved sessions to rows: after it, each backend converts the sessions an
+/// older release kept as one value ([`crate::legacy`]).
+pub const ROWS_LAYOUT: i64 = 5;
 
 /// Creates the bookkeeping table; run before reading which migrations are applied.
 pub const SCHEMA_TABLE: &str = "CREATE TABLE IF NOT EXISTS firemode_schema (

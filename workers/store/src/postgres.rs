@@ -1,12 +1,14 @@
 //! The shared backend: PostgreSQL through a bb8-postgres pool. Migrations run under a
 //! transaction-scoped advisory lock, so workers on several hosts can start at once.
 
-use crate::migrations::{MIGRATIONS, SCHEMA_TABLE};
+use crate::migrations::{MIGRATIONS, ROWS_LAYOUT, SCHEMA_TABLE};
 use crate::sessions::{
-    live_since, IdempotencyKey, JournalEntry, MergeFn, MergeOutcome, MergeStep, StoredSession,
+    live_since, CompactFn, IdempotencyKey, JournalEntry, MergeFn, MergeOutcome, MergeStep,
+    StoredSession,
 };
 use crate::{catalog_conflict, now_ms, StoreError, StoreOptions};
 use bb8_postgres::PostgresConnectionManager;
+use firemode_merge::{Reads, RegisterRow, RowChanges, SessionRows, StampRow};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_postgres::types::{ToSql, Type};
@@ -51,8 +53,11 @@ enum Locked {
         status: i32,
         body: String,
     },
-    /// No live record: the session's stored state and version (`None` without a row).
-    Session { state: String, version: Option<i64> },
+    /// No live record: the rows asked for and the version (`None` without a row).
+    Session {
+        rows: Option<SessionRows>,
+        version: Option<i64>,
+    },
 }
 
 /// The advisory-lock key of a session: the first 8 bytes of SHA-256 over tenant and session
@@ -140,6 +145,9 @@ impl PgStore {
                 .map_err(unavailable)?;
             if done.is_none() {
                 tx.batch_execute(sql).await.map_err(unavailable)?;
+                if *version == ROWS_LAYOUT {
+                    convert_legacy_sessions(&tx).await?;
+                }
                 tx.execute(
                     "INSERT INTO firemode_schema (version, applied_at) VALUES ($1, $2)",
                     &[version, &now_ms()],
@@ -219,9 +227,10 @@ impl PgStore {
     }
 
     /// One merge in one transaction, in four round trips: `BEGIN`; then, pipelined, the lock
-    /// timeout, the session's lock, its row and the key's live record (statements of a
-    /// transaction run in order, so both are read under the lock); then, pipelined, the new
-    /// state and the idempotency record; then `COMMIT`. Statements go out with their parameter
+    /// timeout, the session's lock, its head, the register and stamp rows `reads` names and
+    /// the key's live record (statements of a transaction run in order, so all are read under
+    /// the lock); then, pipelined, the head, the changed rows, the journal and the idempotency
+    /// record; then `COMMIT`. Statements go out with their parameter
     /// types (`query_typed`), so none costs a separate prepare round trip.
     ///
     /// The lock is a transaction-scoped advisory lock on the session's key, so a session
@@ -236,6 +245,7 @@ impl PgStore {
         session_id: &str,
         idem: IdempotencyKey,
         ttl: Duration,
+        reads: Reads,
         merge: MergeFn,
     ) -> Result<MergeOutcome, StoreError> {
         let mut conn = self.pool.get().await.map_err(pool_error)?;
@@ -246,18 +256,18 @@ impl PgStore {
             now: now_ms(),
             live: live_since(ttl),
         };
-        let (state, version) = match self.lock_and_read(&tx, &at, &idem).await? {
+        let (rows, version) = match self.lock_and_read(&tx, &at, &idem, &reads).await? {
             Locked::Recorded { hash, status, body } => {
                 tx.commit().await.map_err(unavailable)?;
                 return Ok(idem.answer_from_record(&hash, status as u16, body));
             }
-            Locked::Session { state, version } => (state, version),
+            Locked::Session { rows, version } => (rows, version),
         };
-        let step = merge(version.is_some_and(|v| v > 0).then_some(state.as_str()));
+        let step = merge(rows.filter(|_| version.is_some_and(|v| v > 0)));
         let saved = save_merge(&tx, &at, version, &idem, &step);
         // Long-pollers on every host hear of the new version at commit (pipelined).
         let notified = async {
-            match step.new_state {
+            match step.changes {
                 Some(_) => crate::watch::pg::notify_changed(&tx, tenant, session_id).await,
                 None => Ok(()),
             }
@@ -280,12 +290,13 @@ impl PgStore {
 
     /// The merge's first pipelined round trip: the lock timeout, the session's advisory
     /// lock, then (under the lock, as a transaction's statements run in order) the session's
-    /// row and the key's live idempotency record.
+    /// head, the rows `reads` names and the key's live idempotency record.
     async fn lock_and_read(
         &self,
         tx: &tokio_postgres::Transaction<'_>,
         at: &MergeAt<'_>,
         idem: &IdempotencyKey,
+        reads: &Reads,
     ) -> Result<Locked, StoreError> {
         let lock_key = session_lock_key(at.tenant, at.session_id);
         let session_params: [(&(dyn ToSql + Sync), Type); 2] =
@@ -297,7 +308,7 @@ impl PgStore {
             (&at.live, Type::INT8),
         ];
         let lock_params: [(&(dyn ToSql + Sync), Type); 1] = [(&lock_key, Type::INT8)];
-        let (timeout_set, locked, row, record) = tokio::join!(
+        let (timeout_set, locked, row, registers, stamps, record) = tokio::join!(
             tx.batch_execute(&self.set_lock_timeout),
             tx.query_typed("SELECT pg_advisory_xact_lock($1)", &lock_params),
             tx.query_typed_opt(
@@ -305,6 +316,8 @@ impl PgStore {
                  WHERE tenant = $1 AND session_id = $2 FOR UPDATE",
                 &session_params,
             ),
+            read_registers(tx, at, reads),
+            read_stamps(tx, at, reads),
             tx.query_typed_opt(
                 "SELECT request_hash, status, body FROM sync_idempotency
                  WHERE tenant = $1 AND subject = $2 AND idem_key = $3 AND created_at >= $4",
@@ -316,6 +329,8 @@ impl PgStore {
         timeout_set.map_err(unavailable)?;
         locked.map_err(lock_error)?;
         let row = row.map_err(lock_error)?;
+        let registers = registers.map_err(unavailable)?;
+        let stamps = stamps.map_err(unavailable)?;
         let record = record.map_err(unavailable)?;
         if let Some(r) = record {
             return Ok(Locked::Recorded {
@@ -326,34 +341,77 @@ impl PgStore {
         }
         Ok(match &row {
             Some(r) => Locked::Session {
-                state: r.get(0),
+                rows: Some(SessionRows {
+                    head: r.get(0),
+                    base: None,
+                    registers,
+                    stamps,
+                }),
                 version: Some(r.get(1)),
             },
             None => Locked::Session {
-                state: String::new(),
+                rows: None,
                 version: None,
             },
         })
     }
 
+    /// Compaction in one transaction under the session's lock: every row of the session but
+    /// its stamps, handed to `compact`, and what it changed written (the version stays: the
+    /// document does not change).
+    pub async fn compact_session(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        compact: CompactFn,
+    ) -> Result<bool, StoreError> {
+        let mut conn = self.pool.get().await.map_err(pool_error)?;
+        let tx = conn.transaction().await.map_err(unavailable)?;
+        tx.batch_execute(&self.set_lock_timeout)
+            .await
+            .map_err(unavailable)?;
+        let lock_key = session_lock_key(tenant, session_id);
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&lock_key])
+            .await
+            .map_err(lock_error)?;
+        let Some(stored) = read_whole(&tx, tenant, session_id).await? else {
+            return Ok(false);
+        };
+        let Some(changes) = compact(stored.rows) else {
+            return Ok(false);
+        };
+        let head_params: [&(dyn ToSql + Sync); 3] = [&tenant, &session_id, &changes.head];
+        let (written, head) = tokio::join!(
+            write_rows(&tx, tenant, session_id, &changes),
+            tx.execute(
+                "UPDATE sync_sessions SET state = $3 WHERE tenant = $1 AND session_id = $2",
+                &head_params,
+            )
+        );
+        written.map_err(unavailable)?;
+        head.map_err(unavailable)?;
+        tx.commit().await.map_err(unavailable)?;
+        Ok(true)
+    }
+
+    /// The whole session in one repeatable-read transaction (one snapshot: a merge
+    /// committing meanwhile is seen entirely or not at all).
     pub async fn session(
         &self,
         tenant: &str,
         session_id: &str,
     ) -> Result<Option<StoredSession>, StoreError> {
-        let conn = self.pool.get().await.map_err(pool_error)?;
-        let row = conn
-            .query_opt(
-                "SELECT state, version FROM sync_sessions
-                 WHERE tenant = $1 AND session_id = $2 AND version > 0",
-                &[&tenant, &session_id],
-            )
+        let mut conn = self.pool.get().await.map_err(pool_error)?;
+        let tx = conn
+            .build_transaction()
+            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
             .await
             .map_err(unavailable)?;
-        Ok(row.map(|r| StoredSession {
-            state: r.get(0),
-            version: r.get(1),
-        }))
+        let stored = read_whole(&tx, tenant, session_id).await?;
+        tx.commit().await.map_err(unavailable)?;
+        Ok(stored)
     }
 
     pub async fn conflicts(
@@ -416,8 +474,8 @@ impl PgStore {
     }
 }
 
-/// The merge's second pipelined round trip: its new state (when it has one), its
-/// idempotency record (when it is remembered) and its journal entries, sent in that order.
+/// The merge's second pipelined round trip: its head and rows (when it changed anything),
+/// its idempotency record (when it is remembered) and its journal entries, sent in that order.
 async fn save_merge(
     tx: &tokio_postgres::Transaction<'_>,
     at: &MergeAt<'_>,
@@ -443,17 +501,18 @@ async fn save_merge(
     })
 }
 
-/// Writes the merge's new state, if it has one: the rows written (0 when the session changed
-/// without the lock), or 1 when there is nothing to write.
+/// Writes the merge's head and rows, if it changed anything: the session rows written (0
+/// when the session changed without the lock), or 1 when there is nothing to write.
 async fn save_state(
     tx: &tokio_postgres::Transaction<'_>,
     at: &MergeAt<'_>,
     version: Option<i64>,
     step: &MergeStep,
 ) -> Result<usize, tokio_postgres::Error> {
-    let Some(new_state) = &step.new_state else {
+    let Some(changes) = &step.changes else {
         return Ok(1);
     };
+    let new_state = &changes.head;
     let version_or_new = version.unwrap_or(0);
     let params: [(&(dyn ToSql + Sync), Type); 5] = [
         (&at.tenant, Type::TEXT),
@@ -476,7 +535,9 @@ async fn save_state(
             &params[..4],
         ),
     };
-    rows.await.map(|rows| rows.len())
+    let (head, written) = tokio::join!(rows, write_rows(tx, at.tenant, at.session_id, changes));
+    written?;
+    head.map(|rows| rows.len())
 }
 
 /// Writes the merge's idempotency record, if it is remembered: the rows written (0 when the
@@ -525,7 +586,7 @@ async fn append_journal(
     at: &MergeAt<'_>,
     step: &MergeStep,
 ) -> Result<usize, tokio_postgres::Error> {
-    if step.journal.is_empty() || step.new_state.is_none() {
+    if step.journal.is_empty() || step.changes.is_none() {
         return Ok(0);
     }
     let count = i64::try_from(step.journal.len()).unwrap_or(i64::MAX);
@@ -546,4 +607,238 @@ async fn append_journal(
     )
     .await
     .map(|rows| rows.len())
+}
+
+/// The registers in the key ranges of `reads`, one statement for all of them.
+async fn read_registers(
+    tx: &tokio_postgres::Transaction<'_>,
+    at: &MergeAt<'_>,
+    reads: &Reads,
+) -> Result<Vec<String>, tokio_postgres::Error> {
+    if reads.registers.is_empty() {
+        return Ok(Vec::new());
+    }
+    let starts: Vec<&[u8]> = reads.registers.iter().map(|r| r.start.as_slice()).collect();
+    let ends: Vec<&[u8]> = reads.registers.iter().map(|r| r.end.as_slice()).collect();
+    let rows = tx
+        .query_typed(
+            "SELECT r.register FROM unnest($3::bytea[], $4::bytea[]) AS q(lo, hi)
+             JOIN sync_registers r ON r.tenant = $1 AND r.session_id = $2
+                  AND r.path_key >= q.lo AND r.path_key < q.hi",
+            &[
+                (&at.tenant, Type::TEXT),
+                (&at.session_id, Type::TEXT),
+                (&starts, Type::BYTEA_ARRAY),
+                (&ends, Type::BYTEA_ARRAY),
+            ],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+/// The stamp rows `reads` names, one statement for all of them.
+async fn read_stamps(
+    tx: &tokio_postgres::Transaction<'_>,
+    at: &MergeAt<'_>,
+    reads: &Reads,
+) -> Result<Vec<StampRow>, tokio_postgres::Error> {
+    if reads.stamps.is_empty() {
+        return Ok(Vec::new());
+    }
+    let replicas: Vec<&[u8]> = reads.stamps.iter().map(|(r, _)| r.as_bytes()).collect();
+    let sequences: Vec<i64> = reads.stamps.iter().map(|(_, s)| *s as i64).collect();
+    let rows = tx
+        .query_typed(
+            "SELECT s.replica_id, s.seq, s.stamp FROM unnest($3::bytea[], $4::int8[]) AS q(replica_id, seq)
+             JOIN sync_stamps s ON s.tenant = $1 AND s.session_id = $2
+                  AND s.replica_id = q.replica_id AND s.seq = q.seq",
+            &[
+                (&at.tenant, Type::TEXT),
+                (&at.session_id, Type::TEXT),
+                (&replicas, Type::BYTEA_ARRAY),
+                (&sequences, Type::INT8_ARRAY),
+            ],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| StampRow {
+            replica_id: String::from_utf8_lossy(r.get::<_, &[u8]>(0)).into_owned(),
+            sequence: r.get::<_, i64>(1) as u64,
+            stamp: r.get::<_, i64>(2) as u64,
+        })
+        .collect())
+}
+
+/// The session's head, base, version and every register (no stamps), `None` without a row.
+async fn read_whole(
+    tx: &tokio_postgres::Transaction<'_>,
+    tenant: &str,
+    session_id: &str,
+) -> Result<Option<StoredSession>, StoreError> {
+    let params: [&(dyn ToSql + Sync); 2] = [&tenant, &session_id];
+    let (row, registers) = tokio::join!(
+        tx.query_opt(
+            "SELECT state, base, version FROM sync_sessions
+             WHERE tenant = $1 AND session_id = $2 AND version > 0",
+            &params,
+        ),
+        tx.query(
+            "SELECT register FROM sync_registers WHERE tenant = $1 AND session_id = $2
+             ORDER BY path_key",
+            &params,
+        )
+    );
+    let Some(row) = row.map_err(unavailable)? else {
+        return Ok(None);
+    };
+    let registers = registers.map_err(unavailable)?;
+    Ok(Some(StoredSession {
+        rows: SessionRows {
+            head: row.get(0),
+            base: row.get(1),
+            registers: registers.iter().map(|r| r.get(0)).collect(),
+            stamps: Vec::new(),
+        },
+        version: row.get(2),
+    }))
+}
+
+/// Writes the register and stamp rows and the base of `changes` (not the head), pipelined.
+async fn write_rows(
+    tx: &tokio_postgres::Transaction<'_>,
+    tenant: &str,
+    session_id: &str,
+    changes: &RowChanges,
+) -> Result<(), tokio_postgres::Error> {
+    let session: [(&(dyn ToSql + Sync), Type); 2] =
+        [(&tenant, Type::TEXT), (&session_id, Type::TEXT)];
+    let (deleted, upserted, stamped, based) = tokio::join!(
+        delete_registers(tx, &session, &changes.deletes),
+        upsert_registers(tx, &session, &changes.upserts),
+        insert_stamps(tx, &session, &changes.stamps),
+        async {
+            let Some(base) = &changes.base else {
+                return Ok(0);
+            };
+            tx.execute_typed(
+                "UPDATE sync_sessions SET base = $3 WHERE tenant = $1 AND session_id = $2",
+                &[session[0].clone(), session[1].clone(), (base, Type::TEXT)],
+            )
+            .await
+        },
+    );
+    deleted?;
+    upserted?;
+    stamped?;
+    based?;
+    Ok(())
+}
+
+/// `(tenant, session_id)` as typed parameters `$1, $2`.
+type SessionParams<'a> = [(&'a (dyn ToSql + Sync), Type); 2];
+
+async fn delete_registers(
+    tx: &tokio_postgres::Transaction<'_>,
+    session: &SessionParams<'_>,
+    deletes: &[Vec<u8>],
+) -> Result<u64, tokio_postgres::Error> {
+    if deletes.is_empty() {
+        return Ok(0);
+    }
+    let keys: Vec<&[u8]> = deletes.iter().map(Vec::as_slice).collect();
+    tx.execute_typed(
+        "DELETE FROM sync_registers
+         WHERE tenant = $1 AND session_id = $2 AND path_key = ANY($3::bytea[])",
+        &[
+            session[0].clone(),
+            session[1].clone(),
+            (&keys, Type::BYTEA_ARRAY),
+        ],
+    )
+    .await
+}
+
+async fn upsert_registers(
+    tx: &tokio_postgres::Transaction<'_>,
+    session: &SessionParams<'_>,
+    upserts: &[RegisterRow],
+) -> Result<u64, tokio_postgres::Error> {
+    if upserts.is_empty() {
+        return Ok(0);
+    }
+    let keys: Vec<&[u8]> = upserts.iter().map(|r| r.key.as_slice()).collect();
+    let registers: Vec<&str> = upserts.iter().map(|r| r.register.as_str()).collect();
+    tx.execute_typed(
+        "INSERT INTO sync_registers (tenant, session_id, path_key, register)
+         SELECT $1, $2, k, r FROM unnest($3::bytea[], $4::text[]) AS u(k, r)
+         ON CONFLICT (tenant, session_id, path_key) DO UPDATE SET register = EXCLUDED.register",
+        &[
+            session[0].clone(),
+            session[1].clone(),
+            (&keys, Type::BYTEA_ARRAY),
+            (&registers, Type::TEXT_ARRAY),
+        ],
+    )
+    .await
+}
+
+async fn insert_stamps(
+    tx: &tokio_postgres::Transaction<'_>,
+    session: &SessionParams<'_>,
+    stamps: &[StampRow],
+) -> Result<u64, tokio_postgres::Error> {
+    if stamps.is_empty() {
+        return Ok(0);
+    }
+    let replicas: Vec<&[u8]> = stamps.iter().map(|r| r.replica_id.as_bytes()).collect();
+    let sequences: Vec<i64> = stamps.iter().map(|r| r.sequence as i64).collect();
+    let values: Vec<i64> = stamps.iter().map(|r| r.stamp as i64).collect();
+    tx.execute_typed(
+        "INSERT INTO sync_stamps (tenant, session_id, replica_id, seq, stamp)
+         SELECT $1, $2, r, q, s FROM unnest($3::bytea[], $4::int8[], $5::int8[]) AS u(r, q, s)",
+        &[
+            session[0].clone(),
+            session[1].clone(),
+            (&replicas, Type::BYTEA_ARRAY),
+            (&sequences, Type::INT8_ARRAY),
+            (&values, Type::INT8_ARRAY),
+        ],
+    )
+    .await
+}
+
+/// Moves every session kept as one value to rows ([`crate::legacy`]), inside the migration's
+/// transaction.
+async fn convert_legacy_sessions(tx: &tokio_postgres::Transaction<'_>) -> Result<(), StoreError> {
+    let keys = tx
+        .query("SELECT tenant, session_id FROM sync_sessions", &[])
+        .await
+        .map_err(unavailable)?;
+    for key in keys {
+        let (tenant, session_id): (String, String) = (key.get(0), key.get(1));
+        let state: String = tx
+            .query_one(
+                "SELECT state FROM sync_sessions WHERE tenant = $1 AND session_id = $2",
+                &[&tenant, &session_id],
+            )
+            .await
+            .map_err(unavailable)?
+            .get(0);
+        match crate::legacy::to_rows(&state) {
+            Ok(changes) => {
+                write_rows(tx, &tenant, &session_id, &changes)
+                    .await
+                    .map_err(unavailable)?;
+                tx.execute(
+                    "UPDATE sync_sessions SET state = $3 WHERE tenant = $1 AND session_id = $2",
+                    &[&tenant, &session_id, &changes.head],
+                )
+                .await
+                .map_err(unavailable)?;
+            }
+            Err(why) => crate::legacy::left_unconverted(&tenant, &session_id, &why),
+        }
+    }
+    Ok(())
 }

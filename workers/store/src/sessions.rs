@@ -2,8 +2,9 @@
 //! merge state and the idempotency record, so a crash leaves all of it or none of it.
 //!
 //! The merge itself is the caller's closure ([`MergeFn`]), so this crate knows nothing of
-//! CRDTs: it hands the closure the stored state (JSON text) under the session's lock and
-//! writes back what the closure decided.
+//! CRDTs, only the rows a session is kept as (`firemode_merge::rows`): under the session's
+//! lock it reads the rows the caller names ([`Reads`]: the head, registers by key range,
+//! stamps by event), hands them to the closure, and writes back the rows it changed.
 
 /// Who is asking and with which key.
 #[derive(Clone, Debug)]
@@ -39,19 +40,24 @@ impl IdempotencyKey {
     }
 }
 
+pub use firemode_merge::{Reads, RowChanges, SessionRows};
+
 /// What the merge closure decided.
 #[derive(Debug)]
 pub struct MergeStep {
-    /// The new state to store, or `None` when nothing changed.
-    pub new_state: Option<String>,
+    /// The rows to write (an applied batch), or `None` when nothing changed.
+    pub changes: Option<RowChanges>,
     pub status: u16,
     pub body: String,
     /// Remember the answer under the idempotency key (false for answers a retry should not
     /// get again, such as "sync first").
     pub remember: bool,
     /// Conflicts to keep in the session's journal, each a JSON object (without its `seq`,
-    /// which the store assigns), in order. Only written with a `new_state`.
+    /// which the store assigns), in order. Only written with `changes`.
     pub journal: Vec<String>,
+    /// The closure's note to its caller that the session is due for compaction
+    /// ([`crate::Store::compact_session`]); the store only hands it back.
+    pub compact: bool,
 }
 
 /// One kept conflict: its number in the session's journal and the JSON the merge wrote.
@@ -72,13 +78,18 @@ pub enum MergeOutcome {
     KeyReused,
 }
 
-/// The merge closure: gets the stored state (`None` for a new session) and decides.
-pub type MergeFn = Box<dyn FnOnce(Option<&str>) -> MergeStep + Send + 'static>;
+/// The merge closure: gets the rows it asked for (`None` for a new session) and decides.
+pub type MergeFn = Box<dyn FnOnce(Option<SessionRows>) -> MergeStep + Send + 'static>;
 
-/// A session as stored.
+/// The compaction closure: gets every row of the session but its stamps, returns the rows to
+/// write (`None`: nothing to do).
+pub type CompactFn = Box<dyn FnOnce(SessionRows) -> Option<RowChanges> + Send + 'static>;
+
+/// A session as stored: its head, base and every register (no stamp rows: reads need none),
+/// read in one snapshot.
 #[derive(Clone, Debug, PartialEq)]
 pub struct StoredSession {
-    pub state: String,
+    pub rows: SessionRows,
     /// Bumped by every applied batch.
     pub version: i64,
 }

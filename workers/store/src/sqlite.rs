@@ -2,11 +2,13 @@
 //! on tokio's blocking threads. Writers take `BEGIN IMMEDIATE`, so concurrent processes
 //! queue on SQLite's lock (with a busy timeout) instead of failing.
 
-use crate::migrations::{MIGRATIONS, SCHEMA_TABLE};
+use crate::migrations::{MIGRATIONS, ROWS_LAYOUT, SCHEMA_TABLE};
 use crate::sessions::{
-    live_since, IdempotencyKey, JournalEntry, MergeFn, MergeOutcome, MergeStep, StoredSession,
+    live_since, CompactFn, IdempotencyKey, JournalEntry, MergeFn, MergeOutcome, MergeStep,
+    StoredSession,
 };
 use crate::{catalog_conflict, now_ms, StoreError, StoreOptions};
+use firemode_merge::{Reads, RowChanges, SessionRows, StampRow};
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use std::os::unix::fs::DirBuilderExt as _;
 use std::path::PathBuf;
@@ -125,6 +127,9 @@ impl SqliteStore {
                     .map_err(unavailable)?;
                 if done.is_none() {
                     tx.execute_batch(sql).map_err(unavailable)?;
+                    if *version == ROWS_LAYOUT {
+                        convert_legacy_sessions(&tx)?;
+                    }
                     tx.execute(
                         "INSERT INTO firemode_schema (version, applied_at) VALUES (?1, ?2)",
                         params![version, now_ms()],
@@ -215,14 +220,15 @@ impl SqliteStore {
     }
 
     /// One merge in one `BEGIN IMMEDIATE` transaction: the key's expired record is dropped
-    /// and a live one answers; otherwise the closure decides on the stored state and what it
-    /// decided is written.
+    /// and a live one answers; otherwise the closure decides on the rows `reads` names and
+    /// what it decided is written.
     pub async fn merge_session(
         &self,
         tenant: &str,
         session_id: &str,
         idem: IdempotencyKey,
         ttl: Duration,
+        reads: Reads,
         merge: MergeFn,
     ) -> Result<MergeOutcome, StoreError> {
         let (tenant, session_id) = (tenant.to_string(), session_id.to_string());
@@ -232,8 +238,8 @@ impl SqliteStore {
                 tx.commit().map_err(unavailable)?;
                 return Ok(idem.answer_from_record(&hash, status as u16, body));
             }
-            let stored = stored_state(&tx, &tenant, &session_id)?;
-            let step = merge(stored.as_deref());
+            let stored = read_for_merge(&tx, &tenant, &session_id, &reads)?;
+            let step = merge(stored);
             save_merge(&tx, &tenant, &session_id, &idem, &step, now_ms())?;
             tx.commit().map_err(unavailable)?;
             Ok(MergeOutcome::Ran(step))
@@ -241,6 +247,34 @@ impl SqliteStore {
         .await
     }
 
+    /// Compaction in one `BEGIN IMMEDIATE` transaction: every row of the session but its
+    /// stamps, handed to `compact`, and what it changed written (the version stays: the
+    /// document does not change).
+    pub async fn compact_session(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        compact: CompactFn,
+    ) -> Result<bool, StoreError> {
+        let (tenant, session_id) = (tenant.to_string(), session_id.to_string());
+        self.with_conn(move |conn| {
+            let tx = begin_merge(conn)?;
+            let Some(stored) = read_whole(&tx, &tenant, &session_id)? else {
+                return Ok(false);
+            };
+            let Some(changes) = compact(stored.rows) else {
+                return Ok(false);
+            };
+            write_rows(&tx, &tenant, &session_id, &changes)?;
+            set_head(&tx, &tenant, &session_id, &changes.head)?;
+            tx.commit().map_err(unavailable)?;
+            Ok(true)
+        })
+        .await
+    }
+
+    /// The whole session in one read transaction (one snapshot: a merge committing meanwhile
+    /// is seen entirely or not at all).
     pub async fn session(
         &self,
         tenant: &str,
@@ -248,18 +282,12 @@ impl SqliteStore {
     ) -> Result<Option<StoredSession>, StoreError> {
         let (tenant, session_id) = (tenant.to_string(), session_id.to_string());
         self.with_conn(move |conn| {
-            conn.query_row(
-                "SELECT state, version FROM sync_sessions WHERE tenant = ?1 AND session_id = ?2",
-                params![tenant, session_id],
-                |r| {
-                    Ok(StoredSession {
-                        state: r.get(0)?,
-                        version: r.get(1)?,
-                    })
-                },
-            )
-            .optional()
-            .map_err(unavailable)
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Deferred)
+                .map_err(unavailable)?;
+            let stored = read_whole(&tx, &tenant, &session_id)?;
+            tx.commit().map_err(unavailable)?;
+            Ok(stored)
         })
         .await
     }
@@ -370,23 +398,213 @@ fn live_record(
     .map_err(unavailable)
 }
 
-/// The session's stored state, `None` for a new session.
-fn stored_state(
+/// The head and the rows `reads` names, `None` for a new session.
+fn read_for_merge(
     tx: &rusqlite::Transaction<'_>,
     tenant: &str,
     session_id: &str,
-) -> Result<Option<String>, StoreError> {
-    tx.query_row(
-        "SELECT state FROM sync_sessions WHERE tenant = ?1 AND session_id = ?2",
-        params![tenant, session_id],
-        |r| r.get(0),
+    reads: &Reads,
+) -> Result<Option<SessionRows>, StoreError> {
+    let head: Option<String> = tx
+        .query_row(
+            "SELECT state FROM sync_sessions WHERE tenant = ?1 AND session_id = ?2",
+            params![tenant, session_id],
+            |r| r.get(0),
+        )
+        .optional()
+        .map_err(unavailable)?;
+    let Some(head) = head else {
+        return Ok(None);
+    };
+    let mut registers = Vec::new();
+    let mut in_range = tx
+        .prepare(
+            "SELECT register FROM sync_registers
+             WHERE tenant = ?1 AND session_id = ?2 AND path_key >= ?3 AND path_key < ?4",
+        )
+        .map_err(unavailable)?;
+    for range in &reads.registers {
+        let rows = in_range
+            .query_map(params![tenant, session_id, range.start, range.end], |r| {
+                r.get::<_, String>(0)
+            })
+            .map_err(unavailable)?;
+        for row in rows {
+            registers.push(row.map_err(unavailable)?);
+        }
+    }
+    let mut stamps = Vec::new();
+    let mut at = tx
+        .prepare(
+            "SELECT stamp FROM sync_stamps
+             WHERE tenant = ?1 AND session_id = ?2 AND replica_id = ?3 AND seq = ?4",
+        )
+        .map_err(unavailable)?;
+    for (replica_id, sequence) in &reads.stamps {
+        let stamp: Option<i64> = at
+            .query_row(
+                params![tenant, session_id, replica_id.as_bytes(), *sequence as i64],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(unavailable)?;
+        if let Some(stamp) = stamp {
+            stamps.push(StampRow {
+                replica_id: replica_id.clone(),
+                sequence: *sequence,
+                stamp: stamp as u64,
+            });
+        }
+    }
+    Ok(Some(SessionRows {
+        head,
+        base: None,
+        registers,
+        stamps,
+    }))
+}
+
+/// The session's head, base, version and every register (no stamps), `None` without a row.
+fn read_whole(
+    tx: &rusqlite::Transaction<'_>,
+    tenant: &str,
+    session_id: &str,
+) -> Result<Option<StoredSession>, StoreError> {
+    let row: Option<(String, Option<String>, i64)> = tx
+        .query_row(
+            "SELECT state, base, version FROM sync_sessions WHERE tenant = ?1 AND session_id = ?2",
+            params![tenant, session_id],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .optional()
+        .map_err(unavailable)?;
+    let Some((head, base, version)) = row else {
+        return Ok(None);
+    };
+    let mut statement = tx
+        .prepare(
+            "SELECT register FROM sync_registers WHERE tenant = ?1 AND session_id = ?2
+             ORDER BY path_key",
+        )
+        .map_err(unavailable)?;
+    let registers = statement
+        .query_map(params![tenant, session_id], |r| r.get::<_, String>(0))
+        .map_err(unavailable)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(unavailable)?;
+    Ok(Some(StoredSession {
+        rows: SessionRows {
+            head,
+            base,
+            registers,
+            stamps: Vec::new(),
+        },
+        version,
+    }))
+}
+
+/// Writes the register and stamp rows and the base of `changes` (not the head).
+fn write_rows(
+    tx: &rusqlite::Transaction<'_>,
+    tenant: &str,
+    session_id: &str,
+    changes: &RowChanges,
+) -> Result<(), StoreError> {
+    let mut delete = tx
+        .prepare(
+            "DELETE FROM sync_registers WHERE tenant = ?1 AND session_id = ?2 AND path_key = ?3",
+        )
+        .map_err(unavailable)?;
+    for key in &changes.deletes {
+        delete
+            .execute(params![tenant, session_id, key])
+            .map_err(unavailable)?;
+    }
+    let mut upsert = tx
+        .prepare(
+            "INSERT INTO sync_registers (tenant, session_id, path_key, register)
+             VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (tenant, session_id, path_key) DO UPDATE SET register = excluded.register",
+        )
+        .map_err(unavailable)?;
+    for row in &changes.upserts {
+        upsert
+            .execute(params![tenant, session_id, row.key, row.register])
+            .map_err(unavailable)?;
+    }
+    let mut stamp = tx
+        .prepare(
+            "INSERT INTO sync_stamps (tenant, session_id, replica_id, seq, stamp)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+        )
+        .map_err(unavailable)?;
+    for row in &changes.stamps {
+        stamp
+            .execute(params![
+                tenant,
+                session_id,
+                row.replica_id.as_bytes(),
+                row.sequence as i64,
+                row.stamp as i64
+            ])
+            .map_err(unavailable)?;
+    }
+    if let Some(base) = &changes.base {
+        tx.execute(
+            "UPDATE sync_sessions SET base = ?3 WHERE tenant = ?1 AND session_id = ?2",
+            params![tenant, session_id, base],
+        )
+        .map_err(unavailable)?;
+    }
+    Ok(())
+}
+
+/// Replaces the session's head without bumping its version (compaction, migration).
+fn set_head(
+    tx: &rusqlite::Transaction<'_>,
+    tenant: &str,
+    session_id: &str,
+    head: &str,
+) -> Result<(), StoreError> {
+    tx.execute(
+        "UPDATE sync_sessions SET state = ?3 WHERE tenant = ?1 AND session_id = ?2",
+        params![tenant, session_id, head],
     )
-    .optional()
+    .map(drop)
     .map_err(unavailable)
 }
 
-/// Writes what the merge decided: its new state and journal entries (when it has a new
-/// state), then its idempotency record (when it is remembered).
+/// Moves every session kept as one value to rows ([`crate::legacy`]), inside the migration's
+/// transaction.
+fn convert_legacy_sessions(tx: &rusqlite::Transaction<'_>) -> Result<(), StoreError> {
+    let keys: Vec<(String, String)> = tx
+        .prepare("SELECT tenant, session_id FROM sync_sessions")
+        .and_then(|mut s| {
+            s.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .map_err(unavailable)?;
+    for (tenant, session_id) in keys {
+        let state: String = tx
+            .query_row(
+                "SELECT state FROM sync_sessions WHERE tenant = ?1 AND session_id = ?2",
+                params![tenant, session_id],
+                |r| r.get(0),
+            )
+            .map_err(unavailable)?;
+        match crate::legacy::to_rows(&state) {
+            Ok(changes) => {
+                write_rows(tx, &tenant, &session_id, &changes)?;
+                set_head(tx, &tenant, &session_id, &changes.head)?;
+            }
+            Err(why) => crate::legacy::left_unconverted(&tenant, &session_id, &why),
+        }
+    }
+    Ok(())
+}
+
+/// Writes what the merge decided: its head, rows and journal entries (when it changed
+/// anything), then its idempotency record (when it is remembered).
 fn save_merge(
     tx: &rusqlite::Transaction<'_>,
     tenant: &str,
@@ -395,16 +613,17 @@ fn save_merge(
     step: &MergeStep,
     now: i64,
 ) -> Result<(), StoreError> {
-    if let Some(state) = &step.new_state {
+    if let Some(changes) = &step.changes {
         tx.execute(
             "INSERT INTO sync_sessions (tenant, session_id, state, version, updated_at)
                      VALUES (?1, ?2, ?3, 1, ?4)
                      ON CONFLICT (tenant, session_id) DO UPDATE
                      SET state = excluded.state, version = sync_sessions.version + 1,
                          updated_at = excluded.updated_at",
-            params![tenant, session_id, state, now],
+            params![tenant, session_id, changes.head, now],
         )
         .map_err(unavailable)?;
+        write_rows(tx, tenant, session_id, changes)?;
         journal(tx, tenant, session_id, &step.journal, now)?;
     }
     if step.remember {

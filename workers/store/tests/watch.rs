@@ -9,7 +9,8 @@
 mod pg;
 
 use firemode_store::{
-    IdempotencyKey, MergeOutcome, MergeStep, Store, StoreOptions, WatchStats, WATCH_CHANNEL,
+    IdempotencyKey, MergeOutcome, MergeStep, Reads, RowChanges, Store, StoreOptions, WatchStats,
+    WATCH_CHANNEL,
 };
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -103,12 +104,20 @@ async fn merge(store: &Store, tenant: &str, session_id: &str) {
             session_id,
             idem,
             Duration::from_secs(3600),
+            Reads::default(),
             Box::new(move |_| MergeStep {
-                new_state: Some(format!("{{\"batch\":\"{key}\"}}")),
+                changes: Some(RowChanges {
+                    head: format!("{{\"batch\":\"{key}\"}}"),
+                    base: None,
+                    upserts: Vec::new(),
+                    deletes: Vec::new(),
+                    stamps: Vec::new(),
+                }),
                 status: 200,
                 body: "{}".into(),
                 remember: true,
                 journal: Vec::new(),
+                compact: false,
             }),
         )
         .await

@@ -7,7 +7,7 @@ use firemode_merge::{
     Applied, Batch, Conflict, ConflictSide, MissingDependencies, MustRefetch, NotApplied, Outcome,
     ReportLimits, SessionState,
 };
-use firemode_store::{MergeFn, MergeStep};
+use firemode_store::{MergeFn, MergeStep, SessionRows};
 use firemode_wire::Problem;
 use serde_json::json;
 
@@ -61,26 +61,28 @@ impl From<NotApplied> for Refusal {
 
 /// The closure for `Store::merge_session`.
 pub fn closure(input: MergeInput) -> MergeFn {
-    Box::new(move |stored: Option<&str>| merge_batch(&input, stored))
+    Box::new(move |stored: Option<SessionRows>| merge_batch(&input, stored.as_ref()))
 }
 
-/// The merge, run by the store under the session's lock.
-pub fn merge_batch(input: &MergeInput, stored: Option<&str>) -> MergeStep {
+/// The merge, run by the store under the session's lock on the rows the batch reads.
+pub fn merge_batch(input: &MergeInput, stored: Option<&SessionRows>) -> MergeStep {
     apply(input, stored).unwrap_or_else(|refusal| {
         let problem = Problem::from(refusal);
         MergeStep {
-            new_state: None,
+            changes: None,
             status: problem.status.as_u16(),
             body: String::from_utf8_lossy(&problem.to_bytes()).into_owned(),
             remember: false,
             journal: Vec::new(),
+            compact: false,
         }
     })
 }
 
-fn apply(input: &MergeInput, stored: Option<&str>) -> Result<MergeStep, Refusal> {
+fn apply(input: &MergeInput, stored: Option<&SessionRows>) -> Result<MergeStep, Refusal> {
     let session_id = input.session_id.as_str();
     let mut state = session::decode(session_id, stored)?;
+    let before = state.clone();
     let replica = input.batch.replica_id.as_str();
     if state
         .owner(replica)
@@ -94,41 +96,54 @@ fn apply(input: &MergeInput, stored: Option<&str>) -> Result<MergeStep, Refusal>
         Outcome::Applied(applied) => {
             record_conflicts(session_id, &applied);
             state.claim(replica, &input.subject);
-            compact(&mut state, input);
+            let compact = checkpoint(&mut state, input);
             let (count, listed, total) =
                 (applied.applied, &applied.conflicts, applied.conflicts_total);
             MergeStep {
-                new_state: Some(serde_json::to_string(&state).unwrap_or_default()),
+                changes: Some(state.changed_rows(&before)),
                 status: 200,
                 body: answer(session_id, &state, count, listed, total),
                 remember: true,
                 journal: journal(input, listed),
+                compact,
             }
         }
         // Already applied: nothing changes, and the answer says so.
         Outcome::Duplicate => MergeStep {
-            new_state: None,
+            changes: None,
             status: 200,
             body: answer(session_id, &state, 0, &[], 0),
             remember: true,
             journal: Vec::new(),
+            compact: false,
         },
     })
 }
 
-/// Notes the session clock as a candidate horizon now and then, and compacts the history
-/// older than `sync.tombstone_retention` (design §3: storage grows with the live document).
-fn compact(state: &mut SessionState, input: &MergeInput) {
+/// Notes the session clock as a candidate horizon now and then; says whether a checkpoint is
+/// older than `sync.tombstone_retention`, so the session is due for compaction (design §3:
+/// storage grows with the live document), which [`compact`] does on the whole session.
+fn checkpoint(state: &mut SessionState, input: &MergeInput) -> bool {
     let retention = input.tombstone_retention_ms.max(1);
     state.checkpoint(input.at_ms, (retention / CHECKPOINTS_PER_RETENTION).max(1));
-    if let Some(compacted) = state.compact_before(input.at_ms.saturating_sub(retention)) {
+    state.compaction_due(input.at_ms.saturating_sub(retention))
+}
+
+/// The closure for `Store::compact_session`: compacts the history older than `retention_ms`
+/// (at `now_ms`) and returns the rows that changed.
+pub fn compact(session_id: String, now_ms: u64, retention_ms: u64) -> firemode_store::CompactFn {
+    Box::new(move |rows: SessionRows| {
+        let mut state = session::decode(&session_id, Some(&rows)).ok()?;
+        let before = state.clone();
+        let compacted = state.compact_before(now_ms.saturating_sub(retention_ms.max(1)))?;
         tracing::info!(
-            session_id = input.session_id,
+            session_id,
             folded = compacted.folded,
             tombstones = compacted.tombstones,
             "session history compacted"
         );
-    }
+        Some(state.changed_rows(&before))
+    })
 }
 
 /// The journal entries of the listed conflicts (design §3 "conflicts kept"): the store numbers
@@ -216,6 +231,20 @@ mod tests {
         }
     }
 
+    /// The rows a first merge wrote: every row of the new session.
+    fn rows(step: &MergeStep) -> SessionRows {
+        let changes = step
+            .changes
+            .as_ref()
+            .expect("a merge that changed the session");
+        SessionRows {
+            head: changes.head.clone(),
+            base: changes.base.clone(),
+            registers: changes.upserts.iter().map(|r| r.register.clone()).collect(),
+            stamps: changes.stamps.clone(),
+        }
+    }
+
     fn body(step: &MergeStep) -> Value {
         serde_json::from_str(&step.body).expect("answer is JSON")
     }
@@ -229,11 +258,11 @@ mod tests {
         assert_eq!((first.status, first.remember), (200, true));
         assert_eq!(body(&first)["applied"], 1);
         assert_eq!(body(&first)["vector_clock"]["t1"], 1);
-        let stored = first.new_state.expect("a new state");
+        let stored = rows(&first);
         let dup = r#"{"changes":[{"op":"set","path":"/a","value":1}],"_sync_meta":{"replica_id":"t1","vector_clock":{"t1":1}}}"#;
         let again = merge_batch(&input("alice", dup), Some(&stored));
         assert_eq!((again.status, again.remember), (200, true));
-        assert!(again.new_state.is_none());
+        assert!(again.changes.is_none());
         assert_eq!(body(&again)["applied"], 0);
         assert_eq!(body(&again)["conflicts"], serde_json::json!([]));
     }
@@ -241,17 +270,19 @@ mod tests {
     /// Refusals change nothing and are not remembered under the key.
     #[test]
     fn refusals_are_problems_that_are_not_remembered() {
-        let unreadable = merge_batch(&input("alice", SET), Some("{not json"));
+        let corrupt = SessionRows {
+            head: "{not json".to_owned(),
+            ..SessionRows::default()
+        };
+        let unreadable = merge_batch(&input("alice", SET), Some(&corrupt));
         assert_eq!((unreadable.status, unreadable.remember), (500, false));
-        assert!(unreadable.new_state.is_none());
+        assert!(unreadable.changes.is_none());
         assert_eq!(
             body(&unreadable)["detail"],
             "the stored session is unreadable; the batch was not applied"
         );
 
-        let stored = merge_batch(&input("alice", SET), None)
-            .new_state
-            .expect("state");
+        let stored = rows(&merge_batch(&input("alice", SET), None));
         let owned = merge_batch(&input("bob", SET), Some(&stored));
         assert_eq!((owned.status, owned.remember), (403, false));
         assert_eq!(

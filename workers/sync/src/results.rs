@@ -42,6 +42,9 @@ pub async fn post(
     let batch = batch_from_value(&value, &context).map_err(Problem::bad_request)?;
     let idem = idempotency::record(&caller.subject, key, &req.method, session_id, &value, body);
     drop(value);
+    let reads = batch.reads();
+    let retention_ms =
+        u64::try_from(sync.tombstone_retention.get().as_millis()).unwrap_or(u64::MAX);
     let merge = merge::closure(MergeInput {
         session_id: session_id.to_string(),
         subject: caller.subject.clone(),
@@ -52,22 +55,41 @@ pub async fn post(
         },
         request_id: request_id(req),
         at_ms: received_ms,
-        tombstone_retention_ms: u64::try_from(sync.tombstone_retention.get().as_millis())
-            .unwrap_or(u64::MAX),
+        tombstone_retention_ms: retention_ms,
     });
     let ttl = sync.idempotency_ttl.get();
     let outcome = app
         .store
-        .merge_session(&caller.tenant, session_id, idem, ttl, merge)
+        .merge_session(&caller.tenant, session_id, idem, ttl, reads, merge)
         .await
         .map_err(merge_problem)?;
     metrics::histogram!("sync_latency_seconds", "client_type" => client_type)
         .record(started.elapsed().as_secs_f64());
     match outcome {
-        MergeOutcome::Ran(step) => Ok(answer(step.status, step.body, false)),
+        MergeOutcome::Ran(step) => {
+            if step.compact {
+                compact_later(app, caller, session_id, received_ms, retention_ms);
+            }
+            Ok(answer(step.status, step.body, false))
+        }
         MergeOutcome::Replay { status, body } => Ok(answer(status, body, true)),
         MergeOutcome::KeyReused => Err(key_reused()),
     }
+}
+
+/// Compacts the session in the background, after the merge that found it due has answered:
+/// compaction loads the whole session once per checkpoint interval (a day by default), which
+/// no merge should wait for. If it does not happen (the process stops), the next merge finds
+/// the session still due and tries again.
+fn compact_later(app: &SyncApp, caller: &Caller, session_id: &str, now_ms: u64, retention_ms: u64) {
+    let store = app.store.clone();
+    let (tenant, session_id) = (caller.tenant.clone(), session_id.to_owned());
+    tokio::spawn(async move {
+        let compact = merge::compact(session_id.clone(), now_ms, retention_ms);
+        if let Err(e) = store.compact_session(&tenant, &session_id, compact).await {
+            tracing::warn!(session_id, error = %e, "session compaction failed; the next merge retries it");
+        }
+    });
 }
 
 /// The merge step's (or the remembered) answer; a replay says so in `idempotent-replayed`.

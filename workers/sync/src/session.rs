@@ -7,7 +7,7 @@ use crate::caller::Caller;
 use crate::problems::store_problem;
 use crate::HttpResponse;
 use bytes::Bytes;
-use firemode_merge::SessionState;
+use firemode_merge::{CorruptState, SessionRows, SessionState};
 use firemode_wire::Problem;
 use firemode_worker::json_response;
 use http::StatusCode;
@@ -16,15 +16,18 @@ use serde_json::json;
 /// A stored session state that does not load (a 500: it needs an operator, not a retry).
 #[derive(Debug, thiserror::Error)]
 #[error("stored session state does not load: {0}")]
-pub struct UnreadableState(#[from] serde_json::Error);
+pub struct UnreadableState(#[from] CorruptState);
 
-/// The stored state text as a [`SessionState`] (`None`: a new session, empty). An unreadable
+/// The stored rows as a [`SessionState`] (`None`: a new session, empty). An unreadable
 /// state is logged here, once.
-pub fn decode(session_id: &str, stored: Option<&str>) -> Result<SessionState, UnreadableState> {
-    let Some(text) = stored else {
+pub fn decode(
+    session_id: &str,
+    stored: Option<&SessionRows>,
+) -> Result<SessionState, UnreadableState> {
+    let Some(rows) = stored else {
         return Ok(SessionState::default());
     };
-    serde_json::from_str(text).map_err(|e| {
+    SessionState::from_rows(rows).map_err(|e| {
         tracing::error!(session_id, error = %e, "stored session state does not load");
         UnreadableState(e)
     })
@@ -42,7 +45,7 @@ pub async fn load(
         .await
         .map_err(store_problem)?;
     let version = stored.as_ref().map_or(0, |s| s.version);
-    let state = decode(session_id, stored.as_ref().map(|s| s.state.as_str()))?;
+    let state = decode(session_id, stored.as_ref().map(|s| &s.rows))?;
     Ok((state, version))
 }
 

@@ -47,12 +47,20 @@ async fn merge(store: &Store, session_id: &str, new_state: Option<String>) {
         request_hash: key,
         legacy_request_hash: None,
     };
-    let step = move |_: Option<&str>| MergeStep {
-        new_state,
+    let changes = new_state.map(|head| firemode_merge::RowChanges {
+        head,
+        base: None,
+        upserts: Vec::new(),
+        deletes: Vec::new(),
+        stamps: Vec::new(),
+    });
+    let step = move |_: Option<crate::SessionRows>| MergeStep {
+        changes,
         status: 200,
         body: "{}".into(),
         remember: true,
         journal: Vec::new(),
+        compact: false,
     };
     let outcome = store
         .merge_session(
@@ -60,6 +68,7 @@ async fn merge(store: &Store, session_id: &str, new_state: Option<String>) {
             session_id,
             idem,
             Duration::from_secs(60),
+            crate::Reads::default(),
             Box::new(step),
         )
         .await

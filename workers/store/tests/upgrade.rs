@@ -1,0 +1,225 @@
+//! Upgrading a database written by a release that kept each session as one JSON value
+//! (`fixtures/schema-v4.sql`, and states written by that release's merge in
+//! `fixtures/legacy-sessions.json`): `migrate` moves every session to rows in the migration's
+//! transaction, each reads back with the same document, clock, horizon and catch-up, later
+//! batches merge as that release merged them, and a value that does not load is left alone
+//! (its session answers "unreadable" as before) without stopping the others.
+
+#[path = "support/pg.rs"]
+mod pg;
+
+use firemode_merge::{Batch, Change, Outcome, SessionRows, SessionState, VectorClock};
+use firemode_store::{IdempotencyKey, MergeOutcome, MergeStep, Store, StoreOptions};
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+const SCHEMA_V4: &str = include_str!("fixtures/schema-v4.sql");
+const LEGACY: &str = include_str!("fixtures/legacy-sessions.json");
+const TENANT: &str = "org:upgrade";
+/// A value the old release could not have written: left as it is.
+const CORRUPT: &str = r#"{"clock":{"a":1},"stamps":{"a":[]},"registers":[]}"#;
+
+pub fn unique() -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "{:x}_{:x}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+fn cases() -> Vec<Value> {
+    serde_json::from_str::<Vec<Value>>(LEGACY).expect("fixture")
+}
+
+fn options(url: &str, dir: &Path) -> StoreOptions {
+    StoreOptions {
+        url: url.to_string(),
+        pool_size: 4,
+        data_dir: dir.to_path_buf(),
+        connect_timeout: Duration::from_secs(5),
+        lock_timeout: Duration::from_secs(5),
+    }
+}
+
+/// The old rows: every fixture session (version 3), and the corrupt one.
+fn old_rows() -> Vec<(String, String)> {
+    let mut rows: Vec<(String, String)> = cases()
+        .iter()
+        .map(|case| {
+            (
+                case["name"].as_str().expect("name").to_owned(),
+                case["state"].as_str().expect("state").to_owned(),
+            )
+        })
+        .collect();
+    rows.push(("corrupt".to_owned(), CORRUPT.to_owned()));
+    rows
+}
+
+fn write_old_sqlite(dir: &Path) {
+    std::fs::create_dir_all(dir).expect("dir");
+    let conn = rusqlite::Connection::open(dir.join("firemode.sqlite3")).expect("open");
+    conn.execute_batch(SCHEMA_V4).expect("old schema");
+    for (session_id, state) in old_rows() {
+        conn.execute(
+            "INSERT INTO sync_sessions (tenant, session_id, state, version, updated_at)
+             VALUES (?1, ?2, ?3, 3, 0)",
+            rusqlite::params![TENANT, session_id, state],
+        )
+        .expect("old row");
+    }
+}
+
+async fn write_old_postgres(url: &str) {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(conn);
+    client.batch_execute(SCHEMA_V4).await.expect("old schema");
+    for (session_id, state) in old_rows() {
+        client
+            .execute(
+                "INSERT INTO sync_sessions (tenant, session_id, state, version, updated_at)
+                 VALUES ($1, $2, $3, 3, 0)",
+                &[&TENANT, &session_id, &state],
+            )
+            .await
+            .expect("old row");
+    }
+}
+
+fn batch_of(value: &Value) -> Batch {
+    Batch {
+        replica_id: value["replica_id"].as_str().expect("replica").to_owned(),
+        replica_named: value["replica_named"].as_bool().expect("named"),
+        clock: serde_json::from_value(value["clock"].clone()).expect("clock"),
+        timestamp_ms: value["timestamp_ms"].as_u64().expect("timestamp"),
+        changes: serde_json::from_value::<Vec<Change>>(value["changes"].clone()).expect("changes"),
+    }
+}
+
+/// What the old release's merge answered, in the fixture's shape.
+fn answer_of(result: Result<Outcome, firemode_merge::NotApplied>) -> Value {
+    match result {
+        Err(e) => json!({"refused": e.to_string()}),
+        Ok(Outcome::Duplicate) => json!("duplicate"),
+        Ok(Outcome::Applied(a)) => json!({
+            "applied": a.applied, "conflicts_total": a.conflicts_total,
+            "dot": [a.dot.0, a.dot.1], "effective_timestamp": a.effective_timestamp}),
+    }
+}
+
+/// Merges `batch` through the store as the sync worker does; returns the merge's answer.
+async fn merge(store: &Store, session_id: &str, batch: Batch) -> Value {
+    let key = unique();
+    let idem = IdempotencyKey {
+        subject: "tester".into(),
+        key: key.clone(),
+        request_hash: key,
+        legacy_request_hash: None,
+    };
+    let reads = batch.reads();
+    let outcome = store
+        .merge_session(
+            TENANT,
+            session_id,
+            idem,
+            Duration::from_secs(3600),
+            reads,
+            Box::new(move |rows: Option<SessionRows>| {
+                let mut state = match rows {
+                    Some(rows) => SessionState::from_rows(&rows).expect("rows load"),
+                    None => SessionState::default(),
+                };
+                let before = state.clone();
+                let result = state.apply(&batch);
+                let applied = matches!(result, Ok(Outcome::Applied(_)));
+                MergeStep {
+                    changes: applied.then(|| state.changed_rows(&before)),
+                    status: 200,
+                    body: answer_of(result).to_string(),
+                    remember: false,
+                    journal: Vec::new(),
+                    compact: false,
+                }
+            }),
+        )
+        .await
+        .expect("merge");
+    match outcome {
+        MergeOutcome::Ran(step) => serde_json::from_str(&step.body).expect("answer"),
+        other => panic!("{other:?}"),
+    }
+}
+
+async fn whole(store: &Store, session_id: &str) -> Result<SessionState, String> {
+    let stored = store
+        .session(TENANT, session_id)
+        .await
+        .expect("read")
+        .expect("the session exists");
+    SessionState::from_rows(&stored.rows).map_err(|e| e.to_string())
+}
+
+async fn check_upgraded(store: &Store) {
+    store.migrate().await.expect("migrates");
+    // A second start finds nothing to do.
+    store.migrate().await.expect("migrates again");
+    for case in cases() {
+        let name = case["name"].as_str().expect("name");
+        let state = whole(store, name).await.expect("an upgraded session loads");
+        assert_eq!(state.document(), case["document"], "{name}: document");
+        let clock: VectorClock =
+            serde_json::from_value(case["vector_clock"].clone()).expect("clock");
+        assert_eq!(state.clock(), &clock, "{name}: clock");
+        let horizon: VectorClock =
+            serde_json::from_value(case["horizon"].clone()).expect("horizon");
+        assert_eq!(state.horizon(), &horizon, "{name}: horizon");
+        let changes =
+            serde_json::to_value(state.changes_since(&VectorClock::new()).ok()).expect("json");
+        assert_eq!(changes, case["changes_from_nothing"], "{name}: catch-up");
+        let next = case["next"].as_array().expect("next");
+        for (batch, expected) in next
+            .iter()
+            .zip(case["next_answers"].as_array().expect("answers"))
+        {
+            let answer = merge(store, name, batch_of(batch)).await;
+            assert_eq!(&answer, expected, "{name}: a later batch");
+        }
+        let after = whole(store, name).await.expect("loads after merges");
+        assert_eq!(
+            after.document(),
+            case["next_document"],
+            "{name}: document after"
+        );
+        let clock: VectorClock =
+            serde_json::from_value(case["next_vector_clock"].clone()).expect("clock");
+        assert_eq!(after.clock(), &clock, "{name}: clock after");
+    }
+    let corrupt = whole(store, "corrupt").await.expect_err("left unreadable");
+    assert!(corrupt.contains("head"), "{corrupt}");
+}
+
+#[tokio::test]
+async fn a_sqlite_database_of_the_one_value_layout_moves_to_rows() {
+    let dir: PathBuf = std::env::temp_dir().join(format!("fm-upgrade-{}", unique()));
+    write_old_sqlite(&dir);
+    let store = Store::open(&options("", &dir)).expect("open");
+    check_upgraded(&store).await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn a_postgres_database_of_the_one_value_layout_moves_to_rows() {
+    let Some(db) = pg::pg_database().await else {
+        return;
+    };
+    write_old_postgres(&db.url).await;
+    let dir: PathBuf = std::env::temp_dir().join(format!("fm-upgrade-{}", unique()));
+    let store = Store::open(&options(&db.url, &dir)).expect("open");
+    check_upgraded(&store).await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
