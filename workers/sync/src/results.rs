@@ -68,7 +68,7 @@ pub async fn post(
     match outcome {
         MergeOutcome::Ran(step) => {
             if step.compact {
-                compact_later(app, caller, session_id, received_ms, retention_ms);
+                compact(app, caller, session_id, received_ms, retention_ms).await;
             }
             Ok(answer(step.status, step.body, false))
         }
@@ -77,19 +77,19 @@ pub async fn post(
     }
 }
 
-/// Compacts the session in the background, after the merge that found it due has answered:
-/// compaction loads the whole session once per checkpoint interval (a day by default), which
-/// no merge should wait for. If it does not happen (the process stops), the next merge finds
-/// the session still due and tries again.
-fn compact_later(app: &SyncApp, caller: &Caller, session_id: &str, now_ms: u64, retention_ms: u64) {
-    let store = app.store.clone();
-    let (tenant, session_id) = (caller.tenant.clone(), session_id.to_owned());
-    tokio::spawn(async move {
-        let compact = merge::compact(session_id.clone(), now_ms, retention_ms);
-        if let Err(e) = store.compact_session(&tenant, &session_id, compact).await {
-            tracing::warn!(session_id, error = %e, "session compaction failed; the next merge retries it");
-        }
-    });
+/// Compacts the session after the merge that found it due, before that merge answers (so
+/// from its answer on, the horizon is in force). Compaction loads the whole session, once
+/// per checkpoint interval (a day by default); a failure is logged and the next merge, which
+/// finds the session still due, tries again.
+async fn compact(app: &SyncApp, caller: &Caller, session_id: &str, now_ms: u64, retention_ms: u64) {
+    let compact = merge::compact(session_id.to_owned(), now_ms, retention_ms);
+    let compacted = app
+        .store
+        .compact_session(&caller.tenant, session_id, compact)
+        .await;
+    if let Err(e) = compacted {
+        tracing::warn!(session_id, error = %e, "session compaction failed; the next merge retries it");
+    }
 }
 
 /// The merge step's (or the remembered) answer; a replay says so in `idempotent-replayed`.
