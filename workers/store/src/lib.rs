@@ -29,8 +29,8 @@ mod sqlite;
 mod watch;
 
 pub use sessions::{
-    CompactFn, IdempotencyKey, JournalEntry, MergeFn, MergeOutcome, MergeStep, Reads, RowChanges,
-    SessionRows, StoredSession,
+    CompactFn, GroupDone, GroupFn, GroupStep, IdempotencyKey, JournalEntry, MergeFn, MergeOutcome,
+    MergeStep, Reads, RowChanges, SessionRows, StoredSession,
 };
 pub use watch::pg::CHANNEL as WATCH_CHANNEL;
 pub use watch::WatchStats;
@@ -192,7 +192,7 @@ impl Store {
     /// Runs one sync merge in one transaction: the session's lock, the idempotency check,
     /// `merge` on the session's head and the rows `reads` names (the registers and stamps a
     /// batch can meet: `Batch::reads`), then the rows it changed and the idempotency record.
-    #[tracing::instrument(name = "store.merge_session", skip_all, fields(db.system = self.db_system()))]
+    /// A group of one ([`Store::merge_group`]).
     pub async fn merge_session(
         &self,
         tenant: &str,
@@ -202,23 +202,71 @@ impl Store {
         reads: Reads,
         merge: MergeFn,
     ) -> Result<MergeOutcome, StoreError> {
-        let outcome = match &self.inner {
+        let group: GroupFn = Box::new(move |rows, mut recorded| {
+            if let Some(Some(answer)) = recorded.pop() {
+                return GroupStep {
+                    changes: None,
+                    answers: vec![answer],
+                    compact: false,
+                };
+            }
+            let mut step = merge(rows);
+            GroupStep {
+                changes: step.changes.take(),
+                compact: step.compact,
+                answers: vec![MergeOutcome::Ran(step)],
+            }
+        });
+        let done = self
+            .merge_group(tenant, session_id, vec![idem], ttl, reads, group)
+            .await?;
+        done.answers
+            .into_iter()
+            .next()
+            .map(|answer| match answer {
+                MergeOutcome::Ran(mut step) => {
+                    step.compact = done.compact;
+                    MergeOutcome::Ran(step)
+                }
+                other => other,
+            })
+            .ok_or_else(|| StoreError::Unavailable("the merge gave no answer".into()))
+    }
+
+    /// Runs several merges of one session in one transaction (design §3: concurrent merges
+    /// to one session may share one, each keeping its own idempotency record and answer):
+    /// the session's lock once, every member's idempotency check, `merge` on the head and the
+    /// rows `reads` names (the union of the members' reads), then the rows written once and
+    /// each member's record and journal entries. Either all of it is kept or none of it.
+    ///
+    /// On PostgreSQL, when a member's key got a live record meanwhile (the same key used for
+    /// another session at the same moment), the group is rolled back: a group of one answers
+    /// [`MergeOutcome::KeyReused`], a larger one [`StoreError::Busy`] (the clients' retries,
+    /// with the same keys, then get the answers their keys have).
+    #[tracing::instrument(name = "store.merge_session", skip_all, fields(db.system = self.db_system(), merges = idems.len()))]
+    pub async fn merge_group(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        idems: Vec<IdempotencyKey>,
+        ttl: Duration,
+        reads: Reads,
+        merge: GroupFn,
+    ) -> Result<GroupDone, StoreError> {
+        let done = match &self.inner {
             Inner::Sqlite(s) => {
-                s.merge_session(tenant, session_id, idem, ttl, reads, merge)
+                s.merge_group(tenant, session_id, idems, ttl, reads, merge)
                     .await
             }
             Inner::Postgres(p) => {
-                p.merge_session(tenant, session_id, idem, ttl, reads, merge)
+                p.merge_group(tenant, session_id, idems, ttl, reads, merge)
                     .await
             }
         };
-        if let Ok(MergeOutcome::Ran(MergeStep {
-            changes: Some(_), ..
-        })) = &outcome
-        {
+        if let Ok(GroupDone { changed: true, .. }) = &done {
             self.watch.merged(tenant, session_id);
         }
-        outcome
+        done
     }
 
     /// Compacts a session under its lock: `compact` gets every row but the stamps and returns

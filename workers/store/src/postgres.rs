@@ -3,8 +3,8 @@
 
 use crate::migrations::{MIGRATIONS, ROWS_LAYOUT, SCHEMA_TABLE};
 use crate::sessions::{
-    live_since, CompactFn, IdempotencyKey, JournalEntry, MergeFn, MergeOutcome, MergeStep,
-    StoredSession,
+    group_journal, live_since, CompactFn, GroupDone, GroupFn, GroupStep, IdempotencyKey,
+    JournalEntry, MergeOutcome, MergeStep, StoredSession,
 };
 use crate::{catalog_conflict, now_ms, StoreError, StoreOptions};
 use bb8_postgres::PostgresConnectionManager;
@@ -45,19 +45,14 @@ struct MergeAt<'a> {
     live: i64,
 }
 
-/// What a merge found under the session's lock.
-enum Locked {
-    /// The key has a live idempotency record: the request it answered and its answer.
-    Recorded {
-        hash: String,
-        status: i32,
-        body: String,
-    },
-    /// No live record: the rows asked for and the version (`None` without a row).
-    Session {
-        rows: Option<SessionRows>,
-        version: Option<i64>,
-    },
+/// What a group found under the session's lock.
+struct Locked {
+    /// The rows asked for, `None` without a session row.
+    rows: Option<SessionRows>,
+    /// The session's version, `None` without a row.
+    version: Option<i64>,
+    /// Per member, its key's live record: the request it answered, its status and body.
+    records: Vec<Option<(String, i32, String)>>,
 }
 
 /// The advisory-lock key of a session: the first 8 bytes of SHA-256 over tenant and session
@@ -237,12 +232,12 @@ impl PgStore {
         Ok(row.map(|r| (r.get(0), r.get(1))))
     }
 
-    /// One merge in one transaction, in four round trips: `BEGIN`; then, pipelined, the lock
-    /// timeout, the session's lock, its head, the register and stamp rows `reads` names and
-    /// the key's live record (statements of a transaction run in order, so all are read under
-    /// the lock); then, pipelined, the head, the changed rows, the journal and the idempotency
-    /// record; then `COMMIT`. Statements go out with their parameter
-    /// types (`query_typed`), so none costs a separate prepare round trip.
+    /// A group of merges in one transaction, in four round trips: `BEGIN`; then, pipelined,
+    /// the lock timeout, the session's lock, its head, the register and stamp rows `reads`
+    /// names and the members' live records (statements of a transaction run in order, so all
+    /// are read under the lock); then, pipelined, the head, the changed rows, the journal and
+    /// the idempotency records; then `COMMIT`. Statements go out with their parameter types
+    /// (`query_typed`), so none costs a separate prepare round trip.
     ///
     /// The lock is a transaction-scoped advisory lock on the session's key, so a session
     /// without a row is locked without writing anything: a refused request leaves no row,
@@ -250,15 +245,15 @@ impl PgStore {
     /// timeout) and then finds its record. The row is also locked `FOR UPDATE`, which keeps
     /// the exclusion with releases that locked only the row; their placeholder rows
     /// (`version = 0`) read as a new session.
-    pub async fn merge_session(
+    pub async fn merge_group(
         &self,
         tenant: &str,
         session_id: &str,
-        idem: IdempotencyKey,
+        idems: Vec<IdempotencyKey>,
         ttl: Duration,
         reads: Reads,
-        merge: MergeFn,
-    ) -> Result<MergeOutcome, StoreError> {
+        merge: GroupFn,
+    ) -> Result<GroupDone, StoreError> {
         let mut conn = self.pool.get().await.map_err(pool_error)?;
         let tx = conn.transaction().await.map_err(unavailable)?;
         let at = MergeAt {
@@ -267,15 +262,29 @@ impl PgStore {
             now: now_ms(),
             live: live_since(ttl),
         };
-        let (rows, version) = match self.lock_and_read(&tx, &at, &idem, &reads).await? {
-            Locked::Recorded { hash, status, body } => {
-                tx.commit().await.map_err(unavailable)?;
-                return Ok(idem.answer_from_record(&hash, status as u16, body));
-            }
-            Locked::Session { rows, version } => (rows, version),
-        };
-        let step = merge(rows.filter(|_| version.is_some_and(|v| v > 0)));
-        let saved = save_merge(&tx, &at, version, &idem, &step);
+        let locked = self.lock_and_read(&tx, &at, &idems, &reads).await?;
+        let recorded: Vec<Option<MergeOutcome>> = idems
+            .iter()
+            .zip(locked.records)
+            .map(|(idem, record)| {
+                record
+                    .map(|(hash, status, body)| idem.answer_from_record(&hash, status as u16, body))
+            })
+            .collect();
+        if recorded.iter().all(Option::is_some) {
+            tx.commit().await.map_err(unavailable)?;
+            return Ok(GroupDone {
+                answers: recorded.into_iter().flatten().collect(),
+                changed: false,
+                compact: false,
+            });
+        }
+        let version = locked.version;
+        let step = merge(
+            locked.rows.filter(|_| version.is_some_and(|v| v > 0)),
+            recorded,
+        );
+        let saved = save_group(&tx, &at, version, &idems, &step);
         // Long-pollers on every host hear of the new version at commit (pipelined).
         let notified = async {
             match step.changes {
@@ -288,7 +297,20 @@ impl PgStore {
         notified.map_err(unavailable)?;
         match saved {
             Saved::Done => {}
-            Saved::KeyTaken => return Ok(MergeOutcome::KeyReused), // rolls back on drop
+            // Rolls back on drop.
+            Saved::KeyTaken if idems.len() == 1 => {
+                return Ok(GroupDone {
+                    answers: vec![MergeOutcome::KeyReused],
+                    changed: false,
+                    compact: false,
+                })
+            }
+            Saved::KeyTaken => {
+                return Err(StoreError::Busy(
+                    "an idempotency key of this group was used for another request meanwhile"
+                        .into(),
+                ))
+            }
             Saved::Raced => {
                 return Err(StoreError::Busy(
                     "the session changed under this merge (an older release holds it)".into(),
@@ -296,30 +318,28 @@ impl PgStore {
             }
         }
         tx.commit().await.map_err(unavailable)?;
-        Ok(MergeOutcome::Ran(step))
+        Ok(GroupDone {
+            changed: step.changes.is_some(),
+            compact: step.compact,
+            answers: step.answers,
+        })
     }
 
     /// The merge's first pipelined round trip: the lock timeout, the session's advisory
     /// lock, then (under the lock, as a transaction's statements run in order) the session's
-    /// head, the rows `reads` names and the key's live idempotency record.
+    /// head, the rows `reads` names and the members' live idempotency records.
     async fn lock_and_read(
         &self,
         tx: &tokio_postgres::Transaction<'_>,
         at: &MergeAt<'_>,
-        idem: &IdempotencyKey,
+        idems: &[IdempotencyKey],
         reads: &Reads,
     ) -> Result<Locked, StoreError> {
         let lock_key = session_lock_key(at.tenant, at.session_id);
         let session_params: [(&(dyn ToSql + Sync), Type); 2] =
             [(&at.tenant, Type::TEXT), (&at.session_id, Type::TEXT)];
-        let record_params: [(&(dyn ToSql + Sync), Type); 4] = [
-            (&at.tenant, Type::TEXT),
-            (&idem.subject, Type::TEXT),
-            (&idem.key, Type::TEXT),
-            (&at.live, Type::INT8),
-        ];
         let lock_params: [(&(dyn ToSql + Sync), Type); 1] = [(&lock_key, Type::INT8)];
-        let (timeout_set, locked, row, registers, stamps, record) = tokio::join!(
+        let (timeout_set, locked, row, registers, stamps, records) = tokio::join!(
             tx.batch_execute(&self.set_lock_timeout),
             tx.query_typed("SELECT pg_advisory_xact_lock($1)", &lock_params),
             tx.query_typed_opt(
@@ -329,11 +349,7 @@ impl PgStore {
             ),
             read_registers(tx, at, reads),
             read_stamps(tx, at, reads),
-            tx.query_typed_opt(
-                "SELECT request_hash, status, body FROM sync_idempotency
-                 WHERE tenant = $1 AND subject = $2 AND idem_key = $3 AND created_at >= $4",
-                &record_params,
-            ),
+            read_records(tx, at, idems),
         );
         // The first failure is the cause; the statements after it only report the aborted
         // transaction.
@@ -342,28 +358,16 @@ impl PgStore {
         let row = row.map_err(lock_error)?;
         let registers = registers.map_err(unavailable)?;
         let stamps = stamps.map_err(unavailable)?;
-        let record = record.map_err(unavailable)?;
-        if let Some(r) = record {
-            return Ok(Locked::Recorded {
-                hash: r.get(0),
-                status: r.get(1),
-                body: r.get(2),
-            });
-        }
-        Ok(match &row {
-            Some(r) => Locked::Session {
-                rows: Some(SessionRows {
-                    head: r.get(0),
-                    base: None,
-                    registers,
-                    stamps,
-                }),
-                version: Some(r.get(1)),
-            },
-            None => Locked::Session {
-                rows: None,
-                version: None,
-            },
+        let records = records.map_err(unavailable)?;
+        Ok(Locked {
+            rows: row.as_ref().map(|r| SessionRows {
+                head: r.get(0),
+                base: None,
+                registers,
+                stamps,
+            }),
+            version: row.as_ref().map(|r| r.get(1)),
+            records,
         })
     }
 
@@ -485,18 +489,18 @@ impl PgStore {
     }
 }
 
-/// The merge's second pipelined round trip: its head and rows (when it changed anything),
-/// its idempotency record (when it is remembered) and its journal entries, sent in that order.
-async fn save_merge(
+/// The group's second pipelined round trip: its head and rows (when it changed anything),
+/// its members' idempotency records (those remembered) and journal entries, in that order.
+async fn save_group(
     tx: &tokio_postgres::Transaction<'_>,
     at: &MergeAt<'_>,
     version: Option<i64>,
-    idem: &IdempotencyKey,
-    step: &MergeStep,
+    idems: &[IdempotencyKey],
+    step: &GroupStep,
 ) -> Result<Saved, StoreError> {
     let (saved, remembered, journaled) = tokio::join!(
         save_state(tx, at, version, step),
-        remember(tx, at, idem, step),
+        remember(tx, at, idems, step),
         // After the state's statement (pipelined in order): the session row exists.
         append_journal(tx, at, step),
     );
@@ -505,7 +509,7 @@ async fn save_merge(
     journaled.map_err(lock_error)?;
     Ok(if saved == 0 {
         Saved::Raced
-    } else if remembered == 0 {
+    } else if !remembered {
         Saved::KeyTaken
     } else {
         Saved::Done
@@ -518,7 +522,7 @@ async fn save_state(
     tx: &tokio_postgres::Transaction<'_>,
     at: &MergeAt<'_>,
     version: Option<i64>,
-    step: &MergeStep,
+    step: &GroupStep,
 ) -> Result<usize, tokio_postgres::Error> {
     let Some(changes) = &step.changes else {
         return Ok(1);
@@ -551,43 +555,93 @@ async fn save_state(
     head.map(|rows| rows.len())
 }
 
-/// Writes the merge's idempotency record, if it is remembered: the rows written (0 when the
-/// key has a live record), or 1 when there is nothing to write.
-///
-/// An expired record of the same key is replaced; a live one (the same key, at the same
-/// moment, for another session) is kept and nothing of this merge is.
+/// Writes the remembered answers' idempotency records: whether every one was written (not,
+/// when a key has a live record: the same key, at the same moment, for another session).
+/// An expired record of the same key is replaced; a live one is kept and nothing of this
+/// group is.
 async fn remember(
     tx: &tokio_postgres::Transaction<'_>,
     at: &MergeAt<'_>,
-    idem: &IdempotencyKey,
-    step: &MergeStep,
-) -> Result<usize, tokio_postgres::Error> {
-    if !step.remember {
-        return Ok(1);
+    idems: &[IdempotencyKey],
+    step: &GroupStep,
+) -> Result<bool, tokio_postgres::Error> {
+    let kept: Vec<(&IdempotencyKey, &MergeStep)> = idems
+        .iter()
+        .zip(&step.answers)
+        .filter_map(|(idem, answer)| match answer {
+            MergeOutcome::Ran(ran) if ran.remember => Some((idem, ran)),
+            _ => None,
+        })
+        .collect();
+    if kept.is_empty() {
+        return Ok(true);
     }
-    let status = i32::from(step.status);
-    tx.query_typed(
-        "INSERT INTO sync_idempotency
+    let subjects: Vec<&str> = kept.iter().map(|(i, _)| i.subject.as_str()).collect();
+    let keys: Vec<&str> = kept.iter().map(|(i, _)| i.key.as_str()).collect();
+    let hashes: Vec<&str> = kept.iter().map(|(i, _)| i.request_hash.as_str()).collect();
+    let statuses: Vec<i32> = kept.iter().map(|(_, r)| i32::from(r.status)).collect();
+    let bodies: Vec<&str> = kept.iter().map(|(_, r)| r.body.as_str()).collect();
+    let written = tx
+        .query_typed(
+            "INSERT INTO sync_idempotency
                  (tenant, subject, idem_key, request_hash, status, body, created_at)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7)
-                 ON CONFLICT (tenant, subject, idem_key) DO UPDATE
-                 SET request_hash = EXCLUDED.request_hash, status = EXCLUDED.status,
-                     body = EXCLUDED.body, created_at = EXCLUDED.created_at
-                 WHERE sync_idempotency.created_at < $8
-                 RETURNING 1",
-        &[
-            (&at.tenant, Type::TEXT),
-            (&idem.subject, Type::TEXT),
-            (&idem.key, Type::TEXT),
-            (&idem.request_hash, Type::TEXT),
-            (&status, Type::INT4),
-            (&step.body, Type::TEXT),
-            (&at.now, Type::INT8),
-            (&at.live, Type::INT8),
-        ],
-    )
-    .await
-    .map(|rows| rows.len())
+             SELECT $1, u.s, u.k, u.h, u.st, u.b, $7
+             FROM unnest($2::text[], $3::text[], $4::text[], $5::int4[], $6::text[])
+                  AS u(s, k, h, st, b)
+             ON CONFLICT (tenant, subject, idem_key) DO UPDATE
+             SET request_hash = EXCLUDED.request_hash, status = EXCLUDED.status,
+                 body = EXCLUDED.body, created_at = EXCLUDED.created_at
+             WHERE sync_idempotency.created_at < $8
+             RETURNING 1",
+            &[
+                (&at.tenant, Type::TEXT),
+                (&subjects, Type::TEXT_ARRAY),
+                (&keys, Type::TEXT_ARRAY),
+                (&hashes, Type::TEXT_ARRAY),
+                (&statuses, Type::INT4_ARRAY),
+                (&bodies, Type::TEXT_ARRAY),
+                (&at.now, Type::INT8),
+                (&at.live, Type::INT8),
+            ],
+        )
+        .await?;
+    Ok(written.len() == kept.len())
+}
+
+/// Per member, its key's live record (created at or after `at.live`), one statement for all.
+async fn read_records(
+    tx: &tokio_postgres::Transaction<'_>,
+    at: &MergeAt<'_>,
+    idems: &[IdempotencyKey],
+) -> Result<Vec<Option<(String, i32, String)>>, tokio_postgres::Error> {
+    let subjects: Vec<&str> = idems.iter().map(|i| i.subject.as_str()).collect();
+    let keys: Vec<&str> = idems.iter().map(|i| i.key.as_str()).collect();
+    let rows = tx
+        .query_typed(
+            "SELECT q.ord, r.request_hash, r.status, r.body
+             FROM unnest($2::text[], $3::text[]) WITH ORDINALITY AS q(subject, idem_key, ord)
+             CROSS JOIN LATERAL (
+                 SELECT request_hash, status, body FROM sync_idempotency
+                 WHERE tenant = $1 AND subject = q.subject AND idem_key = q.idem_key
+                   AND created_at >= $4
+                 OFFSET 0
+             ) r",
+            &[
+                (&at.tenant, Type::TEXT),
+                (&subjects, Type::TEXT_ARRAY),
+                (&keys, Type::TEXT_ARRAY),
+                (&at.live, Type::INT8),
+            ],
+        )
+        .await?;
+    let mut records = vec![None; idems.len()];
+    for row in rows {
+        let position = usize::try_from(row.get::<_, i64>(0) - 1).unwrap_or(usize::MAX);
+        if let Some(slot) = records.get_mut(position) {
+            *slot = Some((row.get(1), row.get(2), row.get(3)));
+        }
+    }
+    Ok(records)
 }
 
 /// Appends the merge's conflicts to the session's journal, numbered after its
@@ -595,12 +649,13 @@ async fn remember(
 async fn append_journal(
     tx: &tokio_postgres::Transaction<'_>,
     at: &MergeAt<'_>,
-    step: &MergeStep,
+    step: &GroupStep,
 ) -> Result<usize, tokio_postgres::Error> {
-    if step.journal.is_empty() || step.changes.is_none() {
+    let journal = group_journal(step);
+    if journal.is_empty() || step.changes.is_none() {
         return Ok(0);
     }
-    let count = i64::try_from(step.journal.len()).unwrap_or(i64::MAX);
+    let count = i64::try_from(journal.len()).unwrap_or(i64::MAX);
     tx.query_typed(
         "WITH numbered AS (
                      UPDATE sync_sessions SET conflicts_seq = conflicts_seq + $3
@@ -612,7 +667,7 @@ async fn append_journal(
             (&at.tenant, Type::TEXT),
             (&at.session_id, Type::TEXT),
             (&count, Type::INT8),
-            (&step.journal, Type::TEXT_ARRAY),
+            (&journal, Type::TEXT_ARRAY),
             (&at.now, Type::INT8),
         ],
     )

@@ -81,6 +81,37 @@ pub enum MergeOutcome {
 /// The merge closure: gets the rows it asked for (`None` for a new session) and decides.
 pub type MergeFn = Box<dyn FnOnce(Option<SessionRows>) -> MergeStep + Send + 'static>;
 
+/// The closure of a group of merges of one session ([`crate::Store::merge_group`]): gets the
+/// rows the group asked for (`None` for a new session) and, per member in order, the answer
+/// its idempotency key already has (`Some`: a live record; that member is not merged), and
+/// decides every member's answer and the rows to write for all of them.
+pub type GroupFn =
+    Box<dyn FnOnce(Option<SessionRows>, Vec<Option<MergeOutcome>>) -> GroupStep + Send + 'static>;
+
+/// What a group's closure decided.
+#[derive(Debug)]
+pub struct GroupStep {
+    /// The rows to write for the whole group, or `None` when nothing changed.
+    pub changes: Option<RowChanges>,
+    /// One answer per member, in order. A `Ran` answer's record is kept when it says
+    /// `remember` (at most one `Ran` per key in a group), and its journal entries are kept, in
+    /// member order, when the group changed anything. Its own `changes` is not used.
+    pub answers: Vec<MergeOutcome>,
+    /// See [`MergeStep::compact`].
+    pub compact: bool,
+}
+
+/// How a group of merges ended.
+#[derive(Debug)]
+pub struct GroupDone {
+    /// One answer per member, in order.
+    pub answers: Vec<MergeOutcome>,
+    /// Whether rows were written (the session's version moved).
+    pub changed: bool,
+    /// See [`MergeStep::compact`].
+    pub compact: bool,
+}
+
 /// The compaction closure: gets every row of the session but its stamps, returns the rows to
 /// write (`None`: nothing to do).
 pub type CompactFn = Box<dyn FnOnce(SessionRows) -> Option<RowChanges> + Send + 'static>;
@@ -92,6 +123,18 @@ pub struct StoredSession {
     pub rows: SessionRows,
     /// Bumped by every applied batch.
     pub version: i64,
+}
+
+/// The journal entries of a group's merged members, in member order.
+pub(crate) fn group_journal(step: &GroupStep) -> Vec<String> {
+    step.answers
+        .iter()
+        .filter_map(|answer| match answer {
+            MergeOutcome::Ran(ran) => Some(ran.journal.iter().cloned()),
+            _ => None,
+        })
+        .flatten()
+        .collect()
 }
 
 /// Cut-off for live idempotency records: created at or after this (ms since the epoch).

@@ -4,8 +4,8 @@
 
 use crate::migrations::{MIGRATIONS, ROWS_LAYOUT, SCHEMA_TABLE};
 use crate::sessions::{
-    live_since, CompactFn, IdempotencyKey, JournalEntry, MergeFn, MergeOutcome, MergeStep,
-    StoredSession,
+    group_journal, live_since, CompactFn, GroupDone, GroupFn, GroupStep, IdempotencyKey,
+    JournalEntry, MergeOutcome, StoredSession,
 };
 use crate::{catalog_conflict, now_ms, StoreError, StoreOptions};
 use firemode_merge::{Reads, RowChanges, SessionRows, StampRow};
@@ -219,30 +219,47 @@ impl SqliteStore {
         .await
     }
 
-    /// One merge in one `BEGIN IMMEDIATE` transaction: the key's expired record is dropped
-    /// and a live one answers; otherwise the closure decides on the rows `reads` names and
-    /// what it decided is written.
-    pub async fn merge_session(
+    /// A group of merges in one `BEGIN IMMEDIATE` transaction: each key's expired record is
+    /// dropped and a live one answers its member; the closure decides the rest on the rows
+    /// `reads` names, and what it decided is written.
+    pub async fn merge_group(
         &self,
         tenant: &str,
         session_id: &str,
-        idem: IdempotencyKey,
+        idems: Vec<IdempotencyKey>,
         ttl: Duration,
         reads: Reads,
-        merge: MergeFn,
-    ) -> Result<MergeOutcome, StoreError> {
+        merge: GroupFn,
+    ) -> Result<GroupDone, StoreError> {
         let (tenant, session_id) = (tenant.to_string(), session_id.to_string());
         self.with_conn(move |conn| {
             let tx = begin_merge(conn)?;
-            if let Some((hash, status, body)) = live_record(&tx, &tenant, &idem, live_since(ttl))? {
+            let live = live_since(ttl);
+            let mut recorded = Vec::with_capacity(idems.len());
+            for idem in &idems {
+                let record = live_record(&tx, &tenant, idem, live)?;
+                recorded.push(record.map(|(hash, status, body)| {
+                    idem.answer_from_record(&hash, status as u16, body)
+                }));
+            }
+            if recorded.iter().all(Option::is_some) {
                 tx.commit().map_err(unavailable)?;
-                return Ok(idem.answer_from_record(&hash, status as u16, body));
+                let answers = recorded.into_iter().flatten().collect();
+                return Ok(GroupDone {
+                    answers,
+                    changed: false,
+                    compact: false,
+                });
             }
             let stored = read_for_merge(&tx, &tenant, &session_id, &reads)?;
-            let step = merge(stored);
-            save_merge(&tx, &tenant, &session_id, &idem, &step, now_ms())?;
+            let step = merge(stored, recorded);
+            save_group(&tx, &tenant, &session_id, &idems, &step, now_ms())?;
             tx.commit().map_err(unavailable)?;
-            Ok(MergeOutcome::Ran(step))
+            Ok(GroupDone {
+                changed: step.changes.is_some(),
+                compact: step.compact,
+                answers: step.answers,
+            })
         })
         .await
     }
@@ -619,14 +636,14 @@ fn convert_legacy_sessions(tx: &rusqlite::Transaction<'_>) -> Result<(), StoreEr
     Ok(())
 }
 
-/// Writes what the merge decided: its head, rows and journal entries (when it changed
-/// anything), then its idempotency record (when it is remembered).
-fn save_merge(
+/// Writes what a group decided: its head, rows and its members' journal entries (when it
+/// changed anything), then each remembered answer's idempotency record.
+fn save_group(
     tx: &rusqlite::Transaction<'_>,
     tenant: &str,
     session_id: &str,
-    idem: &IdempotencyKey,
-    step: &MergeStep,
+    idems: &[IdempotencyKey],
+    step: &GroupStep,
     now: i64,
 ) -> Result<(), StoreError> {
     if let Some(changes) = &step.changes {
@@ -640,9 +657,15 @@ fn save_merge(
         )
         .map_err(unavailable)?;
         write_rows(tx, tenant, session_id, changes)?;
-        journal(tx, tenant, session_id, &step.journal, now)?;
+        journal(tx, tenant, session_id, &group_journal(step), now)?;
     }
-    if step.remember {
+    for (idem, answer) in idems.iter().zip(&step.answers) {
+        let MergeOutcome::Ran(ran) = answer else {
+            continue;
+        };
+        if !ran.remember {
+            continue;
+        }
         tx.execute(
             "INSERT INTO sync_idempotency
                      (tenant, subject, idem_key, request_hash, status, body, created_at)
@@ -652,8 +675,8 @@ fn save_merge(
                 idem.subject,
                 idem.key,
                 idem.request_hash,
-                step.status as i64,
-                step.body,
+                ran.status as i64,
+                ran.body,
                 now
             ],
         )
