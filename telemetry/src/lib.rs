@@ -42,6 +42,9 @@ pub const SIZE_BUCKETS: &[f64] = &[
     104857600.0,
 ];
 
+/// Count buckets for `sync_merge_group_size`: 1 (alone) to 64 (the most one transaction takes).
+pub const GROUP_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0];
+
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 static PROCESS: OnceLock<metrics_process::Collector> = OnceLock::new();
 
@@ -51,7 +54,13 @@ pub fn install_metrics() -> &'static PrometheusHandle {
     HANDLE.get_or_init(|| {
         let builder = PrometheusBuilder::new()
             .set_buckets_for_metric(Matcher::Suffix("seconds".into()), LATENCY_BUCKETS)
-            .and_then(|b| b.set_buckets_for_metric(Matcher::Suffix("bytes".into()), SIZE_BUCKETS));
+            .and_then(|b| b.set_buckets_for_metric(Matcher::Suffix("bytes".into()), SIZE_BUCKETS))
+            .and_then(|b| {
+                b.set_buckets_for_metric(
+                    Matcher::Full("sync_merge_group_size".into()),
+                    GROUP_BUCKETS,
+                )
+            });
         let recorder = match builder {
             Ok(b) => b.build_recorder(),
             Err(_) => PrometheusBuilder::new().build_recorder(),

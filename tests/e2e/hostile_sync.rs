@@ -515,6 +515,17 @@ async fn a_merge_that_cannot_wait_is_in_flight_not_unavailable_postgres() {
     assert_eq!(ok(&retry)["applied"], 1);
 }
 
+/// Merges waiting in the sync workers' queues for their session's next transaction, from
+/// the workers' gauge in `/metrics`.
+async fn merges_waiting(sys: &TestSystem) -> f64 {
+    let metrics = sys.admin_get("/metrics").await;
+    String::from_utf8_lossy(&metrics.body)
+        .lines()
+        .filter(|line| line.starts_with("sync_merges_waiting"))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// A duplicate that arrives while the first request is still being applied waits for it and
 /// gets its answer replayed.
 #[tokio::test]
@@ -535,19 +546,25 @@ async fn a_duplicate_in_flight_gets_the_replay_postgres() {
         let body = body.clone();
         tokio::spawn(async move { post(f, &t, "DUP", "k", &body).await })
     };
-    let waiters = |n: i64| {
-        let watcher = &watcher;
-        eventually(
-            "requests wait for the session",
-            Duration::from_secs(10),
-            move || async move { (lock_waiters(watcher).await >= n).then_some(()) },
-        )
-    };
     let first = send(t.clone());
-    waiters(1).await;
-    // The duplicate leaves once the first is inside its merge.
+    eventually(
+        "the first request waits for the session",
+        Duration::from_secs(10),
+        || async { (lock_waiters(&watcher).await >= 1).then_some(()) },
+    )
+    .await;
+    // The duplicate leaves once the first is inside its merge. It waits behind it: for the
+    // lock (on the other sync instance), or in the queue of the first one's.
     let second = send(t.clone());
-    waiters(2).await;
+    eventually(
+        "the duplicate waits for the session",
+        Duration::from_secs(10),
+        || async {
+            let queued = merges_waiting(&sys).await >= 1.0;
+            (queued || lock_waiters(&watcher).await >= 2).then_some(())
+        },
+    )
+    .await;
     tx.commit().await.expect("commit");
     let (first, second) = (first.await.expect("first"), second.await.expect("second"));
     let answer = ok(&first);

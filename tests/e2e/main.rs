@@ -15,6 +15,7 @@ mod hostile;
 mod hostile_front;
 mod hostile_ops;
 mod hostile_sync;
+mod hot_session;
 mod install;
 mod journal;
 mod multihost;

@@ -166,6 +166,24 @@ impl Batch {
     }
 }
 
+impl Reads {
+    /// What several batches read together (a group of merges in one transaction): every range
+    /// and stamp any of them names.
+    pub fn union(all: impl IntoIterator<Item = Reads>) -> Reads {
+        let (mut registers, mut stamps) = (Vec::new(), Vec::new());
+        for reads in all {
+            registers.extend(reads.registers);
+            stamps.extend(reads.stamps);
+        }
+        stamps.sort();
+        stamps.dedup();
+        Reads {
+            registers: merge_ranges(registers),
+            stamps,
+        }
+    }
+}
+
 /// Sorts `ranges` and joins the ones that overlap or touch.
 fn merge_ranges(mut ranges: Vec<KeyRange>) -> Vec<KeyRange> {
     ranges.sort();

@@ -54,7 +54,7 @@ pub struct StoreOptions {
     pub lock_timeout: Duration,
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum StoreError {
     /// The database cannot be reached (down, pool exhausted, timed out). Retry later.
     #[error("store unavailable: {0}")]

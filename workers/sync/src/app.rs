@@ -28,6 +28,8 @@ pub struct SyncApp {
     pub readiness: firemode_worker::Readiness,
     /// Whole-session reads in flight, shared by the requests that want them.
     pub reads: crate::shared_reads::SharedReads,
+    /// Merges waiting for their session's next transaction.
+    pub merges: Arc<crate::merge_queue::MergeQueue>,
 }
 
 impl SyncApp {
@@ -44,6 +46,7 @@ impl SyncApp {
             catalog,
             readiness: ctx.readiness,
             reads: Default::default(),
+            merges: Default::default(),
         })
     }
 }
@@ -70,6 +73,15 @@ fn describe_metrics() {
         Unit::Bytes,
         "Offline bundle sizes before compression"
     );
+    describe_histogram!(
+        "sync_merge_group_size",
+        "Merges of one session sharing one store transaction (1: alone)"
+    );
+    describe_gauge!(
+        "sync_merges_waiting",
+        "Merges waiting for their session's next transaction (behind another merge of it)"
+    );
+    metrics::gauge!("sync_merges_waiting").set(0.0);
     describe_gauge!(
         "sync_long_polls_waiting",
         "GET …/changes requests held until a merge or the end of their wait"

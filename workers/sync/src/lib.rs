@@ -21,6 +21,7 @@
 //! * [`idempotency`]: the `Idempotency-Key` rule and the request fingerprint.
 //! * [`results`]: `POST …/results`, from key and body to the answer.
 //! * [`merge`]: the merge step the store runs under the session's lock (no I/O).
+//! * [`merge_queue`]: merges of one session arriving together share one transaction.
 //! * [`session`]: session reads (the stored state decoded, the session as JSON, `GET`).
 //! * [`shared_reads`]: one whole-session read for every request that wants it at once.
 //! * [`bundle`]: the offline bundle's pure parts; [`bundle_http`]: its route.
@@ -37,6 +38,7 @@ pub mod catch_up;
 pub mod commands;
 pub mod idempotency;
 pub mod merge;
+pub mod merge_queue;
 pub mod problems;
 pub mod request;
 pub mod results;

@@ -1,4 +1,5 @@
-//! The merge step: the closure the store runs under the session's lock on the stored state.
+//! The merge step: the closures the store runs under the session's lock on the stored rows,
+//! for a group of merges of one session (see `merge_queue`) and for a compaction.
 //! It checks the replica's owner, applies the batch with `firemode-merge`, and decides the
 //! answer and whether it is remembered under the idempotency key. No I/O.
 
@@ -7,7 +8,7 @@ use firemode_merge::{
     Applied, Batch, Conflict, ConflictSide, MissingDependencies, MustRefetch, NotApplied, Outcome,
     ReportLimits, SessionState,
 };
-use firemode_store::{MergeFn, MergeStep, SessionRows};
+use firemode_store::{GroupFn, GroupStep, IdempotencyKey, MergeOutcome, MergeStep, SessionRows};
 use firemode_wire::Problem;
 use serde_json::json;
 
@@ -60,30 +61,139 @@ impl From<NotApplied> for Refusal {
     }
 }
 
-/// The closure for `Store::merge_session`.
-pub fn closure(input: MergeInput) -> MergeFn {
-    Box::new(move |stored: Option<SessionRows>| merge_batch(&input, stored.as_ref()))
+/// One merge alone on the rows its batch reads (a group of one; the tests' short form).
+pub fn merge_batch(input: &MergeInput, stored: Option<&SessionRows>) -> MergeStep {
+    apply(input, stored).unwrap_or_else(refused)
 }
 
-/// The merge, run by the store under the session's lock on the rows the batch reads.
-pub fn merge_batch(input: &MergeInput, stored: Option<&SessionRows>) -> MergeStep {
-    apply(input, stored).unwrap_or_else(|refusal| {
-        let problem = Problem::from(refusal);
-        MergeStep {
-            changes: None,
-            status: problem.status.as_u16(),
-            body: String::from_utf8_lossy(&problem.to_bytes()).into_owned(),
-            remember: false,
-            journal: Vec::new(),
-            compact: false,
-        }
+/// One member of a group of merges of one session (see `merge_queue`): its key, to tell a
+/// key used twice in the group, and its input.
+pub struct GroupMember {
+    pub idem: IdempotencyKey,
+    pub input: MergeInput,
+}
+
+/// The closure for `Store::merge_group`.
+pub fn group_closure(members: Vec<GroupMember>) -> GroupFn {
+    Box::new(move |stored: Option<SessionRows>, recorded| {
+        merge_group(&members, stored.as_ref(), recorded)
     })
 }
 
-fn apply(input: &MergeInput, stored: Option<&SessionRows>) -> Result<MergeStep, Refusal> {
-    let session_id = input.session_id.as_str();
-    let mut state = session::decode(session_id, stored)?;
+/// A group of merges of one session, run by the store under the session's lock: each member
+/// in order on the state the ones before it left, as if each had its own transaction. A
+/// member whose key already has a record gets that answer; one whose key an earlier member
+/// of the group used and recorded gets that member's answer again (the same request) or
+/// "key reused" (another one).
+pub fn merge_group(
+    members: &[GroupMember],
+    stored: Option<&SessionRows>,
+    recorded: Vec<Option<MergeOutcome>>,
+) -> GroupStep {
+    let session_id = members.first().map_or("", |m| m.input.session_id.as_str());
+    let mut state = match session::decode(session_id, stored) {
+        Ok(state) => state,
+        Err(unreadable) => {
+            let answers = recorded
+                .into_iter()
+                .map(|pre| {
+                    pre.unwrap_or_else(|| {
+                        MergeOutcome::Ran(refused(Refusal::Unreadable(unreadable.clone())))
+                    })
+                })
+                .collect();
+            return GroupStep {
+                changes: None,
+                answers,
+                compact: false,
+            };
+        }
+    };
     let before = state.clone();
+    let (mut changed, mut compact) = (false, false);
+    let mut answers: Vec<MergeOutcome> = Vec::with_capacity(members.len());
+    for (member, pre) in members.iter().zip(recorded) {
+        if let Some(pre) = pre {
+            answers.push(pre);
+            continue;
+        }
+        if let Some(again) = recorded_in_group(members, &answers, &member.idem) {
+            answers.push(again);
+            continue;
+        }
+        let step = match apply_to(&member.input, &mut state) {
+            Ok((step, applied)) => {
+                changed |= applied;
+                compact |= step.compact;
+                step
+            }
+            Err(refusal) => refused(refusal),
+        };
+        answers.push(MergeOutcome::Ran(step));
+    }
+    GroupStep {
+        changes: changed.then(|| state.changed_rows(&before)),
+        answers,
+        compact,
+    }
+}
+
+/// The answer an earlier member of the group recorded under `idem`'s key, if any: its answer
+/// again for the same request, "key reused" for another.
+fn recorded_in_group(
+    members: &[GroupMember],
+    answers: &[MergeOutcome],
+    idem: &IdempotencyKey,
+) -> Option<MergeOutcome> {
+    members
+        .iter()
+        .zip(answers)
+        .find_map(|(earlier, answer)| match answer {
+            MergeOutcome::Ran(step)
+                if step.remember
+                    && earlier.idem.subject == idem.subject
+                    && earlier.idem.key == idem.key =>
+            {
+                Some(if earlier.idem.request_hash == idem.request_hash {
+                    MergeOutcome::Replay {
+                        status: step.status,
+                        body: step.body.clone(),
+                    }
+                } else {
+                    MergeOutcome::KeyReused
+                })
+            }
+            _ => None,
+        })
+}
+
+/// A refusal as the member's answer: a problem, not remembered under the key.
+fn refused(refusal: Refusal) -> MergeStep {
+    let problem = Problem::from(refusal);
+    MergeStep {
+        changes: None,
+        status: problem.status.as_u16(),
+        body: String::from_utf8_lossy(&problem.to_bytes()).into_owned(),
+        remember: false,
+        journal: Vec::new(),
+        compact: false,
+    }
+}
+
+fn apply(input: &MergeInput, stored: Option<&SessionRows>) -> Result<MergeStep, Refusal> {
+    let mut state = session::decode(&input.session_id, stored)?;
+    let before = state.clone();
+    let (mut step, applied) = apply_to(input, &mut state)?;
+    if applied {
+        step.changes = Some(state.changed_rows(&before));
+    }
+    Ok(step)
+}
+
+/// Applies one batch to `state`: its answer (without rows: the caller writes them) and
+/// whether it changed the session.
+fn apply_to(input: &MergeInput, state: &mut SessionState) -> Result<(MergeStep, bool), Refusal> {
+    let session_id = input.session_id.as_str();
     let replica = input.batch.replica_id.as_str();
     if state
         .owner(replica)
@@ -104,27 +214,31 @@ fn apply(input: &MergeInput, stored: Option<&SessionRows>) -> Result<MergeStep, 
         Outcome::Applied(applied) => {
             record_conflicts(session_id, &applied);
             state.claim(replica, &input.subject);
-            let compact = checkpoint(&mut state, input);
+            let compact = checkpoint(state, input);
             let (count, listed, total) =
                 (applied.applied, &applied.conflicts, applied.conflicts_total);
-            MergeStep {
-                changes: Some(state.changed_rows(&before)),
+            let step = MergeStep {
+                changes: None,
                 status: 200,
-                body: answer(session_id, &state, count, listed, total),
+                body: answer(session_id, state, count, listed, total),
                 remember: true,
                 journal: journal(input, listed),
                 compact,
-            }
+            };
+            (step, true)
         }
         // Already applied: nothing changes, and the answer says so.
-        Outcome::Duplicate => MergeStep {
-            changes: None,
-            status: 200,
-            body: answer(session_id, &state, 0, &[], 0),
-            remember: true,
-            journal: Vec::new(),
-            compact: false,
-        },
+        Outcome::Duplicate => {
+            let step = MergeStep {
+                changes: None,
+                status: 200,
+                body: answer(session_id, state, 0, &[], 0),
+                remember: true,
+                journal: Vec::new(),
+                compact: false,
+            };
+            (step, false)
+        }
     })
 }
 
@@ -306,5 +420,116 @@ mod tests {
         assert_eq!((sync_first.status, sync_first.remember), (409, false));
         assert_eq!(body(&sync_first)["title"], "Sync first");
         assert_eq!(body(&sync_first)["vector_clock"]["t1"], 1);
+    }
+
+    fn member(subject: &str, key: &str, body: &str) -> GroupMember {
+        GroupMember {
+            idem: IdempotencyKey {
+                subject: subject.into(),
+                key: key.into(),
+                request_hash: format!("hash of {body}"),
+                legacy_request_hash: None,
+            },
+            input: input(subject, body),
+        }
+    }
+
+    fn status_and_body(answer: &MergeOutcome) -> (u16, Value) {
+        match answer {
+            MergeOutcome::Ran(step) => (step.status, body(step)),
+            MergeOutcome::Replay { status, body } => {
+                (*status, serde_json::from_str(body).expect("JSON"))
+            }
+            MergeOutcome::KeyReused => (422, Value::Null),
+        }
+    }
+
+    /// A group answers each member as its own transaction after the ones before it would,
+    /// and writes their rows once.
+    #[test]
+    fn a_group_merges_as_its_members_would_one_by_one() {
+        let bodies = [
+            r#"{"changes":[{"op":"set","path":"/a","value":1}],"_sync_meta":{"replica_id":"t1"}}"#,
+            r#"{"changes":[{"op":"set","path":"/a/b","value":2}],"_sync_meta":{"replica_id":"t2"}}"#,
+            // Sync first: names an event the session has not seen.
+            r#"{"changes":[],"_sync_meta":{"replica_id":"t3","vector_clock":{"t9":1}}}"#,
+            r#"{"changes":[{"op":"remove","path":"/a"}],"_sync_meta":{"replica_id":"t1","vector_clock":{"t1":2,"t2":1}}}"#,
+        ];
+        let members: Vec<GroupMember> = bodies
+            .iter()
+            .enumerate()
+            .map(|(i, b)| member("alice", &format!("k{i}"), b))
+            .collect();
+        let group = merge_group(&members, None, vec![None, None, None, None]);
+        // One by one, each on the rows the one before wrote.
+        let mut state = SessionState::default();
+        for (member, answer) in members.iter().zip(&group.answers) {
+            let (expected, _) =
+                apply_to(&member.input, &mut state).unwrap_or_else(|r| (refused(r), false));
+            assert_eq!(status_and_body(answer), (expected.status, body(&expected)));
+        }
+        let changes = group.changes.expect("rows to write");
+        let loaded = SessionState::from_rows(&SessionRows {
+            head: changes.head,
+            base: changes.base,
+            registers: changes.upserts.into_iter().map(|r| r.register).collect(),
+            stamps: changes.stamps,
+        })
+        .expect("loads");
+        assert_eq!(loaded.document(), state.document());
+        assert_eq!(loaded.clock(), state.clock());
+        assert_eq!(
+            group
+                .answers
+                .iter()
+                .map(|a| status_and_body(a).0)
+                .collect::<Vec<_>>(),
+            vec![200, 200, 409, 200]
+        );
+    }
+
+    /// A key used twice in one group: the same request gets the first answer again (applied
+    /// once), another request "key reused"; a key with a record gets the record's answer.
+    #[test]
+    fn a_key_used_twice_in_a_group_is_answered_as_by_its_record() {
+        let set = r#"{"changes":[{"op":"set","path":"/a","value":1}]}"#;
+        let other = r#"{"changes":[{"op":"set","path":"/a","value":2}]}"#;
+        let members = vec![
+            member("alice", "k1", set),
+            member("alice", "k1", set),
+            member("alice", "k1", other),
+            member("bob", "k1", other),
+            member("alice", "k2", other),
+        ];
+        let recorded = vec![
+            None,
+            None,
+            None,
+            None,
+            Some(MergeOutcome::Replay {
+                status: 200,
+                body: "{\"recorded\":true}".into(),
+            }),
+        ];
+        let group = merge_group(&members, None, recorded);
+        let answers: Vec<(u16, Value)> = group.answers.iter().map(status_and_body).collect();
+        assert_eq!(answers[0].0, 200);
+        assert!(matches!(group.answers[1], MergeOutcome::Replay { .. }));
+        assert_eq!(answers[1], answers[0], "the same request, the same answer");
+        assert!(matches!(group.answers[2], MergeOutcome::KeyReused));
+        // Another user's key of the same name is another key: merged.
+        assert_eq!(answers[3].0, 200);
+        assert_eq!(answers[4].1, serde_json::json!({"recorded": true}));
+        let changes = group.changes.expect("rows");
+        let loaded = SessionState::from_rows(&SessionRows {
+            head: changes.head,
+            base: None,
+            registers: changes.upserts.into_iter().map(|r| r.register).collect(),
+            stamps: changes.stamps,
+        })
+        .expect("loads");
+        // alice's k1 once and bob's k1: two events of their replicas.
+        assert_eq!(loaded.clock().get("alice"), Some(&1));
+        assert_eq!(loaded.clock().get("bob"), Some(&1));
     }
 }

@@ -1,12 +1,14 @@
 //! `POST /v1/tests/sessions/{id}/results`: one batch, from its idempotency key and body to
-//! the answer. Reads the key and the batch (400s), hands the merge step to
-//! `Store::merge_session` (one transaction with the key's record), marks replayed answers,
-//! and records `sync_latency_seconds` by client type.
+//! the answer. Reads the key and the batch (400s), hands the merge to the session's
+//! [`crate::merge_queue`] (one transaction with the key's record, shared with the merges of
+//! the same session waiting with it), marks replayed answers, and records
+//! `sync_latency_seconds` by client type.
 
 use crate::app::SyncApp;
 use crate::caller::Caller;
 use crate::idempotency;
-use crate::merge::{self, MergeInput, CONFLICT_BYTES_FLOOR};
+use crate::merge::{GroupMember, MergeInput, CONFLICT_BYTES_FLOOR};
+use crate::merge_queue::GroupSettings;
 use crate::problems::{key_reused, merge_problem};
 use crate::request::{batch_from_value, parse_json, RequestContext};
 use crate::HttpResponse;
@@ -42,10 +44,7 @@ pub async fn post(
     let batch = batch_from_value(&value, &context).map_err(Problem::bad_request)?;
     let idem = idempotency::record(&caller.subject, key, &req.method, session_id, &value, body);
     drop(value);
-    let reads = batch.reads();
-    let retention_ms =
-        u64::try_from(sync.tombstone_retention.get().as_millis()).unwrap_or(u64::MAX);
-    let merge = merge::closure(MergeInput {
+    let input = MergeInput {
         session_id: session_id.to_string(),
         subject: caller.subject.clone(),
         batch,
@@ -55,40 +54,25 @@ pub async fn post(
         },
         request_id: request_id(req),
         at_ms: received_ms,
-        tombstone_retention_ms: retention_ms,
-    });
-    let ttl = sync.idempotency_ttl.get();
+        tombstone_retention_ms: u64::try_from(sync.tombstone_retention.get().as_millis())
+            .unwrap_or(u64::MAX),
+    };
+    let settings = GroupSettings {
+        store: app.store.clone(),
+        tenant: caller.tenant.clone(),
+        idempotency_ttl: sync.idempotency_ttl.get(),
+    };
     let outcome = app
-        .store
-        .merge_session(&caller.tenant, session_id, idem, ttl, reads, merge)
+        .merges
+        .merge(settings, GroupMember { idem, input })
         .await
         .map_err(merge_problem)?;
     metrics::histogram!("sync_latency_seconds", "client_type" => client_type)
         .record(started.elapsed().as_secs_f64());
     match outcome {
-        MergeOutcome::Ran(step) => {
-            if step.compact {
-                compact(app, caller, session_id, received_ms, retention_ms).await;
-            }
-            Ok(answer(step.status, step.body, false))
-        }
+        MergeOutcome::Ran(step) => Ok(answer(step.status, step.body, false)),
         MergeOutcome::Replay { status, body } => Ok(answer(status, body, true)),
         MergeOutcome::KeyReused => Err(key_reused()),
-    }
-}
-
-/// Compacts the session after the merge that found it due, before that merge answers (so
-/// from its answer on, the horizon is in force). Compaction loads the whole session, once
-/// per checkpoint interval (a day by default); a failure is logged and the next merge, which
-/// finds the session still due, tries again.
-async fn compact(app: &SyncApp, caller: &Caller, session_id: &str, now_ms: u64, retention_ms: u64) {
-    let compact = merge::compact(session_id.to_owned(), now_ms, retention_ms);
-    let compacted = app
-        .store
-        .compact_session(&caller.tenant, session_id, compact)
-        .await;
-    if let Err(e) = compacted {
-        tracing::warn!(session_id, error = %e, "session compaction failed; the next merge retries it");
     }
 }
 

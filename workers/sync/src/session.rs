@@ -16,7 +16,7 @@ use serde_json::json;
 use std::sync::Arc;
 
 /// A stored session state that does not load (a 500: it needs an operator, not a retry).
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 #[error("stored session state does not load: {0}")]
 pub struct UnreadableState(#[from] CorruptState);
 
