@@ -15,11 +15,19 @@
 //!   object: the same parents exist on the client, and the rest of the way stays absent.
 //!
 //! So the answer grows with the registers the client has not seen, never with the session.
+//!
+//! Finding those registers need not visit the others either: a [`DeltaIndex`], built once per
+//! loaded session, lists per replica the dots the registers carry, sorted by sequence, so the
+//! registers new to a clock are one range per replica
+//! ([`SessionState::changes_since_indexed`]). Only new registers can start a skip (a `set` of
+//! a whole subtree), so walking just them, in path order, gives the same answer as walking all.
+
+use std::collections::BTreeMap;
 
 use serde_json::Value;
 
 use crate::register::Register;
-use crate::{Change, Pointer, VectorClock};
+use crate::{Change, Pointer, SessionState, VectorClock};
 
 /// A `since` clock that names events the session has not applied (HTTP 409 with the session
 /// clock): the client is ahead of this session, or talks to the wrong one.
@@ -55,6 +63,83 @@ fn is_new(register: &Register, since: &VectorClock) -> bool {
             .is_some_and(|made| !covered(since, &made.replica_id, made.sequence))
 }
 
+/// The registers of one [`SessionState`] by the dots they carry, to find the registers new
+/// to a clock without visiting the others ([`SessionState::changes_since_indexed`]).
+///
+/// Built once per loaded session ([`DeltaIndex::new`]) and shared by every client catching
+/// up on it. It holds one copy of every register's path (in path order) and, per replica,
+/// one `(sequence, position)` entry per dot a register carries (its own, and the one of the
+/// `set` a tombstone remembers), sorted: memory linear in the registers (their paths plus at
+/// most two 16-byte entries each), time `O(n log n)` to build. An answer then costs
+/// `O(replicas · log n + new · log n)`.
+///
+/// It describes the state as it was when built: a state changed since (a merge, a
+/// compaction) needs a new index.
+#[derive(Clone, Debug, Default)]
+pub struct DeltaIndex {
+    /// The session clock when built (an index of another state is not used; see
+    /// [`DeltaIndex::describes`]).
+    clock: VectorClock,
+    /// Every register's path, in path order: a register's position is its index here.
+    paths: Vec<Pointer>,
+    /// Per replica, `(sequence, position)` of every dot a register carries, sorted.
+    dots: BTreeMap<String, Vec<(u64, usize)>>,
+}
+
+impl DeltaIndex {
+    /// Indexes the registers of `state`.
+    pub fn new(state: &SessionState) -> DeltaIndex {
+        let mut paths = Vec::with_capacity(state.registers.len());
+        let mut dots: BTreeMap<String, Vec<(u64, usize)>> = BTreeMap::new();
+        let mut add = |replica: &str, sequence: u64, position: usize| match dots.get_mut(replica) {
+            Some(entries) => entries.push((sequence, position)),
+            None => {
+                dots.insert(replica.to_owned(), vec![(sequence, position)]);
+            }
+        };
+        for (position, register) in state.registers.values().enumerate() {
+            paths.push(register.path.clone());
+            add(&register.replica_id, register.sequence, position);
+            if let Some(made) = &register.parents_made {
+                add(&made.replica_id, made.sequence, position);
+            }
+        }
+        for entries in dots.values_mut() {
+            entries.sort_unstable();
+        }
+        DeltaIndex {
+            clock: state.clock.clone(),
+            paths,
+            dots,
+        }
+    }
+
+    /// Whether this index was built from `state` as it is: the same clock (no write since)
+    /// and the same number of registers (no compaction since). A path of the index that
+    /// `state` lacks is caught when it is looked up.
+    pub(crate) fn describes(&self, state: &SessionState) -> bool {
+        self.clock == state.clock && self.paths.len() == state.registers.len()
+    }
+
+    /// The paths of the registers new to `since` (see [`is_new`]), in path order, each once.
+    pub(crate) fn new_paths<'i>(
+        &'i self,
+        since: &VectorClock,
+    ) -> impl Iterator<Item = &'i Pointer> {
+        let mut positions: Vec<usize> = Vec::new();
+        for (replica, entries) in &self.dots {
+            let seen = since.get(replica).copied().unwrap_or(0);
+            let first_new = entries.partition_point(|&(sequence, _)| sequence <= seen);
+            positions.extend(entries[first_new..].iter().map(|&(_, position)| position));
+        }
+        positions.sort_unstable();
+        positions.dedup();
+        positions
+            .into_iter()
+            .filter_map(|position| self.paths.get(position))
+    }
+}
+
 /// Refuses a `since` that names events beyond `session_clock`.
 pub(crate) fn check_since(
     since: &VectorClock,
@@ -71,8 +156,10 @@ pub(crate) fn check_since(
     Ok(())
 }
 
-/// The changes for a client at `since`, given the registers in path order and the session's
-/// current document. See the module documentation for the rules.
+/// The changes for a client at `since`, given the registers in path order (all of them, or
+/// any subset holding every register new to `since`: the others are passed over, and only a
+/// new register can start a skip) and the session's current document. See the module
+/// documentation for the rules.
 pub(crate) fn changes_since<'a>(
     registers: impl IntoIterator<Item = &'a Register>,
     document: &Value,

@@ -78,7 +78,8 @@
 //! * `batch`: what a client sends ([`Batch`], [`Change`]) and its validation.
 //! * [`state`]: [`SessionState`] and [`SessionState::apply`], registers and conflicts.
 //! * [`document`]: replaying the registers into plain JSON.
-//! * [`delta`]: the changes a client at an older clock needs ([`SessionState::changes_since`]).
+//! * [`delta`]: the changes a client at an older clock needs ([`SessionState::changes_since`]),
+//!   found by range in a [`DeltaIndex`] built once per loaded session.
 //! * [`compaction`]: folding the replay's old prefix into a base document; the horizon.
 //! * `overlap`: a write's overlapping registers found by range, conflicts capped and counted.
 //! * [`rows`]: the session as rows a store keeps (head, registers by path key, stamps, base),
@@ -102,7 +103,7 @@ mod stored;
 
 pub use batch::{Batch, Change, InvalidBatch};
 pub use compaction::{Checkpoint, Compacted, MustRefetch};
-pub use delta::{SinceAhead, SinceRefused};
+pub use delta::{DeltaIndex, SinceAhead, SinceRefused};
 pub use overlap::ReportLimits;
 pub use pointer::{Pointer, PointerError, MAX_POINTER_DEPTH};
 pub use rows::{path_key, KeyRange, Reads, RegisterRow, RowChanges, SessionRows, StampRow};

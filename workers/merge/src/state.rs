@@ -7,7 +7,7 @@ use serde::{Serialize, Serializer};
 use serde_json::Value;
 
 use crate::compaction::{Checkpoint, MustRefetch};
-use crate::delta::{changes_since, check_since, SinceRefused};
+use crate::delta::{changes_since, check_since, DeltaIndex, SinceRefused};
 use crate::document::materialise;
 use crate::overlap::{Conflicts, ReportLimits, Winners};
 use crate::register::Register;
@@ -217,6 +217,32 @@ impl SessionState {
     ) -> Result<Vec<Change>, SinceRefused> {
         check_since(since, &self.clock)?;
         self.check_horizon(since, None)?;
+        Ok(changes_since(self.registers.values(), document, since))
+    }
+
+    /// [`SessionState::changes_since_with`] visiting only the registers new to `since`, found
+    /// with `index` (a [`DeltaIndex::new`] of this state as it is): the same answer in
+    /// `O(replicas · log n + new · log n)` instead of `O(n)` for `n` registers, so many
+    /// clients catching up on one session each pay for what they have not seen. An index
+    /// that does not describe this state (another clock or number of registers, a path this
+    /// state lacks) is not used: the answer is then the walk over every register.
+    pub fn changes_since_indexed(
+        &self,
+        since: &VectorClock,
+        document: &Value,
+        index: &DeltaIndex,
+    ) -> Result<Vec<Change>, SinceRefused> {
+        check_since(since, &self.clock)?;
+        self.check_horizon(since, None)?;
+        if index.describes(self) {
+            let new: Option<Vec<&Register>> = index
+                .new_paths(since)
+                .map(|path| self.registers.get(path))
+                .collect();
+            if let Some(new) = new {
+                return Ok(changes_since(new, document, since));
+            }
+        }
         Ok(changes_since(self.registers.values(), document, since))
     }
 

@@ -8,7 +8,7 @@
 
 mod support;
 
-use firemode_merge::{NotApplied, Outcome, SessionState, SinceRefused, VectorClock};
+use firemode_merge::{DeltaIndex, NotApplied, Outcome, SessionState, SinceRefused, VectorClock};
 use proptest::prelude::*;
 use serde_json::Value;
 use support::history::{generate, script, Generated};
@@ -125,8 +125,16 @@ proptest! {
         // Catching up: from the current clock nothing; from any clock of the accepted
         // history that covers the horizon, the changes rebuild the document; older: 410.
         let accepted_owned: Vec<Generated> = accepted.iter().map(|g| (*g).clone()).collect();
+        let (index, document) = (DeltaIndex::new(&state), state.document());
         for since in prefix_clocks(&accepted_owned) {
-            match state.changes_since(&since) {
+            let answer = state.changes_since(&since);
+            prop_assert_eq!(
+                &state.changes_since_indexed(&since, &document, &index),
+                &answer,
+                "since {:?}: the index disagrees",
+                since
+            );
+            match answer {
                 Ok(changes) => {
                     prop_assert!(covers_clock(&since, state.horizon()));
                     let seen = accepted_owned

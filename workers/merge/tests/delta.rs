@@ -2,11 +2,12 @@
 //! every clock a client could hold, the document of the batches that clock covers (computed
 //! by the reference model, which replays every write) with the returned changes applied is the
 //! session's document; `since = {}` rebuilds it from nothing; the changes touch only paths the
-//! unseen batches wrote (or their ancestors); a clock naming unseen events is refused.
+//! unseen batches wrote (or their ancestors); a clock naming unseen events is refused. The
+//! answer found through a `DeltaIndex` (only the new registers visited) is the same, always.
 
 mod support;
 
-use firemode_merge::{SessionState, VectorClock};
+use firemode_merge::{DeltaIndex, SessionState, VectorClock};
 use proptest::prelude::*;
 use serde_json::{Map, Value};
 use support::history::{deliver, generate_with_knowledge, script, Generated};
@@ -52,12 +53,18 @@ fn closed(clock: &VectorClock, batches: &[Generated]) -> bool {
 
 fn check_catch_up(
     state: &SessionState,
+    index: &DeltaIndex,
     batches: &[Generated],
     since: &VectorClock,
 ) -> Result<(), TestCaseError> {
     let changes = state
         .changes_since(since)
         .map_err(|e| TestCaseError::fail(format!("{since:?} refused: {e}")))?;
+    // The index finds the same answer, visiting only the registers new to `since`.
+    let indexed = state
+        .changes_since_indexed(since, &state.document(), index)
+        .map_err(|e| TestCaseError::fail(format!("{since:?} refused with the index: {e}")))?;
+    prop_assert_eq!(&indexed, &changes, "since {:?}: the index disagrees", since);
     let seen = batches
         .iter()
         .filter(|generated| covers(since, generated))
@@ -100,19 +107,31 @@ proptest! {
     fn the_document_at_since_plus_the_changes_is_the_document(steps in script(32)) {
         let (batches, knowledge) = generate_with_knowledge(&steps);
         let state = deliver(&batches, &(0..batches.len()).collect::<Vec<_>>())?;
+        let index = DeltaIndex::new(&state);
+        let document = state.document();
         for since in client_clocks(&batches, &knowledge) {
-            check_catch_up(&state, &batches, &since)?;
+            check_catch_up(&state, &index, &batches, &since)?;
         }
-        // From nothing, the changes rebuild the document.
+        // From nothing, the changes rebuild the document, with or without the index (and an
+        // index of another state is not used: the answer is the same).
         let all = state.changes_since(&VectorClock::new()).expect("{} is never ahead");
         let mut rebuilt = Value::Object(Map::new());
         apply_changes(&mut rebuilt, &all);
-        prop_assert_eq!(rebuilt, state.document());
+        prop_assert_eq!(rebuilt, document.clone());
+        let never = VectorClock::new();
+        for index in [&index, &DeltaIndex::new(&SessionState::default())] {
+            let indexed = state.changes_since_indexed(&never, &document, index);
+            prop_assert_eq!(indexed.as_ref(), Ok(&all));
+        }
 
         // A clock naming an event the session has not seen is refused with the session clock.
         let mut ahead = state.clock().clone();
         *ahead.entry("tablet-7".to_owned()).or_insert(0) += 1;
         let refusal = state.changes_since(&ahead).expect_err("ahead of the session");
+        prop_assert_eq!(
+            state.changes_since_indexed(&ahead, &document, &index),
+            Err(refusal.clone())
+        );
         let firemode_merge::SinceRefused::Ahead(refusal) = refusal else {
             return Err(TestCaseError::fail(format!("refused: {refusal}")));
         };

@@ -1,9 +1,11 @@
 //! Catching up (design §3 "Catching up, waiting, conflicts kept"):
 //!
 //! * `GET …/changes?since=<clock>&wait=<seconds>`: the changes from the document of the
-//!   batches `since` covers to the session's (`SessionState::changes_since`); when there are
-//!   none and `wait` > 0, held until a merge (through any instance or host) brings some or
-//!   the wait ends. 409 with the session clock when `since` names unseen events.
+//!   batches `since` covers to the session's (`SessionState::changes_since_indexed`, with the
+//!   document and delta index of the shared snapshot: the thousand waiters a merge wakes each
+//!   visit only the registers new to them); when there are none and `wait` > 0, held until a
+//!   merge (through any instance or host) brings some or the wait ends. 409 with the session
+//!   clock when `since` names unseen events.
 //! * `GET …/conflicts?after=<n>&limit=<m>`: the session's conflict journal, oldest first.
 
 use crate::app::SyncApp;
@@ -139,7 +141,7 @@ pub async fn changes(
         let snapshot = session::load(app, caller, session_id, freshness).await?;
         let (state, version) = (&snapshot.state, snapshot.version);
         let changes = state
-            .changes_since_with(&query.since, snapshot.document())
+            .changes_since_indexed(&query.since, snapshot.document(), snapshot.delta_index())
             .map_err(since_refused)?;
         let now = tokio::time::Instant::now();
         if !changes.is_empty() || now >= deadline {

@@ -5,7 +5,9 @@
 //! read it a thousand times and materialise its document a thousand times (design §3: the
 //! store work a merge causes must not grow with the number of waiters). Here a woken
 //! request joins the read already in flight for its session and shares its [`Snapshot`]
-//! (document materialised once, on first use), or starts the read the others then join.
+//! (document materialised and [`DeltaIndex`] built once, on first use, so each waiter's
+//! changes cost what it has not seen rather than a walk over every register), or starts the
+//! read the others then join.
 //!
 //! Two rules keep every answer as fresh as a read of its own would be:
 //! * [`Freshness::Started`]: a request that arrives (a `GET`, the first look of a `changes`)
@@ -17,17 +19,19 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use firemode_merge::SessionState;
+use firemode_merge::{DeltaIndex, SessionState};
 use firemode_wire::Problem;
 use serde_json::Value;
 use tokio::sync::OnceCell;
 
-/// One read of a session: its state, its version and, once asked for, its document.
+/// One read of a session: its state, its version and, once asked for, its document and its
+/// delta index.
 pub struct Snapshot {
     pub state: SessionState,
     /// `sync_sessions.version` of this read (0 for a session never written).
     pub version: i64,
     document: OnceLock<Value>,
+    delta_index: OnceLock<DeltaIndex>,
 }
 
 impl Snapshot {
@@ -36,12 +40,21 @@ impl Snapshot {
             state,
             version,
             document: OnceLock::new(),
+            delta_index: OnceLock::new(),
         }
     }
 
     /// The merged document, materialised once for everyone sharing this snapshot.
     pub fn document(&self) -> &Value {
         self.document.get_or_init(|| self.state.document())
+    }
+
+    /// The registers by dot, built once for everyone sharing this snapshot: each catching-up
+    /// request then visits only the registers new to its `since`
+    /// (`SessionState::changes_since_indexed`).
+    pub fn delta_index(&self) -> &DeltaIndex {
+        self.delta_index
+            .get_or_init(|| DeltaIndex::new(&self.state))
     }
 }
 
