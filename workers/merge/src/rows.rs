@@ -271,6 +271,13 @@ struct Head {
     checkpoints: Vec<Checkpoint>,
 }
 
+/// The session clock a head row holds (a cheap read: no register is loaded).
+pub fn clock_of_head(head: &str) -> Result<VectorClock, CorruptState> {
+    serde_json::from_str::<Head>(head)
+        .map(|head| head.clock)
+        .map_err(|e| CorruptState(format!("the session head does not parse: {e}")))
+}
+
 impl SessionState {
     /// The session (or the part of it a batch needs) from its rows, refusing rows that break
     /// the state's invariants. Register rows must include, with each register, every register

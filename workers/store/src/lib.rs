@@ -321,6 +321,19 @@ impl Store {
         }
     }
 
+    /// The session's head row and version (one primary-key read; no register), `None` when
+    /// it has no applied batch yet.
+    pub async fn session_head(
+        &self,
+        tenant: &str,
+        session_id: &str,
+    ) -> Result<Option<(String, i64)>, StoreError> {
+        match &self.inner {
+            Inner::Sqlite(s) => s.session_head(tenant, session_id).await,
+            Inner::Postgres(p) => p.session_head(tenant, session_id).await,
+        }
+    }
+
     /// The session's stored version (`sync_sessions.version`, bumped by every applied
     /// batch), 0 when it has no applied batch yet. One cheap query.
     pub async fn session_version(&self, tenant: &str, session_id: &str) -> Result<i64, StoreError> {

@@ -471,6 +471,23 @@ impl PgStore {
         .map_err(unavailable)
     }
 
+    pub async fn session_head(
+        &self,
+        tenant: &str,
+        session_id: &str,
+    ) -> Result<Option<(String, i64)>, StoreError> {
+        let conn = self.pool.get().await.map_err(pool_error)?;
+        let row = conn
+            .query_typed_opt(
+                "SELECT state, version FROM sync_sessions
+                 WHERE tenant = $1 AND session_id = $2 AND version > 0",
+                &[(&tenant, Type::TEXT), (&session_id, Type::TEXT)],
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(row.map(|r| (r.get(0), r.get(1))))
+    }
+
     pub async fn session_version(&self, tenant: &str, session_id: &str) -> Result<i64, StoreError> {
         let conn = self.pool.get().await.map_err(pool_error)?;
         crate::watch::pg::read_version(&conn, tenant, session_id)

@@ -350,6 +350,24 @@ impl SqliteStore {
         .await
     }
 
+    pub async fn session_head(
+        &self,
+        tenant: &str,
+        session_id: &str,
+    ) -> Result<Option<(String, i64)>, StoreError> {
+        let (tenant, session_id) = (tenant.to_string(), session_id.to_string());
+        self.with_conn(move |conn| {
+            conn.query_row(
+                "SELECT state, version FROM sync_sessions WHERE tenant = ?1 AND session_id = ?2",
+                params![tenant, session_id],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .map_err(unavailable)
+        })
+        .await
+    }
+
     /// `sync_sessions.version`, 0 when the session has no applied batch.
     pub async fn session_version(&self, tenant: &str, session_id: &str) -> Result<i64, StoreError> {
         let (tenant, session_id) = (tenant.to_string(), session_id.to_string());

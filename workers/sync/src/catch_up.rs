@@ -137,6 +137,16 @@ pub async fn changes(
     let query = ChangesQuery::parse(req.uri.query())?;
     let deadline = tokio::time::Instant::now() + query.wait;
     let mut freshness = Freshness::Started;
+    if !query.wait.is_zero() {
+        // A tablet that is up to date and waits for news: its clock is the session's, which
+        // the head alone says, so it waits without reading the whole session.
+        if let Some(version) = up_to_date(app, caller, session_id, &query.since).await? {
+            match wait(app, caller, session_id, version, deadline).await? {
+                true => freshness = Freshness::Beyond(version),
+                false => return Ok(changes_answer(session_id, &query.since, &[])),
+            }
+        }
+    }
     loop {
         let snapshot = session::load(app, caller, session_id, freshness).await?;
         let (state, version) = (&snapshot.state, snapshot.version);
@@ -145,36 +155,67 @@ pub async fn changes(
             .map_err(since_refused)?;
         let now = tokio::time::Instant::now();
         if !changes.is_empty() || now >= deadline {
-            return Ok(changes_answer(session_id, state, &changes));
+            return Ok(changes_answer(session_id, state.clock(), &changes));
         }
         // `version` comes from the same read that found nothing new: a merge after it wakes us.
-        let _waiting = Waiting::start();
-        // A worker leaving rotation answers at once (nothing new): the client polls again,
-        // and the front sends it to an instance that stays.
-        let changed = tokio::select! {
-            changed = app.store.wait_for_change(&caller.tenant, session_id, version, deadline) => {
-                changed.map_err(store_problem)?
-            }
-            () = app.readiness.waiters_released() => false,
-        };
-        if !changed {
+        if !wait(app, caller, session_id, version, deadline).await? {
             // The wait ended with nothing new: answer the (empty) changes at this clock.
-            return Ok(changes_answer(session_id, state, &changes));
+            return Ok(changes_answer(session_id, state.clock(), &changes));
         }
         // Woken by a merge: the waiters of this session share one read beyond `version`.
         freshness = Freshness::Beyond(version);
     }
 }
 
+/// The session's version when `since` is exactly its clock (nothing is new for the client),
+/// from the head alone; `None` otherwise.
+async fn up_to_date(
+    app: &SyncApp,
+    caller: &Caller,
+    session_id: &str,
+    since: &VectorClock,
+) -> Result<Option<i64>, Problem> {
+    let head = app
+        .store
+        .session_head(&caller.tenant, session_id)
+        .await
+        .map_err(store_problem)?;
+    let Some((head, version)) = head else {
+        return Ok(since.is_empty().then_some(0));
+    };
+    // A head that does not parse: the whole read says so, with its 500.
+    let clock = firemode_merge::rows::clock_of_head(&head).ok();
+    Ok((clock.as_ref() == Some(since)).then_some(version))
+}
+
+/// Holds the request until the session's version passes `version` (`true`) or the wait
+/// ends or the worker leaves rotation (`false`: a worker leaving rotation answers at once
+/// with nothing new, and the client's next poll goes to an instance that stays).
+async fn wait(
+    app: &SyncApp,
+    caller: &Caller,
+    session_id: &str,
+    version: i64,
+    deadline: tokio::time::Instant,
+) -> Result<bool, Problem> {
+    let _waiting = Waiting::start();
+    tokio::select! {
+        changed = app.store.wait_for_change(&caller.tenant, session_id, version, deadline) => {
+            changed.map_err(store_problem)
+        }
+        () = app.readiness.waiters_released() => Ok(false),
+    }
+}
+
 /// The 200 of `GET …/changes`: the session clock and the changes up to it.
 fn changes_answer(
     session_id: &str,
-    state: &firemode_merge::SessionState,
+    clock: &VectorClock,
     changes: &[firemode_merge::Change],
 ) -> HttpResponse {
     let body = json!({
         "session_id": session_id,
-        "vector_clock": state.clock(),
+        "vector_clock": clock,
         "changes": changes,
     });
     json_response(StatusCode::OK, Bytes::from(body.to_string()))
