@@ -5,7 +5,8 @@
 //!   owner, the horizon and the checkpoints. Rewritten by every merge.
 //! * **Registers**, one row each, keyed by [`path_key`]: the key's byte order is the paths'
 //!   order, so a path's subtree is one contiguous range ([`KeyRange`]).
-//! * **Stamps**, one row per applied event: `(replica, sequence, stamp)`.
+//! * **Stamps**, one row per applied event: `(replica, sequence, stamp)`; compaction deletes
+//!   the ones behind the horizon, which no merge can ask for any more.
 //! * **Base**, the compacted prefix (design §3): written only by compaction.
 //!
 //! A merge of a batch asks for [`Batch::reads`]: the registers at the proper ancestors of
@@ -198,6 +199,10 @@ pub struct RowChanges {
     pub deletes: Vec<Vec<u8>>,
     /// Stamp rows to insert.
     pub stamps: Vec<StampRow>,
+    /// Stamp rows no merge can need any more, to delete: per replica `r`, every `(r, k)`
+    /// with `k < stamps_below[r]` (compaction moved the horizon there; a batch or `since`
+    /// behind it is refused before any stamp is read). Empty unless the horizon moved.
+    pub stamps_below: VectorClock,
 }
 
 /// The head row's shape.
@@ -309,7 +314,7 @@ impl SessionState {
                 register: serde_json::to_string(register).unwrap_or_default(),
             })
             .collect();
-        let stamps = self
+        let stamps: Vec<StampRow> = self
             .stamps
             .added_since(&before.stamps)
             .map(|(replica_id, sequence, stamp)| StampRow {
@@ -318,13 +323,24 @@ impl SessionState {
                 stamp,
             })
             .collect();
+        let stamps_below = if self.horizon == before.horizon {
+            VectorClock::new()
+        } else {
+            self.horizon.clone()
+        };
         RowChanges {
             head: self.head_row(),
             base: (self.base != before.base)
                 .then(|| self.base_row().unwrap_or_else(|| "{}".to_owned())),
             upserts,
             deletes,
-            stamps,
+            stamps: stamps
+                .into_iter()
+                .filter(|row: &StampRow| {
+                    row.sequence >= stamps_below.get(&row.replica_id).copied().unwrap_or(0)
+                })
+                .collect(),
+            stamps_below,
         }
     }
 

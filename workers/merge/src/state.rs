@@ -200,13 +200,20 @@ impl SessionState {
     /// `since = {}` rebuilds the document from nothing. Refused when `since` names events the
     /// session has not applied. See [`crate::delta`].
     pub fn changes_since(&self, since: &VectorClock) -> Result<Vec<Change>, SinceRefused> {
+        self.changes_since_with(since, &self.document())
+    }
+
+    /// [`SessionState::changes_since`] with the document already materialised
+    /// (`document` must be [`SessionState::document`]): many clients catching up on one
+    /// session share one document.
+    pub fn changes_since_with(
+        &self,
+        since: &VectorClock,
+        document: &Value,
+    ) -> Result<Vec<Change>, SinceRefused> {
         check_since(since, &self.clock)?;
         self.check_horizon(since, None)?;
-        Ok(changes_since(
-            self.registers.values(),
-            &self.document(),
-            since,
-        ))
+        Ok(changes_since(self.registers.values(), document, since))
     }
 
     /// Applies one batch with the rules of design §3; on `Err` nothing changed.

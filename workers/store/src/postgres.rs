@@ -704,7 +704,8 @@ async fn read_whole(
     }))
 }
 
-/// Writes the register and stamp rows and the base of `changes` (not the head), pipelined.
+/// Writes the register and stamp rows and the base of `changes` (not the head), and deletes
+/// the stamp rows behind a new horizon, pipelined.
 async fn write_rows(
     tx: &tokio_postgres::Transaction<'_>,
     tenant: &str,
@@ -713,10 +714,11 @@ async fn write_rows(
 ) -> Result<(), tokio_postgres::Error> {
     let session: [(&(dyn ToSql + Sync), Type); 2] =
         [(&tenant, Type::TEXT), (&session_id, Type::TEXT)];
-    let (deleted, upserted, stamped, based) = tokio::join!(
+    let (deleted, upserted, stamped, trimmed, based) = tokio::join!(
         delete_registers(tx, &session, &changes.deletes),
         upsert_registers(tx, &session, &changes.upserts),
         insert_stamps(tx, &session, &changes.stamps),
+        trim_stamps(tx, &session, &changes.stamps_below),
         async {
             let Some(base) = &changes.base else {
                 return Ok(0);
@@ -731,8 +733,34 @@ async fn write_rows(
     deleted?;
     upserted?;
     stamped?;
+    trimmed?;
     based?;
     Ok(())
+}
+
+/// Deletes the stamp rows behind a new horizon: `(r, k)` with `k < below[r]`.
+async fn trim_stamps(
+    tx: &tokio_postgres::Transaction<'_>,
+    session: &SessionParams<'_>,
+    below: &firemode_merge::VectorClock,
+) -> Result<u64, tokio_postgres::Error> {
+    if below.is_empty() {
+        return Ok(0);
+    }
+    let replicas: Vec<&[u8]> = below.keys().map(|r| r.as_bytes()).collect();
+    let counts: Vec<i64> = below.values().map(|&k| k as i64).collect();
+    tx.execute_typed(
+        "DELETE FROM sync_stamps s USING unnest($3::bytea[], $4::int8[]) AS h(replica_id, below)
+         WHERE s.tenant = $1 AND s.session_id = $2
+           AND s.replica_id = h.replica_id AND s.seq < h.below",
+        &[
+            session[0].clone(),
+            session[1].clone(),
+            (&replicas, Type::BYTEA_ARRAY),
+            (&counts, Type::INT8_ARRAY),
+        ],
+    )
+    .await
 }
 
 /// `(tenant, session_id)` as typed parameters `$1, $2`.

@@ -503,7 +503,8 @@ fn read_whole(
     }))
 }
 
-/// Writes the register and stamp rows and the base of `changes` (not the head).
+/// Writes the register and stamp rows and the base of `changes` (not the head), and deletes
+/// the stamp rows behind a new horizon.
 fn write_rows(
     tx: &rusqlite::Transaction<'_>,
     tenant: &str,
@@ -548,6 +549,21 @@ fn write_rows(
                 row.stamp as i64
             ])
             .map_err(unavailable)?;
+    }
+    let mut trim = tx
+        .prepare(
+            "DELETE FROM sync_stamps
+             WHERE tenant = ?1 AND session_id = ?2 AND replica_id = ?3 AND seq < ?4",
+        )
+        .map_err(unavailable)?;
+    for (replica_id, below) in &changes.stamps_below {
+        trim.execute(params![
+            tenant,
+            session_id,
+            replica_id.as_bytes(),
+            *below as i64
+        ])
+        .map_err(unavailable)?;
     }
     if let Some(base) = &changes.base {
         tx.execute(

@@ -203,12 +203,31 @@ async fn check_upgraded(store: &Store) {
     assert!(corrupt.contains("head"), "{corrupt}");
 }
 
+/// The compacted session's stamp rows after the upgrade and its later batch: its horizon is
+/// {t1: 2}, so (t1, 1) is gone (no batch may be behind the horizon), the rest is kept.
+fn compacted_stamps() -> Vec<(Vec<u8>, i64)> {
+    vec![
+        (b"t1".to_vec(), 2),
+        (b"t1".to_vec(), 3),
+        (b"t2".to_vec(), 1),
+        (b"t2".to_vec(), 2),
+    ]
+}
+
 #[tokio::test]
 async fn a_sqlite_database_of_the_one_value_layout_moves_to_rows() {
     let dir: PathBuf = std::env::temp_dir().join(format!("fm-upgrade-{}", unique()));
     write_old_sqlite(&dir);
     let store = Store::open(&options("", &dir)).expect("open");
     check_upgraded(&store).await;
+    let conn = rusqlite::Connection::open(dir.join("firemode.sqlite3")).expect("open");
+    let kept: Vec<(Vec<u8>, i64)> = conn
+        .prepare(
+            "SELECT replica_id, seq FROM sync_stamps WHERE session_id = 'compacted' ORDER BY 1, 2",
+        )
+        .and_then(|mut s| s.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect())
+        .expect("stamps");
+    assert_eq!(kept, compacted_stamps());
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -221,5 +240,20 @@ async fn a_postgres_database_of_the_one_value_layout_moves_to_rows() {
     let dir: PathBuf = std::env::temp_dir().join(format!("fm-upgrade-{}", unique()));
     let store = Store::open(&options(&db.url, &dir)).expect("open");
     check_upgraded(&store).await;
+    let (client, conn) = tokio_postgres::connect(&db.url, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(conn);
+    let kept: Vec<(Vec<u8>, i64)> = client
+        .query(
+            "SELECT replica_id, seq FROM sync_stamps WHERE session_id = 'compacted' ORDER BY 1, 2",
+            &[],
+        )
+        .await
+        .expect("stamps")
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(kept, compacted_stamps());
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -112,6 +112,7 @@ async fn merge(store: &Store, tenant: &str, session_id: &str) {
                     upserts: Vec::new(),
                     deletes: Vec::new(),
                     stamps: Vec::new(),
+                    stamps_below: Default::default(),
                 }),
                 status: 200,
                 body: "{}".into(),

@@ -26,6 +26,8 @@ pub struct SyncApp {
     pub catalog: Arc<ArcSwapOption<RenderedCatalog>>,
     /// Readiness, and the drain long-polls stop waiting at.
     pub readiness: firemode_worker::Readiness,
+    /// Whole-session reads in flight, shared by the requests that want them.
+    pub reads: crate::shared_reads::SharedReads,
 }
 
 impl SyncApp {
@@ -41,6 +43,7 @@ impl SyncApp {
             config: ctx.config,
             catalog,
             readiness: ctx.readiness,
+            reads: Default::default(),
         })
     }
 }

@@ -7,6 +7,7 @@ use crate::app::SyncApp;
 use crate::bundle;
 use crate::caller::Caller;
 use crate::session::{self, session_json};
+use crate::shared_reads::Freshness;
 use crate::HttpResponse;
 use bytes::Bytes;
 use firemode_wire::Problem;
@@ -44,8 +45,13 @@ pub async fn get(
         .catalog
         .load_full()
         .ok_or(BundleError::CatalogNotLoaded)?;
-    let (state, version) = session::load(app, caller, session_id).await?;
-    let etag = bundle::etag(&caller.tenant, session_id, version, &catalog.version);
+    let snapshot = session::load(app, caller, session_id, Freshness::Started).await?;
+    let etag = bundle::etag(
+        &caller.tenant,
+        session_id,
+        snapshot.version,
+        &catalog.version,
+    );
     let header = |name: header::HeaderName| req.headers.get(name).and_then(|v| v.to_str().ok());
     if header(header::IF_NONE_MATCH).is_some_and(|h| bundle::if_none_match(h, &etag)) {
         return Ok(not_modified(&etag));
@@ -53,7 +59,7 @@ pub async fn get(
     let generated_at = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
     let body = bundle::render(
         &generated_at,
-        session_json(session_id, &state).as_bytes(),
+        session_json(session_id, &snapshot).as_bytes(),
         &catalog.json,
     );
     metrics::histogram!("offline_bundle_bytes").record(body.len() as f64);

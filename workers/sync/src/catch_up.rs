@@ -10,6 +10,7 @@ use crate::app::SyncApp;
 use crate::caller::Caller;
 use crate::problems::store_problem;
 use crate::session;
+use crate::shared_reads::Freshness;
 use crate::HttpResponse;
 use bytes::Bytes;
 use firemode_merge::{SinceAhead, SinceRefused, VectorClock};
@@ -133,12 +134,16 @@ pub async fn changes(
 ) -> Result<HttpResponse, Problem> {
     let query = ChangesQuery::parse(req.uri.query())?;
     let deadline = tokio::time::Instant::now() + query.wait;
+    let mut freshness = Freshness::Started;
     loop {
-        let (state, version) = session::load(app, caller, session_id).await?;
-        let changes = state.changes_since(&query.since).map_err(since_refused)?;
+        let snapshot = session::load(app, caller, session_id, freshness).await?;
+        let (state, version) = (&snapshot.state, snapshot.version);
+        let changes = state
+            .changes_since_with(&query.since, snapshot.document())
+            .map_err(since_refused)?;
         let now = tokio::time::Instant::now();
         if !changes.is_empty() || now >= deadline {
-            return Ok(changes_answer(session_id, &state, &changes));
+            return Ok(changes_answer(session_id, state, &changes));
         }
         // `version` comes from the same read that found nothing new: a merge after it wakes us.
         let _waiting = Waiting::start();
@@ -152,8 +157,10 @@ pub async fn changes(
         };
         if !changed {
             // The wait ended with nothing new: answer the (empty) changes at this clock.
-            return Ok(changes_answer(session_id, &state, &changes));
+            return Ok(changes_answer(session_id, state, &changes));
         }
+        // Woken by a merge: the waiters of this session share one read beyond `version`.
+        freshness = Freshness::Beyond(version);
     }
 }
 

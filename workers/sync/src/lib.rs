@@ -22,6 +22,7 @@
 //! * [`results`]: `POST …/results`, from key and body to the answer.
 //! * [`merge`]: the merge step the store runs under the session's lock (no I/O).
 //! * [`session`]: session reads (the stored state decoded, the session as JSON, `GET`).
+//! * [`shared_reads`]: one whole-session read for every request that wants it at once.
 //! * [`bundle`]: the offline bundle's pure parts; [`bundle_http`]: its route.
 //! * [`catch_up`]: `GET …/changes` and `GET …/conflicts`.
 //! * [`commands`]: the one-shot `--check-store` and `--backup FILE`.
@@ -41,6 +42,7 @@ pub mod request;
 pub mod results;
 pub mod routes;
 pub mod session;
+pub mod shared_reads;
 
 pub use app::SyncApp;
 pub use commands::Command;

@@ -5,6 +5,7 @@
 use crate::app::SyncApp;
 use crate::caller::Caller;
 use crate::problems::store_problem;
+use crate::shared_reads::{Freshness, Snapshot};
 use crate::HttpResponse;
 use bytes::Bytes;
 use firemode_merge::{CorruptState, SessionRows, SessionState};
@@ -12,6 +13,7 @@ use firemode_wire::Problem;
 use firemode_worker::json_response;
 use http::StatusCode;
 use serde_json::json;
+use std::sync::Arc;
 
 /// A stored session state that does not load (a 500: it needs an operator, not a retry).
 #[derive(Debug, thiserror::Error)]
@@ -33,28 +35,35 @@ pub fn decode(
     })
 }
 
-/// The caller's session and its version (a session never written is empty, version 0).
+/// The caller's session and its version (a session never written is empty, version 0), read
+/// once for all the requests that want it at this moment and this fresh
+/// ([`crate::shared_reads`]).
 pub async fn load(
     app: &SyncApp,
     caller: &Caller,
     session_id: &str,
-) -> Result<(SessionState, i64), Problem> {
-    let stored = app
-        .store
-        .session(&caller.tenant, session_id)
+    freshness: Freshness,
+) -> Result<Arc<Snapshot>, Problem> {
+    app.reads
+        .read(&caller.tenant, session_id, freshness, || async {
+            let stored = app
+                .store
+                .session(&caller.tenant, session_id)
+                .await
+                .map_err(store_problem)?;
+            let version = stored.as_ref().map_or(0, |s| s.version);
+            let state = decode(session_id, stored.as_ref().map(|s| &s.rows))?;
+            Ok(Snapshot::new(state, version))
+        })
         .await
-        .map_err(store_problem)?;
-    let version = stored.as_ref().map_or(0, |s| s.version);
-    let state = decode(session_id, stored.as_ref().map(|s| &s.rows))?;
-    Ok((state, version))
 }
 
 /// The session as its `GET` and the bundle show it.
-pub fn session_json(session_id: &str, state: &SessionState) -> String {
+pub fn session_json(session_id: &str, snapshot: &Snapshot) -> String {
     json!({
         "session_id": session_id,
-        "document": state.document(),
-        "vector_clock": state.clock(),
+        "document": snapshot.document(),
+        "vector_clock": snapshot.state.clock(),
     })
     .to_string()
 }
@@ -65,7 +74,7 @@ pub async fn get(
     caller: &Caller,
     session_id: &str,
 ) -> Result<HttpResponse, Problem> {
-    let (state, _) = load(app, caller, session_id).await?;
-    let body = session_json(session_id, &state);
+    let snapshot = load(app, caller, session_id, Freshness::Started).await?;
+    let body = session_json(session_id, &snapshot);
     Ok(json_response(StatusCode::OK, Bytes::from(body)))
 }

@@ -53,6 +53,7 @@ async fn merge(store: &Store, session_id: &str, new_state: Option<String>) {
         upserts: Vec::new(),
         deletes: Vec::new(),
         stamps: Vec::new(),
+        stamps_below: Default::default(),
     });
     let step = move |_: Option<crate::SessionRows>| MergeStep {
         changes,
