@@ -409,7 +409,7 @@ def report1(res, stores, sizes, rounds, per_round):
                    f"(per round {min(per):.2f}–{max(per):.2f}); target ≤ 2.0: {verdict}")
     bad = {k: v for k, v in res["statuses"].items() if set(v) != {200}}
     if bad:
-        out.append(f"* non-200 answers: {bad}")
+        out.append("* non-200 answers: " + "; ".join(f"{k[0]} {k[1]:,} paths: {counts(v)}" for k, v in bad.items()))
     if res["reconnects"]:
         out.append(f"* client reconnects: {res['reconnects']}")
     return "\n".join(out), ratios
@@ -504,7 +504,7 @@ def report2(res, label, clients, duration, rounds, paths):
         per_round = " / ".join(f"{x['rps']:.0f}" for x in rs)
         out.append(f"| {title} | {m[name]:.0f} | {per_round} "
                    f"| {ms(median([x['p50'] for x in rs])):.1f} | {ms(median([x['p95'] for x in rs])):.1f} "
-                   f"| {ms(median([x['p99'] for x in rs])):.1f} | {errs or 0} "
+                   f"| {ms(median([x['p99'] for x in rs])):.1f} | {counts(errs)} "
                    f"| {median([x['worker_us'] for x in rs]):.0f} | {median([x['pg_us'] for x in rs]):.0f} "
                    f"| {median([x['client_us'] for x in rs]):.0f} |")
     ratio = m["hot"] / m["many"]
@@ -524,8 +524,8 @@ def part3(fm, sid, size, ks, rng):
     assert status == 200, (status, full[:200])
     clock = json.loads(full)["vector_clock"]
     rep.clocks[sid] = clock
-    status, empty, _ = conn.request("GET", changes_path(sid, clock))
-    rows.append(dict(k=0, delta=len(empty), full=len(full), delta_ms=float("nan"), full_ms=ms(full_dt), n=0))
+    status, empty, empty_dt = conn.request("GET", changes_path(sid, clock))
+    rows.append(dict(k=0, delta=len(empty), full=len(full), delta_ms=ms(empty_dt), full_ms=ms(full_dt), n=0))
     for k in ks:
         status, full, full_dt = conn.request("GET", f"/v1/tests/sessions/{sid}")
         before = json.loads(full)["vector_clock"]
@@ -707,6 +707,10 @@ def part4(fm, sid, size, waiters, rng):
     return x
 
 
+def counts(d):
+    return ", ".join(f"{k}: {v}" for k, v in sorted(d.items(), key=lambda kv: str(kv[0]))) or "0"
+
+
 def report4(rows, waiters, nofile_note):
     out = [f"### 4. Waiter wake-up: {waiters:,} long-polls (`wait=30`) on one session, then one merge\n",
            "Time from the merge's answer to each waiter's answer, both as complete at the client (one epoll loop reads all sockets).\n",
@@ -718,7 +722,7 @@ def report4(rows, waiters, nofile_note):
         lat = x["lat"]
         mx = ms(max(lat)) if lat else float("nan")
         out.append(f"| {label} | {x['size']:,} | {int(x['held'])} (after {x['t_held']:.1f} s) | {x['merge_ms']:.1f} "
-                   f"| {len(lat)} | {ms(median(lat)):.1f} | {ms(pctl(lat, 0.95)):.1f} | {mx:.1f} | {x['bad'] or 0} |")
+                   f"| {len(lat)} | {ms(median(lat)):.1f} | {ms(pctl(lat, 0.95)):.1f} | {mx:.1f} | {counts(x['bad'])} |")
         verdicts[(label, x["size"])] = (len(lat) == x["waiters"] and mx <= 250, mx)
     out.append("")
     for (label, size), (ok, mx) in verdicts.items():
@@ -749,7 +753,7 @@ def main():
     ap.add_argument("--duration", type=int, default=10, help="seconds per case per round (part 2)")
     ap.add_argument("--waiters", type=int, default=1000, help="part 4")
     ap.add_argument("--waiter-sizes", default="100,1000,20000", help="session sizes for part 4 (each must be in --sizes)")
-    ap.add_argument("--parts", default="1,2,3,4")
+    ap.add_argument("--parts", default="1,2,3,4", help="parts 3 and 4 run part 1 first (it fills the sessions)")
     ap.add_argument("--no-analysed", action="store_true",
                     help="leave out the third store (PostgreSQL with ANALYZE run after the fill)")
     ap.add_argument("--quick", action="store_true", help="a small smoke run (1 round, small sessions, 100 waiters)")
@@ -841,7 +845,7 @@ def main():
             if fm.pg:
                 fm.pg.drop()
     print("\n## Results\n")
-    print("\n".join(f"* {s}" for s in settings + loads))
+    print("\n".join(f"* {s}" for s in settings + loads + [f"FireMode logs: {work}"]))
     for r in reports:
         print()
         print(r)
