@@ -25,11 +25,12 @@ use crate::instance::Instance;
 use crate::instance::Kind;
 use crate::poison::{PoisonList, RequestKey};
 use crate::registry::{KindSet, Registry};
+use crate::traffic::Outcome;
 use crate::upstream::{self, UpstreamError};
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use firemode_config::Config;
-use firemode_wire::{ids, Problem, IDENTITY, IDENTITY_PREFIX, REQUEST_ID};
+use firemode_wire::{ids, Problem, DATA_FAULT, IDENTITY, IDENTITY_PREFIX, REQUEST_ID};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{BodyExt, Either, Full, Limited};
@@ -560,14 +561,18 @@ impl Exchange<'_> {
         }
         let sent = upstream::exchange(instance, request, budget, &self.settings.spill_dir);
         match tokio::time::timeout_at(self.deadline, sent).await {
-            Ok(Ok(resp)) => {
-                set.record_outcome(instance, Some(resp.status().as_u16()), threshold);
+            Ok(Ok(mut resp)) => {
+                // The worker's own mark, for the front only.
+                let data_fault = resp.headers_mut().remove(DATA_FAULT).is_some();
+                let status = resp.status().as_u16();
+                let outcome = Outcome::Answered { status, data_fault };
+                set.record_outcome(instance, outcome, threshold);
                 self.poison.forgive();
                 Ok(Ok(finish(resp)))
             }
             Ok(Err(e)) => {
                 if !e.is_local() {
-                    set.record_outcome(instance, None, threshold);
+                    set.record_outcome(instance, Outcome::Lost, threshold);
                 }
                 Ok(Err(e))
             }
@@ -576,7 +581,7 @@ impl Exchange<'_> {
                 // timeout there says the request was slow (a heavy read, a long queue),
                 // and replacing the worker would only add to the load.
                 if instance.answered() == answered_before {
-                    set.record_outcome(instance, None, threshold);
+                    set.record_outcome(instance, Outcome::Lost, threshold);
                 }
                 Err(self.settings.timeout())
             }

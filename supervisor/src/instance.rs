@@ -318,11 +318,11 @@ impl Instance {
     /// Counts a real request's outcome (`None`: no response). Returns true when real
     /// traffic says the instance is broken (`threshold` failures in a row); the caller
     /// decides what to ask of it (see `KindSet::record_outcome`).
-    pub fn count_outcome(&self, status: Option<u16>, threshold: u32) -> bool {
-        if status.is_some() {
+    pub fn count_outcome(&self, outcome: crate::traffic::Outcome, threshold: u32) -> bool {
+        if outcome != crate::traffic::Outcome::Lost {
             self.answered.fetch_add(1, Ordering::Relaxed);
         }
-        let failed = crate::traffic::is_failure(status);
+        let failed = outcome.is_failure();
         crate::traffic::record(&self.traffic_failures, failed, threshold)
     }
 

@@ -12,6 +12,7 @@
 
 use crate::choose::{least_outstanding, Candidate};
 use crate::instance::{Command, Instance, Kind};
+use crate::traffic::Outcome;
 use arc_swap::ArcSwap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -170,8 +171,8 @@ impl KindSet {
     /// siblings are all ready; the rolling way (new process ready first) when it is its
     /// kind's only instance; not yet while a sibling is already out (the cause is likely
     /// shared): the verdict is asked again on the next failure.
-    pub fn record_outcome(&self, inst: &Arc<Instance>, status: Option<u16>, threshold: u32) {
-        if !inst.count_outcome(status, threshold) {
+    pub fn record_outcome(&self, inst: &Arc<Instance>, outcome: Outcome, threshold: u32) {
+        if !inst.count_outcome(outcome, threshold) {
             return;
         }
         let reason = format!(
@@ -290,13 +291,13 @@ mod tests {
         assert!(!list[0].is_ready());
         assert!(set.may_leave_rotation(&list[1]).is_none());
         for _ in 0..10 {
-            set.record_outcome(&list[1], None, 3);
+            set.record_outcome(&list[1], Outcome::Lost, 3);
         }
         assert!(list[1].is_ready(), "the last ready one stays in rotation");
         assert_eq!(owners[1].try_command(), None);
         // Once its sibling is back, the next failure executes the waiting verdict.
         owners[0].publish(|s| s.state = InstanceState::Ready);
-        set.record_outcome(&list[1], None, 3);
+        set.record_outcome(&list[1], Outcome::Lost, 3);
         assert!(matches!(
             owners[1].try_command(),
             Some(Command::Condemn { .. })
@@ -305,7 +306,7 @@ mod tests {
         // verdict, health or traffic, takes its sibling out too.
         assert!(set.may_leave_rotation(&list[0]).is_none());
         for _ in 0..10 {
-            set.record_outcome(&list[0], None, 3);
+            set.record_outcome(&list[0], Outcome::Lost, 3);
         }
         assert_eq!(owners[0].try_command(), None);
         // Its task acted (out of rotation), then a new process became ready: the verdict
@@ -323,7 +324,7 @@ mod tests {
         let (registry, list, mut owners) = kind_with(1);
         let set = registry.kind(Kind::Sync).unwrap();
         for _ in 0..3 {
-            set.record_outcome(&list[0], Some(500), 3);
+            set.record_outcome(&list[0], Outcome::status(500), 3);
         }
         assert!(
             list[0].is_ready(),

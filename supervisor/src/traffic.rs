@@ -3,13 +3,36 @@
 //! here and, after `supervisor.traffic_failure_threshold` failures in a row, the instance is
 //! taken out of rotation and replaced.
 
-/// Whether an upstream outcome counts against the instance: a connection failure or
-/// timeout (`None`), or a 500/502/504 from the worker. A 503 does not count: it is how a
-/// worker says its store is down, which a restart cannot fix.
-pub fn is_failure(status: Option<u16>) -> bool {
-    match status {
-        None => true,
-        Some(s) => matches!(s, 500 | 502 | 504),
+/// What one attempt on an instance came to, as the front reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// An answer with this status. `data_fault`: the worker marked it
+    /// (`firemode_wire::DATA_FAULT`) as caused by stored data, such as an unreadable session.
+    Answered { status: u16, data_fault: bool },
+    /// No answer: the connection failed or the request timed out.
+    Lost,
+}
+
+impl Outcome {
+    /// An answer the worker did not blame on stored data.
+    pub fn status(status: u16) -> Outcome {
+        Outcome::Answered {
+            status,
+            data_fault: false,
+        }
+    }
+
+    /// Whether it counts against the instance: no answer, or a 500/502/504 from the worker.
+    /// A 503 does not count (it is how a worker says its store is down), nor a 500 blamed on
+    /// stored data: a restart fixes neither.
+    pub fn is_failure(self) -> bool {
+        match self {
+            Outcome::Lost => true,
+            Outcome::Answered {
+                data_fault: true, ..
+            } => false,
+            Outcome::Answered { status, .. } => matches!(status, 500 | 502 | 504),
+        }
     }
 }
 
@@ -37,14 +60,18 @@ mod tests {
 
     #[test]
     fn classifies_outcomes() {
-        assert!(is_failure(None));
-        assert!(is_failure(Some(500)));
-        assert!(is_failure(Some(502)));
-        assert!(is_failure(Some(504)));
-        assert!(!is_failure(Some(503)));
-        assert!(!is_failure(Some(200)));
-        assert!(!is_failure(Some(404)));
-        assert!(!is_failure(Some(422)));
+        assert!(Outcome::Lost.is_failure());
+        for failed in [500, 502, 504] {
+            assert!(Outcome::status(failed).is_failure());
+        }
+        for fine in [503, 200, 404, 422] {
+            assert!(!Outcome::status(fine).is_failure());
+        }
+        let blamed_on_data = Outcome::Answered {
+            status: 500,
+            data_fault: true,
+        };
+        assert!(!blamed_on_data.is_failure());
     }
 
     #[test]

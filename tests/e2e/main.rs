@@ -26,4 +26,5 @@ mod store_contract;
 mod supervision;
 mod sync;
 mod tenants;
+mod unreadable;
 mod upgrade;

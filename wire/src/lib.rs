@@ -26,5 +26,9 @@ pub const REQUEST_ID: &str = "x-request-id";
 /// Prefix of every header the front owns on the upstream hop (a client-sent one never reaches
 /// a worker); the verified caller travels in [`IDENTITY`].
 pub const IDENTITY_PREFIX: &str = "x-firemode-";
+/// Set by a worker on a 500 caused by stored data (a session that does not load), which
+/// restarting the worker cannot fix: the front removes it and does not count the answer
+/// against the instance (`supervisor.traffic_failure_threshold`).
+pub const DATA_FAULT: &str = "x-firemode-data-fault";
 /// Content type of problem responses.
 pub const PROBLEM_JSON: &str = "application/problem+json";

@@ -3,8 +3,8 @@
 //!
 //! * **Head**, one small JSON value per session: the clock, each replica's latest stamp and
 //!   owner, the horizon and the checkpoints. Rewritten by every merge.
-//! * **Registers**, one row each, keyed by [`path_key`]: the key's byte order is the paths'
-//!   order, so a path's subtree is one contiguous range ([`KeyRange`]).
+//! * **Registers**, one row each, keyed by [`path_key`]: a path's subtree is one contiguous
+//!   range of keys ([`KeyRange`]), and a key stays short whatever the document's keys.
 //! * **Stamps**, one row per applied event: `(replica, sequence, stamp)`; compaction deletes
 //!   the ones behind the horizon, which no merge can ask for any more.
 //! * **Base**, the compacted prefix (design §3): written only by compaction.
@@ -30,24 +30,48 @@ use crate::stored::{
 };
 use crate::{Batch, Pointer, SessionState, VectorClock};
 
-/// The store key of a register at `pointer`: each token's bytes, with `0x00` written
-/// `0x01 0x01` and `0x01` written `0x01 0x02`, then a `0x00`. Byte order of keys is the
-/// token order of paths, and the keys of a path's subtree are exactly those that start with
-/// its key.
+/// Tokens whose escaped bytes are longer than this are keyed by a digest instead.
+const INLINE_TOKEN_BYTES: usize = 16;
+
+/// The store key of a register at `pointer`: per token, its escaped bytes (`0x00` written
+/// `0x01 0x01`, `0x01` written `0x01 0x02`) when they are at most 16 bytes, else `0x01 0x03`
+/// and the first 16 bytes of the token's SHA-256; then a `0x00`.
+///
+/// Keys are self-delimiting and one-to-one (a digest collision aside), so the keys of a
+/// path's subtree are exactly those that start with its key: one contiguous range. A key is
+/// at most 19 bytes per token (1,216 for the deepest path), so with the tenant and session
+/// id it fits a PostgreSQL btree entry (2,704 bytes) whatever the keys of the document, and
+/// a batch's reads cost at most that per ancestor. Short tokens keep their order; the order
+/// of keys otherwise means nothing.
 pub fn path_key(pointer: &Pointer) -> Vec<u8> {
+    key_with_ends(pointer).0
+}
+
+/// [`path_key`], and the length of the key of each ancestor and of the path itself (the end
+/// of each token's encoding).
+fn key_with_ends(pointer: &Pointer) -> (Vec<u8>, Vec<usize>) {
+    use sha2::{Digest, Sha256};
     let tokens = pointer.tokens();
-    let mut key = Vec::with_capacity(tokens.iter().map(|t| t.len() + 1).sum());
+    let mut key = Vec::with_capacity(tokens.len() * (INLINE_TOKEN_BYTES + 1));
+    let mut ends = Vec::with_capacity(tokens.len());
     for token in tokens {
-        for &byte in token.as_bytes() {
-            match byte {
-                0x00 => key.extend_from_slice(&[0x01, 0x01]),
-                0x01 => key.extend_from_slice(&[0x01, 0x02]),
-                other => key.push(other),
+        let escaped: usize = token.bytes().map(|b| if b <= 0x01 { 2 } else { 1 }).sum();
+        if escaped <= INLINE_TOKEN_BYTES {
+            for byte in token.bytes() {
+                match byte {
+                    0x00 => key.extend_from_slice(&[0x01, 0x01]),
+                    0x01 => key.extend_from_slice(&[0x01, 0x02]),
+                    other => key.push(other),
+                }
             }
+        } else {
+            key.extend_from_slice(&[0x01, 0x03]);
+            key.extend_from_slice(&Sha256::digest(token.as_bytes())[..INLINE_TOKEN_BYTES]);
         }
         key.push(0x00);
+        ends.push(key.len());
     }
-    key
+    (key, ends)
 }
 
 /// The register keys `start <= key < end`.
@@ -62,22 +86,30 @@ pub struct KeyRange {
 impl KeyRange {
     /// The register at exactly `pointer`.
     pub fn at(pointer: &Pointer) -> KeyRange {
-        let start = path_key(pointer);
-        let mut end = start.clone();
-        end.push(0x00);
-        KeyRange { start, end }
+        KeyRange::exactly(path_key(pointer))
     }
 
     /// The register at `pointer` and every one below it.
     pub fn subtree(pointer: &Pointer) -> KeyRange {
-        let start = path_key(pointer);
-        let mut end = start.clone();
+        KeyRange::below(path_key(pointer))
+    }
+
+    /// The one key `key`.
+    fn exactly(key: Vec<u8>) -> KeyRange {
+        let mut end = key.clone();
+        end.push(0x00);
+        KeyRange { start: key, end }
+    }
+
+    /// `key` and the keys that extend it (`key` ends a token, with `0x00`).
+    fn below(key: Vec<u8>) -> KeyRange {
+        let mut end = key.clone();
         // Every key is terminated by 0x00: the subtree's keys extend it, and the smallest key
         // that does not is the same with that last byte raised to 0x01.
         if let Some(last) = end.last_mut() {
             *last = 0x01;
         }
-        KeyRange { start, end }
+        KeyRange { start: key, end }
     }
 
     /// Whether `key` falls in the range.
@@ -102,14 +134,13 @@ impl Batch {
     pub fn reads(&self) -> Reads {
         let mut ranges = Vec::new();
         for change in &self.changes {
-            let path = change.path();
-            let tokens = path.tokens();
-            for depth in 1..tokens.len() {
-                if let Ok(ancestor) = Pointer::from_tokens(tokens[..depth].iter().cloned()) {
-                    ranges.push(KeyRange::at(&ancestor));
+            let (key, ends) = key_with_ends(change.path());
+            if let Some((_, ancestors)) = ends.split_last() {
+                for &end in ancestors {
+                    ranges.push(KeyRange::exactly(key[..end].to_vec()));
                 }
             }
-            ranges.push(KeyRange::subtree(path));
+            ranges.push(KeyRange::below(key));
         }
         let mut stamps: Vec<(String, u64)> = self
             .clock

@@ -12,6 +12,7 @@ use crate::document::materialise;
 use crate::overlap::{Conflicts, ReportLimits, Winners};
 use crate::register::Register;
 use crate::stamps::Stamps;
+use crate::stored::CorruptState;
 use crate::{Batch, Change, Pointer, VectorClock};
 
 /// Everything the merge remembers about one session.
@@ -179,6 +180,9 @@ pub enum NotApplied {
     /// The batch's clock predates the compaction horizon (HTTP 410).
     #[error(transparent)]
     MustRefetch(#[from] MustRefetch),
+    /// The stored session lacks what applying the batch must read (HTTP 500).
+    #[error(transparent)]
+    Corrupt(#[from] CorruptState),
 }
 
 impl SessionState {
@@ -257,7 +261,7 @@ impl SessionState {
         let own = batch.replica_named.then_some((replica, sequence));
         self.check_horizon(&batch.clock, own)?;
 
-        let effective_timestamp = self.effective_timestamp(batch, sequence);
+        let effective_timestamp = self.effective_timestamp(batch, sequence)?;
         // Concurrent: a write from an event the batch does not cover, other than the batch's
         // own earlier changes. A named replica covers its own earlier events.
         let is_concurrent = |existing: &Register| {
@@ -331,21 +335,31 @@ impl SessionState {
     /// `max(timestamp_ms, 1 + the largest stamp of any event the batch covers)`; `stamps` keeps
     /// per replica the largest stamp up to each event (a named replica's stamps grow with its
     /// sequence numbers; an unnamed one's two devices need not).
-    fn effective_timestamp(&self, batch: &Batch, sequence: u64) -> u64 {
+    ///
+    /// Every stamp it reads is of an applied event, so a missing one means the stored session
+    /// lost it (a state loaded from rows that are not whole): refused, never guessed lower.
+    fn effective_timestamp(&self, batch: &Batch, sequence: u64) -> Result<u64, CorruptState> {
         let named = batch
             .clock
             .iter()
             .filter(|(other, _)| !batch.replica_named || *other != &batch.replica_id)
-            .filter_map(|(other, &count)| self.stamp(other, count));
+            .map(|(other, &count)| (other.as_str(), count));
         let own_previous = batch
             .replica_named
-            .then(|| self.stamp(&batch.replica_id, sequence.saturating_sub(1)))
-            .flatten();
-        let floor = named.chain(own_previous).max();
-        match floor {
+            .then(|| (batch.replica_id.as_str(), sequence.saturating_sub(1)));
+        let mut floor = None;
+        for (replica, count) in named.chain(own_previous).filter(|(_, count)| *count > 0) {
+            let stamp = self.stamp(replica, count).ok_or_else(|| {
+                CorruptState(format!(
+                    "no stamp is stored for the applied event ({replica:?}, {count})"
+                ))
+            })?;
+            floor = floor.max(Some(stamp));
+        }
+        Ok(match floor {
             Some(floor) => batch.timestamp_ms.max(floor.saturating_add(1)),
             None => batch.timestamp_ms,
-        }
+        })
     }
 
     /// Stores `write` unless a larger-keyed write at its path or an ancestor hides it, drops the

@@ -35,7 +35,7 @@ pub(crate) struct StoredSession {
 }
 
 /// Why a saved session state (one value, or its rows) was refused.
-#[derive(Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CorruptState(pub(crate) String);
 
 impl std::error::Error for CorruptState {}

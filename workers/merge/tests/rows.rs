@@ -280,6 +280,18 @@ fn a_batch_reads_its_ancestors_and_its_subtree_only() {
         .registers
         .windows(2)
         .all(|pair| pair[0].end < pair[1].start));
+    // What a batch reads stays small whatever its keys: a 64-deep path of 14,000-byte keys
+    // (an 875 KiB body) names its 63 ancestors in about 80 KB of keys, not their 29 MB.
+    let token = "t".repeat(14_000);
+    let deep = format!("/{}", vec![token.as_str(); 64].join("/"));
+    let deep = support::batch("a", &[], 10, vec![set(&deep, json!(1))]).reads();
+    let bytes: usize = deep
+        .registers
+        .iter()
+        .map(|range| range.start.len() + range.end.len())
+        .sum();
+    assert_eq!(deep.registers.len(), 64);
+    assert!(bytes < 200_000, "{bytes} bytes of keys");
     assert_eq!(
         reads.stamps,
         vec![
@@ -291,27 +303,59 @@ fn a_batch_reads_its_ancestors_and_its_subtree_only() {
 }
 
 #[test]
-fn keys_sort_as_paths_and_subtrees_are_contiguous() {
-    let paths = [
-        "/a", "/a/b", "/a/b/c", "/a\u{0}", "/a\u{1}", "/a\u{1}b", "/a~1b", "/ab", "/b", "/", "//",
+fn keys_are_short_distinct_and_subtrees_are_contiguous() {
+    let long = "k".repeat(3000);
+    let long_nul = format!("{}\u{0}", "k".repeat(15));
+    let mut paths: Vec<String> = [
+        "/a",
+        "/a/b",
+        "/a/b/c",
+        "/a\u{0}",
+        "/a\u{1}",
+        "/a\u{1}b",
+        "/a~1b",
+        "/ab",
+        "/b",
+        "/",
+        "//",
         "/\u{0}/x",
-    ];
-    let mut pointers: Vec<Pointer> = paths
+        "/kkkkkkkkkkkkkkkk",
+        "/kkkkkkkkkkkkkkkkk",
+    ]
+    .iter()
+    .map(|p| (*p).to_owned())
+    .collect();
+    paths.push(format!("/{long}"));
+    paths.push(format!("/{long}/x"));
+    paths.push(format!("/{long}k"));
+    paths.push(format!("/{long_nul}"));
+    paths.push(format!("/{long_nul}/{long}"));
+    paths.push(format!("/a/{}", vec![long.as_str(); 63].join("/")));
+    let pointers: Vec<Pointer> = paths
         .iter()
         .map(|p| Pointer::parse(p).expect("pointer"))
         .collect();
-    pointers.sort_by(|a, b| a.tokens().cmp(b.tokens()));
     let keys: Vec<Vec<u8>> = pointers.iter().map(path_key).collect();
-    let mut sorted = keys.clone();
-    sorted.sort();
-    assert_eq!(keys, sorted, "key order is not path order");
+    for (pointer, key) in pointers.iter().zip(&keys) {
+        // At most 19 bytes a token: a 64-deep path of 3,000-byte keys fits a btree entry.
+        assert!(
+            key.len() <= 19 * pointer.tokens().len(),
+            "{} bytes",
+            key.len()
+        );
+    }
     for (outer, outer_key) in pointers.iter().zip(&keys) {
         let range = firemode_merge::KeyRange::subtree(outer);
         for (inner, inner_key) in pointers.iter().zip(&keys) {
             let below = inner.tokens().starts_with(outer.tokens());
             assert_eq!(range.contains(inner_key), below, "{outer:?} vs {inner:?}");
+            let same = inner.tokens() == outer.tokens();
+            assert_eq!(inner_key == outer_key, same, "{outer:?} vs {inner:?}");
+            assert_eq!(
+                firemode_merge::KeyRange::at(outer).contains(inner_key),
+                same
+            );
         }
-        assert!(firemode_merge::KeyRange::at(outer).contains(outer_key));
     }
 }
 
@@ -345,4 +389,34 @@ fn rows_that_break_the_invariants_are_refused() {
             stamp: 10,
         })
     });
+}
+
+/// A stamp row a batch must read and the store no longer has is corruption, never a lower
+/// stamp guessed for the batch.
+#[test]
+fn a_missing_stamp_is_refused_not_guessed() {
+    let mut whole = SessionState::default();
+    for (replica, timestamp) in [("a", 10), ("b", 50), ("b", 60)] {
+        let applied = whole
+            .apply(&batch(replica, &[], timestamp, vec![set("/x", json!(1))]))
+            .expect("applies");
+        assert!(matches!(applied, firemode_merge::Outcome::Applied(_)));
+    }
+    let mut store = RowStore::default();
+    store.write(whole.all_rows());
+    // A batch that has seen (b, 1) only: its stamp must be read.
+    let late = batch("c", &[("b", 1)], 5, vec![set("/y", json!(2))]);
+    let mut rows = store.read_for(&late);
+    assert!(rows
+        .stamps
+        .iter()
+        .any(|row| row.replica_id == "b" && row.sequence == 1));
+    let mut slice = SessionState::from_rows(&rows).expect("loads");
+    assert!(slice.apply(&late).is_ok());
+    rows.stamps.clear();
+    let mut slice = SessionState::from_rows(&rows).expect("loads");
+    assert!(matches!(
+        slice.apply(&late),
+        Err(firemode_merge::NotApplied::Corrupt(_))
+    ));
 }

@@ -75,14 +75,25 @@ fn session_lock_key(tenant: &str, session_id: &str) -> i64 {
     i64::from_be_bytes(first)
 }
 
-fn unavailable(e: impl std::fmt::Display) -> StoreError {
-    StoreError::Unavailable(e.to_string())
+/// The database's own words (tokio-postgres says only "db error" and keeps the server's
+/// message in the source chain), so a log names the cause.
+fn unavailable(e: impl std::error::Error) -> StoreError {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    StoreError::Unavailable(text)
 }
 
 fn pool_error(e: bb8::RunError<tokio_postgres::Error>) -> StoreError {
     match e {
         bb8::RunError::User(e) => unavailable(e),
-        bb8::RunError::TimedOut => unavailable("timed out waiting for a PostgreSQL connection"),
+        bb8::RunError::TimedOut => {
+            StoreError::Unavailable("timed out waiting for a PostgreSQL connection".into())
+        }
     }
 }
 
@@ -622,9 +633,16 @@ async fn read_registers(
     let ends: Vec<&[u8]> = reads.registers.iter().map(|r| r.end.as_slice()).collect();
     let rows = tx
         .query_typed(
+            // One primary-key range scan per range, whatever the table's statistics say: as
+            // a join (or a LATERAL the planner flattens into one), a table not analysed yet
+            // was scanned for the whole session and filtered. `OFFSET 0` keeps the subquery
+            // apart, so each range is its index condition.
             "SELECT r.register FROM unnest($3::bytea[], $4::bytea[]) AS q(lo, hi)
-             JOIN sync_registers r ON r.tenant = $1 AND r.session_id = $2
-                  AND r.path_key >= q.lo AND r.path_key < q.hi",
+             CROSS JOIN LATERAL (
+                 SELECT register FROM sync_registers
+                 WHERE tenant = $1 AND session_id = $2 AND path_key >= q.lo AND path_key < q.hi
+                 OFFSET 0
+             ) r",
             &[
                 (&at.tenant, Type::TEXT),
                 (&at.session_id, Type::TEXT),
@@ -650,8 +668,11 @@ async fn read_stamps(
     let rows = tx
         .query_typed(
             "SELECT s.replica_id, s.seq, s.stamp FROM unnest($3::bytea[], $4::int8[]) AS q(replica_id, seq)
-             JOIN sync_stamps s ON s.tenant = $1 AND s.session_id = $2
-                  AND s.replica_id = q.replica_id AND s.seq = q.seq",
+             CROSS JOIN LATERAL (
+                 SELECT replica_id, seq, stamp FROM sync_stamps
+                 WHERE tenant = $1 AND session_id = $2 AND replica_id = q.replica_id AND seq = q.seq
+                 OFFSET 0
+             ) s",
             &[
                 (&at.tenant, Type::TEXT),
                 (&at.session_id, Type::TEXT),
@@ -776,8 +797,17 @@ async fn delete_registers(
     }
     let keys: Vec<&[u8]> = deletes.iter().map(Vec::as_slice).collect();
     tx.execute_typed(
-        "DELETE FROM sync_registers
-         WHERE tenant = $1 AND session_id = $2 AND path_key = ANY($3::bytea[])",
+        // Each key found by its own primary-key lookup (fenced, as in `read_registers`), then
+        // deleted by row id: `path_key = ANY($3)` was a filter over the whole session on a
+        // table not analysed yet.
+        "DELETE FROM sync_registers r
+         USING (SELECT found.ctid FROM unnest($3::bytea[]) AS d(k)
+                CROSS JOIN LATERAL (
+                    SELECT ctid FROM sync_registers
+                    WHERE tenant = $1 AND session_id = $2 AND path_key = d.k
+                    OFFSET 0
+                ) found) gone
+         WHERE r.ctid = gone.ctid",
         &[
             session[0].clone(),
             session[1].clone(),
@@ -868,5 +898,9 @@ async fn convert_legacy_sessions(tx: &tokio_postgres::Transaction<'_>) -> Result
             Err(why) => crate::legacy::left_unconverted(&tenant, &session_id, &why),
         }
     }
+    // Statistics for the tables just filled, so the first merges are planned on them.
+    tx.batch_execute("ANALYZE sync_registers; ANALYZE sync_stamps")
+        .await
+        .map_err(unavailable)?;
     Ok(())
 }

@@ -44,7 +44,50 @@ fn options(url: &str, dir: &Path) -> StoreOptions {
     }
 }
 
-/// The old rows: every fixture session (version 3), and the corrupt one.
+/// A key of `len` characters that does not compress (a PostgreSQL index entry takes at most
+/// 2,704 bytes, after compression).
+fn incompressible_key(len: usize, seed: u64) -> String {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            char::from(b"abcdefghijklmnopqrstuvwxyz0123456789"[(x % 36) as usize])
+        })
+        .collect()
+}
+
+/// A session with keys far longer than a btree entry, as the older release kept it (its
+/// one-value layout is what `SessionState` still serializes to), and its document.
+fn long_keys_session() -> (String, Value) {
+    let long = incompressible_key(3000, 7);
+    let deep: Vec<String> = (0..64).map(|i| incompressible_key(200, i + 11)).collect();
+    let deep_path = format!("/{}", deep.join("/"));
+    let mut state = SessionState::default();
+    let batch = Batch {
+        replica_id: "t1".into(),
+        replica_named: true,
+        clock: VectorClock::new(),
+        timestamp_ms: 1_000,
+        changes: vec![
+            Change::Set {
+                path: firemode_merge::Pointer::parse(&format!("/{long}")).expect("pointer"),
+                value: json!("long"),
+            },
+            Change::Set {
+                path: firemode_merge::Pointer::parse(&deep_path).expect("pointer"),
+                value: json!("deep"),
+            },
+        ],
+    };
+    state.apply(&batch).expect("applies");
+    let document = state.document();
+    (serde_json::to_string(&state).expect("serializes"), document)
+}
+
+/// The old rows: every fixture session (version 3), one with very long keys, and the
+/// corrupt one.
 fn old_rows() -> Vec<(String, String)> {
     let mut rows: Vec<(String, String)> = cases()
         .iter()
@@ -55,6 +98,7 @@ fn old_rows() -> Vec<(String, String)> {
             )
         })
         .collect();
+    rows.push(("long-keys".to_owned(), long_keys_session().0));
     rows.push(("corrupt".to_owned(), CORRUPT.to_owned()));
     rows
 }
@@ -199,6 +243,23 @@ async fn check_upgraded(store: &Store) {
             serde_json::from_value(case["next_vector_clock"].clone()).expect("clock");
         assert_eq!(after.clock(), &clock, "{name}: clock after");
     }
+    // Keys longer than an index entry: moved, read back, and merged into again.
+    let (_, document) = long_keys_session();
+    let long = whole(store, "long-keys").await.expect("loads");
+    assert_eq!(long.document(), document);
+    let again = Batch {
+        replica_id: "t2".into(),
+        replica_named: true,
+        clock: long.clock().clone(),
+        timestamp_ms: 2_000,
+        changes: vec![Change::Remove {
+            path: firemode_merge::Pointer::parse(&format!("/{}", incompressible_key(3000, 7)))
+                .expect("pointer"),
+        }],
+    };
+    assert_eq!(merge(store, "long-keys", again).await["applied"], 1);
+    let after = whole(store, "long-keys").await.expect("loads");
+    assert_eq!(after.document().as_object().map(|o| o.len()), Some(1));
     let corrupt = whole(store, "corrupt").await.expect_err("left unreadable");
     assert!(corrupt.contains("head"), "{corrupt}");
 }

@@ -55,6 +55,7 @@ impl From<NotApplied> for Refusal {
         match e {
             NotApplied::MissingDependencies(e) => Refusal::MissingDependencies(e),
             NotApplied::MustRefetch(e) => Refusal::MustRefetch(e),
+            NotApplied::Corrupt(e) => Refusal::Unreadable(session::UnreadableState::from(e)),
         }
     }
 }
@@ -92,7 +93,14 @@ fn apply(input: &MergeInput, stored: Option<&SessionRows>) -> Result<MergeStep, 
             replica: replica.to_owned(),
         });
     }
-    Ok(match state.apply_reporting(&input.batch, input.limits)? {
+    let outcome = state
+        .apply_reporting(&input.batch, input.limits)
+        .inspect_err(|e| {
+            if let NotApplied::Corrupt(corrupt) = e {
+                tracing::error!(session_id, error = %corrupt, "stored session state does not load");
+            }
+        })?;
+    Ok(match outcome {
         Outcome::Applied(applied) => {
             record_conflicts(session_id, &applied);
             state.claim(replica, &input.subject);

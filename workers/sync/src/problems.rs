@@ -10,7 +10,7 @@ use crate::merge::Refusal;
 use crate::session::UnreadableState;
 use crate::HttpResponse;
 use firemode_store::StoreError;
-use firemode_wire::Problem;
+use firemode_wire::{Problem, DATA_FAULT};
 use http::{header, HeaderValue, StatusCode};
 
 /// 405 with the `Allow` header RFC 9110 requires.
@@ -95,15 +95,37 @@ impl From<KeyError> for Problem {
 /// On a read (the merge's own answer is [`Refusal::Unreadable`]).
 impl From<UnreadableState> for Problem {
     fn from(_: UnreadableState) -> Problem {
-        Problem::internal("the stored session is unreadable")
+        Problem::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            SESSION_UNREADABLE,
+            "Internal error",
+            "the stored session is unreadable",
+        )
     }
+}
+
+/// The problem kind of a session whose stored rows do not load: a 500 that needs an
+/// operator (restore the session from a backup), marked [`DATA_FAULT`] for the front.
+pub const SESSION_UNREADABLE: &str = "session-unreadable";
+
+/// Marks an answer as caused by stored data ([`firemode_wire::DATA_FAULT`]): the front
+/// does not hold it against the worker process.
+pub fn mark_data_fault(response: &mut HttpResponse) {
+    response
+        .headers_mut()
+        .insert(DATA_FAULT, HeaderValue::from_static("1"));
 }
 
 impl From<Refusal> for Problem {
     fn from(refusal: Refusal) -> Problem {
         let detail = refusal.to_string();
         match refusal {
-            Refusal::Unreadable(_) => Problem::internal(detail),
+            Refusal::Unreadable(_) => Problem::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                SESSION_UNREADABLE,
+                "Internal error",
+                detail,
+            ),
             Refusal::ReplicaOwned { .. } => Problem::new(
                 StatusCode::FORBIDDEN,
                 "replica-owned",

@@ -100,6 +100,11 @@ fn answer(status: u16, body: String, replayed: bool) -> HttpResponse {
         resp.headers_mut()
             .insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
     }
+    // The merge answers 500 only for a session that does not load (its refusal
+    // `Unreadable`; refusals are never replayed).
+    if status == StatusCode::INTERNAL_SERVER_ERROR {
+        crate::problems::mark_data_fault(&mut resp);
+    }
     if replayed {
         resp.headers_mut()
             .insert("idempotent-replayed", HeaderValue::from_static("true"));

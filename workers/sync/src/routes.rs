@@ -49,9 +49,14 @@ impl Endpoint {
 
 /// Answers one request (the worker runtime has already answered `/healthz` and `/readyz`).
 pub async fn handle(app: &SyncApp, req: Parts, body: Bytes) -> HttpResponse {
-    route(app, &req, &body)
-        .await
-        .unwrap_or_else(Problem::into_response)
+    route(app, &req, &body).await.unwrap_or_else(|problem| {
+        let data_fault = problem.kind == crate::problems::SESSION_UNREADABLE;
+        let mut response = problem.into_response();
+        if data_fault {
+            crate::problems::mark_data_fault(&mut response);
+        }
+        response
+    })
 }
 
 async fn route(app: &SyncApp, req: &Parts, body: &[u8]) -> Result<HttpResponse, Problem> {

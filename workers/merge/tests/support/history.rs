@@ -39,8 +39,18 @@ pub enum Actor {
 }
 
 /// Overlapping paths: ancestors, descendants, siblings and an escaped key.
-pub const PATHS: [&str; 8] = [
-    "/a", "/a/b", "/a/b/c", "/a/d", "/x", "/x/y", "/a~1b", "/a/b/c/d",
+pub const PATHS: [&str; 10] = [
+    "/a",
+    "/a/b",
+    "/a/b/c",
+    "/a/d",
+    "/x",
+    "/x/y",
+    "/a~1b",
+    "/a/b/c/d",
+    // Keys over 16 bytes: stored by digest in the row layout.
+    "/a/a-key-longer-than-sixteen-bytes",
+    "/a/a-key-longer-than-sixteen-bytes/z",
 ];
 
 pub fn values() -> Vec<Value> {
