@@ -771,9 +771,10 @@ def main():
     nofile_note = raise_nofile(2 * a.waiters + 1024)
     limits_note = (f"{nofile_note}; the front holds up to {LONG_POLLS_PER_INSTANCE:,} long-polls per sync instance on "
                    f"connections of their own (2 instances by default) and a sync worker up to "
-                   f"{WAITERS_PER_WORKER:,} waiters: no config override needed for {a.waiters:,} waiters; every "
-                   f"held request reads the session from the store when it arrives and again when woken, through "
-                   f"the worker's pool (database.pool_size, 16 by default; not overridden)")
+                   f"{WAITERS_PER_WORKER:,} waiters: no config override needed for {a.waiters:,} waiters; a held "
+                   f"request at the session clock reads only the session's head when it arrives, and the waiters "
+                   f"woken by one merge share one read of the session, through the worker's pool "
+                   f"(database.pool_size, 16 by default; not overridden)")
     commit = git("rev-parse", "--short", "HEAD")
     dirty = " (+ uncommitted changes)" if git("status", "--porcelain", "--untracked-files=no") else ""
     version = subprocess.run([os.path.join(bin_dir, "firemode"), "--version"], capture_output=True,
