@@ -123,22 +123,47 @@ impl MergeQueue {
         key: (String, String),
         first: Vec<Waiting>,
     ) {
+        // If this task ends without emptying the queue (a panic), the session must not stay
+        // "being merged" forever: the guard removes its entry, and the merges waiting in it
+        // get an error answer (their reply channels close).
+        let unstick = Unstick {
+            queue: &self,
+            key: &key,
+        };
         let mut group = first;
         loop {
             self.groups.fetch_add(1, Ordering::Relaxed);
             self.merges.fetch_add(group.len() as u64, Ordering::Relaxed);
             run_group(&settings, group).await;
             let mut queues = self.queues();
-            let Some(queue) = queues.get_mut(&key) else {
-                return;
-            };
-            if queue.is_empty() {
+            let empty = queues.get(&key).is_none_or(Vec::is_empty);
+            if empty {
+                // Ended normally: the entry goes under this lock, so a merge arriving next
+                // starts a task of its own, and the guard must not touch that one's entry.
                 queues.remove(&key);
+                drop(queues);
+                std::mem::forget(unstick);
                 return;
             }
+            // Not empty, so present.
+            let queue = queues.entry(key.clone()).or_default();
             let take = queue.len().min(MAX_GROUP);
             group = queue.drain(..take).collect();
             metrics::gauge!("sync_merges_waiting").decrement(take as f64);
+        }
+    }
+}
+
+/// Removes a session's queue when its task ends, whichever way (see [`MergeQueue::run`]).
+struct Unstick<'a> {
+    queue: &'a MergeQueue,
+    key: &'a (String, String),
+}
+
+impl Drop for Unstick<'_> {
+    fn drop(&mut self) {
+        if let Some(left) = self.queue.queues().remove(self.key) {
+            metrics::gauge!("sync_merges_waiting").decrement(left.len() as f64);
         }
     }
 }
