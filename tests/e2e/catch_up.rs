@@ -363,14 +363,9 @@ async fn a_long_poll_outlives_the_request_timeout() {
     assert_eq!(held.json()["changes"], json!([]));
 }
 
-/// The waiting long-polls of one sync instance, from the worker's gauge in `/metrics`.
+/// The waiting long-polls of the sync instances, from the workers' gauge in `/metrics`.
 async fn long_polls_waiting(sys: &TestSystem) -> f64 {
-    let metrics = sys.admin_get("/metrics").await;
-    String::from_utf8_lossy(&metrics.body)
-        .lines()
-        .filter(|line| line.starts_with("sync_long_polls_waiting"))
-        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    sys.metric_sum("sync_long_polls_waiting").await
 }
 
 /// A `GET …/changes` from nothing with `wait` seconds, held at the worker when this returns.

@@ -88,11 +88,7 @@ async fn sync_pid(sys: &TestSystem) -> u32 {
 }
 
 async fn conflicts_metric(sys: &TestSystem) -> f64 {
-    let text = String::from_utf8_lossy(&sys.admin_get("/metrics").await.body).into_owned();
-    text.lines()
-        .filter(|l| l.starts_with("crdt_conflicts_total{"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    sys.metric_sum("crdt_conflicts_total").await
 }
 
 // ---- item 3: one request's work is bounded by its size ----
@@ -515,17 +511,6 @@ async fn a_merge_that_cannot_wait_is_in_flight_not_unavailable_postgres() {
     assert_eq!(ok(&retry)["applied"], 1);
 }
 
-/// Merges waiting in the sync workers' queues for their session's next transaction, from
-/// the workers' gauge in `/metrics`.
-async fn merges_waiting(sys: &TestSystem) -> f64 {
-    let metrics = sys.admin_get("/metrics").await;
-    String::from_utf8_lossy(&metrics.body)
-        .lines()
-        .filter(|line| line.starts_with("sync_merges_waiting"))
-        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 /// A duplicate that arrives while the first request is still being applied waits for it and
 /// gets its answer replayed.
 #[tokio::test]
@@ -560,7 +545,7 @@ async fn a_duplicate_in_flight_gets_the_replay_postgres() {
         "the duplicate waits for the session",
         Duration::from_secs(10),
         || async {
-            let queued = merges_waiting(&sys).await >= 1.0;
+            let queued = sys.metric_sum("sync_merges_waiting").await >= 1.0;
             (queued || lock_waiters(&watcher).await >= 2).then_some(())
         },
     )

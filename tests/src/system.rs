@@ -244,6 +244,20 @@ impl TestSystem {
             .collect()
     }
 
+    /// The sum over every series of the metric `name` in the admin `/metrics` (the
+    /// supervisor's and every worker's), e.g. a gauge per sync instance.
+    pub async fn metric_sum(&self, name: &str) -> f64 {
+        let metrics = self.admin_get("/metrics").await;
+        String::from_utf8_lossy(&metrics.body)
+            .lines()
+            .filter(|line| {
+                line.strip_prefix(name)
+                    .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+            })
+            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
     /// Every worker pid currently known to `/status`.
     pub async fn worker_pids(&self) -> Vec<u32> {
         let status = self.admin_get("/status").await.json();
