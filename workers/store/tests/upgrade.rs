@@ -7,9 +7,12 @@
 
 #[path = "support/pg.rs"]
 mod pg;
+#[path = "support/options.rs"]
+mod store_options;
+use store_options::options;
 
 use firemode_merge::{Batch, Change, Outcome, SessionRows, SessionState, VectorClock};
-use firemode_store::{IdempotencyKey, MergeOutcome, MergeStep, Store, StoreOptions};
+use firemode_store::{IdempotencyKey, MergeOutcome, MergeStep, Store};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -32,16 +35,6 @@ pub fn unique() -> String {
 
 fn cases() -> Vec<Value> {
     serde_json::from_str::<Vec<Value>>(LEGACY).expect("fixture")
-}
-
-fn options(url: &str, dir: &Path) -> StoreOptions {
-    StoreOptions {
-        url: url.to_string(),
-        pool_size: 4,
-        data_dir: dir.to_path_buf(),
-        connect_timeout: Duration::from_secs(5),
-        lock_timeout: Duration::from_secs(5),
-    }
 }
 
 /// A key of `len` characters that does not compress (a PostgreSQL index entry takes at most

@@ -7,10 +7,12 @@
 
 #[path = "support/pg.rs"]
 mod pg;
+#[path = "support/options.rs"]
+mod store_options;
+use store_options::options;
 
 use firemode_store::{
-    IdempotencyKey, MergeOutcome, MergeStep, Reads, RowChanges, Store, StoreOptions, WatchStats,
-    WATCH_CHANNEL,
+    IdempotencyKey, MergeOutcome, MergeStep, Reads, RowChanges, Store, WatchStats, WATCH_CHANNEL,
 };
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -52,16 +54,6 @@ struct Pair {
 impl Drop for Pair {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn options(url: &str, dir: &std::path::Path) -> StoreOptions {
-    StoreOptions {
-        url: url.to_string(),
-        pool_size: 4,
-        data_dir: dir.to_path_buf(),
-        connect_timeout: Duration::from_secs(5),
-        lock_timeout: Duration::from_secs(5),
     }
 }
 
