@@ -224,11 +224,24 @@ async fn check_catch_up(sys: &TestSystem) {
         "{}",
         String::from_utf8_lossy(&woken.body)
     );
-    // A wait with nothing new ends empty.
+    // A wait with nothing new ends empty, at the session clock; so does one whose `since`
+    // names the same events with an extra zero entry (it waits the same way, and the answer
+    // names the session clock, not the client's spelling of it).
     let now = woken.json()["vector_clock"].clone();
     let quiet = get(f, &t, &changes_path("C1", &now, 1)).await;
     assert_eq!(quiet.status, 200);
     assert_eq!(quiet.json()["changes"], json!([]));
+    assert_eq!(quiet.json()["vector_clock"], now);
+    let mut with_zero = now.clone();
+    with_zero["never-wrote"] = json!(0);
+    let started = std::time::Instant::now();
+    let quiet = get(f, &t, &changes_path("C1", &with_zero, 1)).await;
+    assert!(
+        started.elapsed() >= std::time::Duration::from_millis(900),
+        "it did not wait"
+    );
+    assert_eq!(quiet.json()["changes"], json!([]));
+    assert_eq!(quiet.json()["vector_clock"], now);
 }
 
 async fn check_conflicts(sys: &TestSystem) {

@@ -132,16 +132,21 @@ impl Batch {
     /// ancestors of its path and in its subtree; the stamps at every count its clock names
     /// (and, for a named replica, its previous event). The head is always read.
     pub fn reads(&self) -> Reads {
+        // Changes under one parent share its ancestors: each is named once.
+        let mut ancestors = std::collections::BTreeSet::new();
         let mut ranges = Vec::new();
         for change in &self.changes {
             let (key, ends) = key_with_ends(change.path());
-            if let Some((_, ancestors)) = ends.split_last() {
-                for &end in ancestors {
-                    ranges.push(KeyRange::exactly(key[..end].to_vec()));
+            if let Some((_, above)) = ends.split_last() {
+                for &end in above {
+                    if !ancestors.contains(&key[..end]) {
+                        ancestors.insert(key[..end].to_vec());
+                    }
                 }
             }
             ranges.push(KeyRange::below(key));
         }
+        ranges.extend(ancestors.into_iter().map(KeyRange::exactly));
         let mut stamps: Vec<(String, u64)> = self
             .clock
             .iter()

@@ -136,16 +136,17 @@ pub async fn changes(
 ) -> Result<HttpResponse, Problem> {
     let query = ChangesQuery::parse(req.uri.query())?;
     let deadline = tokio::time::Instant::now() + query.wait;
-    let mut freshness = Freshness::Started;
-    if !query.wait.is_zero() {
-        // A tablet that is up to date and waits for news: its clock is the session's, which
-        // the head alone says, so it waits without reading the whole session.
-        if let Some(version) = up_to_date(app, caller, session_id, &query.since).await? {
-            match wait(app, caller, session_id, version, deadline).await? {
-                true => freshness = Freshness::Beyond(version),
-                false => return Ok(changes_answer(session_id, &query.since, &[])),
-            }
+    let head = look_at_head(app, caller, session_id, &query.since).await?;
+    // A read at least as new as the head: it holds the caller's own merges, and a crowd of
+    // tablets arriving together shares one.
+    let mut freshness = Freshness::Beyond(head.version - 1);
+    if let (Some(clock), false) = (&head.up_to_date, query.wait.is_zero()) {
+        // A tablet that is up to date and waits for news: the head said so, so it waits
+        // without reading the whole session.
+        if !wait(app, caller, session_id, head.version, deadline).await? {
+            return Ok(changes_answer(session_id, clock, &[]));
         }
+        freshness = Freshness::Beyond(head.version);
     }
     loop {
         let snapshot = session::load(app, caller, session_id, freshness).await?;
@@ -167,25 +168,44 @@ pub async fn changes(
     }
 }
 
-/// The session's version when `since` is exactly its clock (nothing is new for the client),
-/// from the head alone; `None` otherwise.
-async fn up_to_date(
+/// What the session's head row says of a `since` (one primary-key read, no register).
+struct HeadLook {
+    /// The session's version (0 for a session never written).
+    version: i64,
+    /// The session clock, when `since` names exactly its events (entries of 0 name none):
+    /// nothing is new for the client.
+    up_to_date: Option<VectorClock>,
+}
+
+async fn look_at_head(
     app: &SyncApp,
     caller: &Caller,
     session_id: &str,
     since: &VectorClock,
-) -> Result<Option<i64>, Problem> {
+) -> Result<HeadLook, Problem> {
     let head = app
         .store
         .session_head(&caller.tenant, session_id)
         .await
         .map_err(store_problem)?;
-    let Some((head, version)) = head else {
-        return Ok(since.is_empty().then_some(0));
+    let (clock, version) = match head {
+        // A head that does not parse: the whole read says so, with its 500.
+        Some((head, version)) => (firemode_merge::rows::clock_of_head(&head).ok(), version),
+        None => (Some(VectorClock::new()), 0),
     };
-    // A head that does not parse: the whole read says so, with its 500.
-    let clock = firemode_merge::rows::clock_of_head(&head).ok();
-    Ok((clock.as_ref() == Some(since)).then_some(version))
+    let up_to_date = clock.filter(|clock| same_events(clock, since));
+    Ok(HeadLook {
+        version,
+        up_to_date,
+    })
+}
+
+/// Whether two clocks name the same events (an entry of 0 names none).
+fn same_events(a: &VectorClock, b: &VectorClock) -> bool {
+    fn events(clock: &VectorClock) -> impl Iterator<Item = (&String, &u64)> {
+        clock.iter().filter(|(_, &count)| count > 0)
+    }
+    events(a).eq(events(b))
 }
 
 /// Holds the request until the session's version passes `version` (`true`) or the wait
@@ -335,5 +355,22 @@ mod tests {
         ] {
             assert!(ConflictsQuery::parse(Some(bad)).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn zero_entries_name_no_events() {
+        let clock = |entries: &[(&str, u64)]| -> VectorClock {
+            entries.iter().map(|(r, c)| ((*r).to_owned(), *c)).collect()
+        };
+        assert!(same_events(
+            &clock(&[("a", 2)]),
+            &clock(&[("a", 2), ("z", 0)])
+        ));
+        assert!(same_events(&clock(&[]), &clock(&[("z", 0)])));
+        assert!(!same_events(&clock(&[("a", 2)]), &clock(&[("a", 1)])));
+        assert!(!same_events(
+            &clock(&[("a", 2)]),
+            &clock(&[("a", 2), ("b", 1)])
+        ));
     }
 }
