@@ -118,11 +118,19 @@ impl KeyRange {
     }
 }
 
-/// What a merge of one batch reads besides the head (see [`Batch::reads`]).
+/// What a merge reads besides the head (see [`Batch::reads`], [`Reads::of`]).
+///
+/// Linear in the batch, whatever the depth of its paths: the ancestors are named as prefixes
+/// of the paths' keys (`(key index, length)`), not as keys of their own.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Reads {
-    /// Disjoint key ranges, sorted: the registers the batch's writes can meet.
+    /// Disjoint key ranges, sorted: the subtrees of the batch's paths.
     pub registers: Vec<KeyRange>,
+    /// The keys of the batch's paths, each once.
+    pub keys: Vec<Vec<u8>>,
+    /// The registers at exactly `keys[i][..end]` for each `(i, end)`: the proper ancestors of
+    /// the paths, each once, none inside `registers` (so no register is read twice).
+    pub ancestors: Vec<(u32, u32)>,
     /// `(replica, sequence)` whose stamp rows the merge may need.
     pub stamps: Vec<(String, u64)>,
 }
@@ -132,60 +140,83 @@ impl Batch {
     /// ancestors of its path and in its subtree; the stamps at every count its clock names
     /// (and, for a named replica, its previous event). The head is always read.
     pub fn reads(&self) -> Reads {
-        // Changes under one parent share its ancestors: each is named once.
-        let mut ancestors = std::collections::BTreeSet::new();
-        let mut ranges = Vec::new();
-        for change in &self.changes {
-            let (key, ends) = key_with_ends(change.path());
-            if let Some((_, above)) = ends.split_last() {
-                for &end in above {
-                    if !ancestors.contains(&key[..end]) {
-                        ancestors.insert(key[..end].to_vec());
-                    }
-                }
-            }
-            ranges.push(KeyRange::below(key));
-        }
-        ranges.extend(ancestors.into_iter().map(KeyRange::exactly));
-        let mut stamps: Vec<(String, u64)> = self
+        Reads::of([self])
+    }
+
+    /// The stamps a merge of this batch may read.
+    fn stamp_reads(&self) -> impl Iterator<Item = (String, u64)> + '_ {
+        let named = self
             .clock
             .iter()
             .filter(|(_, &count)| count > 0)
-            .map(|(replica, &count)| (replica.clone(), count))
-            .collect();
-        if let Some(&own) = self
+            .map(|(replica, &count)| (replica.clone(), count));
+        let own_previous = self
             .clock
             .get(&self.replica_id)
-            .filter(|_| self.replica_named)
-        {
-            if own > 1 {
-                stamps.push((self.replica_id.clone(), own - 1));
-            }
-        }
-        stamps.sort();
-        stamps.dedup();
-        Reads {
-            registers: merge_ranges(ranges),
-            stamps,
-        }
+            .filter(|&&own| self.replica_named && own > 1)
+            .map(|&own| (self.replica_id.clone(), own - 1));
+        named.chain(own_previous)
     }
 }
 
 impl Reads {
-    /// What several batches read together (a group of merges in one transaction): every range
-    /// and stamp any of them names.
-    pub fn union(all: impl IntoIterator<Item = Reads>) -> Reads {
-        let (mut registers, mut stamps) = (Vec::new(), Vec::new());
-        for reads in all {
-            registers.extend(reads.registers);
-            stamps.extend(reads.stamps);
+    /// What the batches read together (a group of merges in one transaction).
+    pub fn of<'a>(batches: impl IntoIterator<Item = &'a Batch>) -> Reads {
+        let mut keys: Vec<Vec<u8>> = Vec::new();
+        let mut ends: Vec<Vec<usize>> = Vec::new();
+        let mut known = std::collections::HashSet::new();
+        let mut stamps = Vec::new();
+        for batch in batches {
+            for change in &batch.changes {
+                let (key, key_ends) = key_with_ends(change.path());
+                if known.insert(key.clone()) {
+                    keys.push(key);
+                    ends.push(key_ends);
+                }
+            }
+            stamps.extend(batch.stamp_reads());
         }
         stamps.sort();
         stamps.dedup();
+        let registers = merge_ranges(keys.iter().cloned().map(KeyRange::below).collect());
+        let inside = |key: &[u8]| {
+            let after = registers.partition_point(|range| range.start.as_slice() <= key);
+            after > 0 && registers[after - 1].contains(key)
+        };
+        let mut named: std::collections::HashSet<&[u8]> = std::collections::HashSet::new();
+        let mut ancestors = Vec::new();
+        for (index, key_ends) in ends.iter().enumerate() {
+            let Some((_, above)) = key_ends.split_last() else {
+                continue;
+            };
+            for &end in above {
+                let prefix = &keys[index][..end];
+                if !inside(prefix) && named.insert(prefix) {
+                    let index = u32::try_from(index).unwrap_or(u32::MAX);
+                    ancestors.push((index, u32::try_from(end).unwrap_or(u32::MAX)));
+                }
+            }
+        }
         Reads {
-            registers: merge_ranges(registers),
+            registers,
+            keys,
+            ancestors,
             stamps,
         }
+    }
+
+    /// The ancestor keys, `keys[i][..end]` for each `(i, end)` of `ancestors`.
+    pub fn ancestor_keys(&self) -> impl Iterator<Item = &[u8]> {
+        self.ancestors.iter().filter_map(|&(index, end)| {
+            let key = self.keys.get(usize::try_from(index).ok()?)?;
+            key.get(..usize::try_from(end).ok()?)
+        })
+    }
+
+    /// Whether a register at `key` is read (in a range or as an ancestor).
+    pub fn covers(&self, key: &[u8]) -> bool {
+        self.registers.iter().any(|range| range.contains(key))
+            || self.ancestor_keys().any(|ancestor| ancestor == key)
     }
 }
 

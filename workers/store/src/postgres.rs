@@ -692,8 +692,23 @@ async fn append_journal(
     .map(|rows| rows.len())
 }
 
-/// The registers in the key ranges of `reads`, one statement for all of them.
+/// The registers `reads` names: its key ranges and its ancestor keys, one statement each,
+/// pipelined.
 async fn read_registers(
+    tx: &tokio_postgres::Transaction<'_>,
+    at: &MergeAt<'_>,
+    reads: &Reads,
+) -> Result<Vec<String>, tokio_postgres::Error> {
+    let (mut in_ranges, at_ancestors) =
+        tokio::join!(read_ranges(tx, at, reads), read_ancestors(tx, at, reads));
+    if let Ok(registers) = &mut in_ranges {
+        registers.extend(at_ancestors?);
+    }
+    in_ranges
+}
+
+/// The registers in the key ranges of `reads`.
+async fn read_ranges(
     tx: &tokio_postgres::Transaction<'_>,
     at: &MergeAt<'_>,
     reads: &Reads,
@@ -720,6 +735,50 @@ async fn read_registers(
                 (&at.session_id, Type::TEXT),
                 (&starts, Type::BYTEA_ARRAY),
                 (&ends, Type::BYTEA_ARRAY),
+            ],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+/// The registers at the ancestor keys of `reads`: sent as the paths' keys and, per ancestor,
+/// which key and how long a prefix of it (so a deep path costs its key once, not once per
+/// ancestor); each found by its own primary-key lookup.
+async fn read_ancestors(
+    tx: &tokio_postgres::Transaction<'_>,
+    at: &MergeAt<'_>,
+    reads: &Reads,
+) -> Result<Vec<String>, tokio_postgres::Error> {
+    if reads.ancestors.is_empty() {
+        return Ok(Vec::new());
+    }
+    let keys: Vec<&[u8]> = reads.keys.iter().map(Vec::as_slice).collect();
+    // PostgreSQL arrays count from 1.
+    let which: Vec<i32> = reads
+        .ancestors
+        .iter()
+        .map(|&(index, _)| i32::try_from(index).unwrap_or(i32::MAX).saturating_add(1))
+        .collect();
+    let lengths: Vec<i32> = reads
+        .ancestors
+        .iter()
+        .map(|&(_, end)| i32::try_from(end).unwrap_or(i32::MAX))
+        .collect();
+    let rows = tx
+        .query_typed(
+            "SELECT r.register FROM unnest($3::int4[], $4::int4[]) AS a(i, len)
+             CROSS JOIN LATERAL (
+                 SELECT register FROM sync_registers
+                 WHERE tenant = $1 AND session_id = $2
+                   AND path_key = substring(($5::bytea[])[a.i] FROM 1 FOR a.len)
+                 OFFSET 0
+             ) r",
+            &[
+                (&at.tenant, Type::TEXT),
+                (&at.session_id, Type::TEXT),
+                (&which, Type::INT4_ARRAY),
+                (&lengths, Type::INT4_ARRAY),
+                (&keys, Type::BYTEA_ARRAY),
             ],
         )
         .await?;

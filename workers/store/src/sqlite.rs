@@ -468,6 +468,19 @@ fn read_for_merge(
             registers.push(row.map_err(unavailable)?);
         }
     }
+    let mut at_key = tx
+        .prepare(
+            "SELECT register FROM sync_registers
+             WHERE tenant = ?1 AND session_id = ?2 AND path_key = ?3",
+        )
+        .map_err(unavailable)?;
+    for key in reads.ancestor_keys() {
+        let register: Option<String> = at_key
+            .query_row(params![tenant, session_id, key], |r| r.get(0))
+            .optional()
+            .map_err(unavailable)?;
+        registers.extend(register);
+    }
     let mut stamps = Vec::new();
     let mut at = tx
         .prepare(

@@ -185,7 +185,7 @@ async fn run_group_traced(settings: &GroupSettings, group: Vec<Waiting>) {
     };
     let session_id = first.input.session_id.clone();
     let (now_ms, retention_ms) = (first.input.at_ms, first.input.tombstone_retention_ms);
-    let reads = Reads::union(members.iter().map(|m| m.input.batch.reads()));
+    let reads = Reads::of(members.iter().map(|m| &m.input.batch));
     let idems = members.iter().map(|m| m.idem.clone()).collect();
     metrics::histogram!("sync_merge_group_size").record(members.len() as f64);
     let done = settings
