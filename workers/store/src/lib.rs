@@ -9,6 +9,10 @@
 //! # Layout
 //! * [`migrations`]: the schema, applied at start under a lock (advisory lock / immediate
 //!   transaction), so concurrent workers never race.
+//! * `sessions`: the sync session API — a group of merges of one session in one
+//!   transaction ([`Store::merge_group`]), reading and writing only the rows it names
+//!   (`firemode_merge::rows`); whole-session reads in one snapshot; compaction.
+//! * `legacy`: moving sessions an older release kept as one JSON value to rows (schema 5).
 //! * `sqlite`, `postgres`: the two backends, with the same queries.
 //! * [`check`]: one connection attempt for `firemode check-config --connect`.
 //! * [`backup`]: an online copy of the SQLite store for `firemode backup FILE`.

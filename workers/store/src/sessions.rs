@@ -1,7 +1,8 @@
-//! The sync session API of the store: one transaction per merge, holding the session's
-//! merge state and the idempotency record, so a crash leaves all of it or none of it.
+//! The sync session API of the store: one transaction per group of merges of one session
+//! (often a group of one), holding the session's rows, every member's idempotency record and
+//! journal entries, so a crash leaves all of it or none of it.
 //!
-//! The merge itself is the caller's closure ([`MergeFn`]), so this crate knows nothing of
+//! The merge itself is the caller's closure ([`GroupFn`], [`MergeFn`]), so this crate knows nothing of
 //! CRDTs, only the rows a session is kept as (`firemode_merge::rows`): under the session's
 //! lock it reads the rows the caller names ([`Reads`]: the head, registers by key range,
 //! stamps by event), hands them to the closure, and writes back the rows it changed.
