@@ -2,10 +2,11 @@
 //! (often a group of one), holding the session's rows, every member's idempotency record and
 //! journal entries, so a crash leaves all of it or none of it.
 //!
-//! The merge itself is the caller's closure ([`GroupFn`], [`MergeFn`]), so this crate knows nothing of
-//! CRDTs, only the rows a session is kept as (`firemode_merge::rows`): under the session's
-//! lock it reads the rows the caller names ([`Reads`]: the head, registers by key range,
-//! stamps by event), hands them to the closure, and writes back the rows it changed.
+//! The merge itself is the caller's closure ([`GroupFn`], [`MergeFn`]), so this crate knows
+//! nothing of CRDTs, only the rows a session is kept as (`firemode_merge::rows`): under the
+//! session's lock it reads the rows the caller names ([`Reads`]: the head, registers by key
+//! range and by ancestor prefix, stamps by event), hands them to the closure, and writes
+//! back the rows it changed.
 
 /// Who is asking and with which key.
 #[derive(Clone, Debug)]
