@@ -23,6 +23,14 @@ fn as_postgres(program: &std::path::Path) -> Command {
     c
 }
 
+/// A port nothing listens on right now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
 fn pg_bin() -> Option<PathBuf> {
     let root = std::path::Path::new("/usr/lib/postgresql");
     let mut versions: Vec<PathBuf> = std::fs::read_dir(root)
@@ -60,10 +68,6 @@ impl ThrowawayCluster {
                 "chown the cluster dir to postgres"
             );
         }
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("free port");
         let out = as_postgres(&bin.join("initdb"))
             .args(["-D"])
             .arg(dir.join("data"))
@@ -75,9 +79,18 @@ impl ThrowawayCluster {
             "initdb: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let cluster = ThrowawayCluster { dir, bin, port };
-        cluster.pg_ctl_start();
-        Some(cluster)
+        let mut cluster = ThrowawayCluster { dir, bin, port: 0 };
+        // A port free a moment ago may be taken by the time the server binds it (other
+        // tests bind 127.0.0.1:0 too): then another port.
+        for attempt in 1..=5 {
+            cluster.port = free_port();
+            match cluster.try_start() {
+                Ok(()) => return Some(cluster),
+                Err(why) if why.contains("could not bind") && attempt < 5 => continue,
+                Err(why) => panic!("pg_ctl start: {why}"),
+            }
+        }
+        unreachable!("the last attempt panics or returns")
     }
 
     pub fn url(&self) -> String {
@@ -88,24 +101,35 @@ impl ThrowawayCluster {
     }
 
     fn pg_ctl_start(&self) {
+        if let Err(why) = self.try_start() {
+            panic!("pg_ctl start: {why}");
+        }
+    }
+
+    /// Starts the server on `self.port`; on failure, pg_ctl's words and the server log.
+    fn try_start(&self) -> Result<(), String> {
         let opts = format!(
             "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
             self.port,
             self.dir.display()
         );
+        let log = self.dir.join("log");
         let out = as_postgres(&self.bin.join("pg_ctl"))
             .arg("-D")
             .arg(self.dir.join("data"))
             .args(["-o", &opts, "-l"])
-            .arg(self.dir.join("log"))
+            .arg(&log)
             .args(["-w", "start"])
             .output()
             .expect("pg_ctl start");
-        assert!(
-            out.status.success(),
-            "pg_ctl start: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        if out.status.success() {
+            return Ok(());
+        }
+        Err(format!(
+            "{}; server log:\n{}",
+            String::from_utf8_lossy(&out.stderr).trim(),
+            std::fs::read_to_string(&log).unwrap_or_default()
+        ))
     }
 
     /// Stops the server (fast: clients are disconnected).
