@@ -160,7 +160,7 @@ impl SessionState {
             .filter(|register| register.parents_made.as_ref().is_some_and(&in_prefix))
             .cloned()
             .collect();
-        let base = materialise_with(&self.base, prefix.iter(), made_early.iter());
+        let base = materialise_with(&self.base, prefix.iter(), made_early.iter()).to_value();
         for register in kept.values_mut() {
             if register.parents_made.as_ref().is_some_and(&in_prefix) {
                 register.parents_made = None;

@@ -26,6 +26,7 @@ use std::collections::BTreeMap;
 
 use serde_json::Value;
 
+use crate::document::{Document, NodeRef};
 use crate::register::Register;
 use crate::{Change, Pointer, SessionState, VectorClock};
 
@@ -162,7 +163,7 @@ pub(crate) fn check_since(
 /// documentation for the rules.
 pub(crate) fn changes_since<'a>(
     registers: impl IntoIterator<Item = &'a Register>,
-    document: &Value,
+    document: &Document,
     since: &VectorClock,
 ) -> Vec<Change> {
     let mut changes = Vec::new();
@@ -177,11 +178,11 @@ pub(crate) fn changes_since<'a>(
         if !is_new(register, since) {
             continue;
         }
-        match value_at(document, register.path.tokens()) {
+        match document.get(register.path.tokens()) {
             Some(value) => {
                 changes.push(Change::Set {
                     path: register.path.clone(),
-                    value: value.clone(),
+                    value: value.to_value(),
                 });
                 answered = Some(&register.path);
             }
@@ -202,7 +203,7 @@ pub(crate) fn changes_since<'a>(
 /// the deepest existing one (`q`) up. `set q/next null` + `remove q/next` makes them exist on
 /// the client too and leaves the rest of the way absent, as in the session; `remove path`
 /// alone otherwise.
-fn absent(document: &Value, path: &Pointer, made_is_new: bool) -> Vec<Change> {
+fn absent(document: &Document, path: &Pointer, made_is_new: bool) -> Vec<Change> {
     let tokens = path.tokens();
     let remove = Change::Remove { path: path.clone() };
     if !made_is_new {
@@ -211,9 +212,11 @@ fn absent(document: &Value, path: &Pointer, made_is_new: bool) -> Vec<Change> {
     // The deepest strict ancestor present in the document (the root always is).
     let depth = (0..tokens.len())
         .rev()
-        .find(|&depth| value_at(document, &tokens[..depth]).is_some())
+        .find(|&depth| document.get(&tokens[..depth]).is_some())
         .unwrap_or(0);
-    let is_object = value_at(document, &tokens[..depth]).is_some_and(Value::is_object);
+    let is_object = document
+        .get(&tokens[..depth])
+        .is_some_and(NodeRef::is_object);
     let Ok(next) = Pointer::from_tokens(tokens[..=depth].iter()) else {
         return vec![remove];
     };
@@ -227,11 +230,4 @@ fn absent(document: &Value, path: &Pointer, made_is_new: bool) -> Vec<Change> {
         },
         Change::Remove { path: next },
     ]
-}
-
-/// The value at `tokens` in `document`, following object keys only.
-fn value_at<'v>(document: &'v Value, tokens: &[String]) -> Option<&'v Value> {
-    tokens
-        .iter()
-        .try_fold(document, |node, token| node.as_object()?.get(token))
 }

@@ -104,6 +104,7 @@ mod stored;
 pub use batch::{Batch, Change, InvalidBatch};
 pub use compaction::{Checkpoint, Compacted, MustRefetch};
 pub use delta::{DeltaIndex, SinceAhead, SinceRefused};
+pub use document::Document;
 pub use overlap::ReportLimits;
 pub use pointer::{Pointer, PointerError, MAX_POINTER_DEPTH};
 pub use rows::{path_key, KeyRange, Reads, RegisterRow, RowChanges, SessionRows, StampRow};

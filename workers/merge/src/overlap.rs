@@ -41,6 +41,26 @@ impl ReportLimits {
         max_conflicts: usize::MAX,
         max_bytes: usize::MAX,
     };
+
+    /// How many of `conflicts`, from the first, these limits list, by the measure
+    /// [`SessionState::apply_reporting`](crate::SessionState::apply_reporting) uses: so a list
+    /// made under wider limits (a journal's) gives the answer's list as its prefix.
+    pub fn fitting(&self, conflicts: &[Conflict]) -> usize {
+        let mut bytes = 0usize;
+        let mut count = 0;
+        for conflict in conflicts.iter().take(self.max_conflicts) {
+            let size = [&conflict.winner, &conflict.loser]
+                .into_iter()
+                .map(|side| side_size(&side.path, &side.replica_id, side.value.as_ref()))
+                .fold(0usize, usize::saturating_add);
+            bytes = bytes.saturating_add(size);
+            if bytes > self.max_bytes {
+                break;
+            }
+            count += 1;
+        }
+        count
+    }
 }
 
 /// The conflicts of one batch: a prefix of them in full, within the limits, and the true count.
@@ -76,9 +96,12 @@ impl Conflicts {
         if self.full || self.list.len() >= self.limits.max_conflicts {
             return false;
         }
-        let bytes = self
-            .bytes
-            .saturating_add(json_size(incoming).saturating_add(json_size(existing)));
+        let bytes = self.bytes.saturating_add(
+            [incoming, existing]
+                .into_iter()
+                .map(|r| side_size(r.path.as_str(), &r.replica_id, r.value.as_ref()))
+                .fold(0usize, usize::saturating_add),
+        );
         if bytes > self.limits.max_bytes {
             self.full = true;
             return false;
@@ -91,7 +114,7 @@ impl Conflicts {
 
 /// Roughly the JSON bytes one side of a conflict takes: its value, path and replica, plus the
 /// fixed keys. Counted without building the text.
-fn json_size(register: &Register) -> usize {
+fn side_size(path: &str, replica_id: &str, value: Option<&serde_json::Value>) -> usize {
     struct Count(usize);
     impl std::io::Write for Count {
         fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
@@ -105,11 +128,10 @@ fn json_size(register: &Register) -> usize {
     let mut count = Count(64);
     // Writing to a counter cannot fail; a failure would only undercount. The path counts
     // twice: a conflict names the incoming path at its top level too.
-    let path = register.path.as_str();
-    for text in [path, path, &register.replica_id] {
+    for text in [path, path, replica_id] {
         let _ = serde_json::to_writer(&mut count, text);
     }
-    if let Some(value) = &register.value {
+    if let Some(value) = value {
         let _ = serde_json::to_writer(&mut count, value);
     }
     count.0

@@ -8,7 +8,7 @@ use serde_json::Value;
 
 use crate::compaction::{Checkpoint, MustRefetch};
 use crate::delta::{changes_since, check_since, DeltaIndex, SinceRefused};
-use crate::document::materialise;
+use crate::document::{materialise, Document};
 use crate::overlap::{Conflicts, ReportLimits, Winners};
 use crate::register::Register;
 use crate::stamps::Stamps;
@@ -194,6 +194,12 @@ impl SessionState {
     /// The merged document as plain JSON: `set /a/b 1` reads back as `{"a":{"b":1}}`; an empty
     /// session is `{}`. See [`crate::document`] for the replay rules.
     pub fn document(&self) -> Value {
+        self.materialised().to_value()
+    }
+
+    /// [`SessionState::document`] as a [`Document`]: what answers serialize (it takes a
+    /// fraction of the memory of the `Value`, and serializes to the same JSON).
+    pub fn materialised(&self) -> Document {
         materialise(&self.base, self.registers.values())
     }
 
@@ -204,16 +210,16 @@ impl SessionState {
     /// `since = {}` rebuilds the document from nothing. Refused when `since` names events the
     /// session has not applied. See [`crate::delta`].
     pub fn changes_since(&self, since: &VectorClock) -> Result<Vec<Change>, SinceRefused> {
-        self.changes_since_with(since, &self.document())
+        self.changes_since_with(since, &self.materialised())
     }
 
     /// [`SessionState::changes_since`] with the document already materialised
-    /// (`document` must be [`SessionState::document`]): many clients catching up on one
+    /// (`document` must be [`SessionState::materialised`]): many clients catching up on one
     /// session share one document.
     pub fn changes_since_with(
         &self,
         since: &VectorClock,
-        document: &Value,
+        document: &Document,
     ) -> Result<Vec<Change>, SinceRefused> {
         check_since(since, &self.clock)?;
         self.check_horizon(since, None)?;
@@ -229,7 +235,7 @@ impl SessionState {
     pub fn changes_since_indexed(
         &self,
         since: &VectorClock,
-        document: &Value,
+        document: &Document,
         index: &DeltaIndex,
     ) -> Result<Vec<Change>, SinceRefused> {
         check_since(since, &self.clock)?;

@@ -125,7 +125,7 @@ proptest! {
         // Catching up: from the current clock nothing; from any clock of the accepted
         // history that covers the horizon, the changes rebuild the document; older: 410.
         let accepted_owned: Vec<Generated> = accepted.iter().map(|g| (*g).clone()).collect();
-        let (index, document) = (DeltaIndex::new(&state), state.document());
+        let (index, document) = (DeltaIndex::new(&state), state.materialised());
         for since in prefix_clocks(&accepted_owned) {
             let answer = state.changes_since(&since);
             prop_assert_eq!(

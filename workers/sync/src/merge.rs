@@ -16,6 +16,20 @@ use serde_json::json;
 /// body's size when larger: an answer stays within a small multiple of its request.
 pub const CONFLICT_BYTES_FLOOR: usize = 64 * 1024;
 
+/// The journal keeps every conflict a merge finds while they take at most this many times the
+/// answer's byte budget (design §3 "every conflict", with a request's cost bounded by its
+/// size: one 41 KB batch can meet a million older-or-newer writes).
+pub const JOURNAL_BUDGET_FACTOR: usize = 8;
+
+/// The limits of what a merge journals: no cap on the count, [`JOURNAL_BUDGET_FACTOR`] times
+/// the answer's bytes. Wider than `answer` in both, so the answer's list is its prefix.
+fn journal_limits(answer: ReportLimits) -> ReportLimits {
+    ReportLimits {
+        max_conflicts: usize::MAX,
+        max_bytes: answer.max_bytes.saturating_mul(JOURNAL_BUDGET_FACTOR),
+    }
+}
+
 /// What the merge closure needs besides the stored state.
 pub struct MergeInput {
     pub session_id: String,
@@ -204,7 +218,7 @@ fn apply_to(input: &MergeInput, state: &mut SessionState) -> Result<(MergeStep, 
         });
     }
     let outcome = state
-        .apply_reporting(&input.batch, input.limits)
+        .apply_reporting(&input.batch, journal_limits(input.limits))
         .inspect_err(|e| {
             if let NotApplied::Corrupt(corrupt) = e {
                 tracing::error!(session_id, error = %corrupt, "stored session state does not load");
@@ -215,14 +229,15 @@ fn apply_to(input: &MergeInput, state: &mut SessionState) -> Result<(MergeStep, 
             record_conflicts(session_id, &applied);
             state.claim(replica, &input.subject);
             let compact = checkpoint(state, input);
-            let (count, listed, total) =
+            let (count, kept, total) =
                 (applied.applied, &applied.conflicts, applied.conflicts_total);
+            let listed = &kept[..input.limits.fitting(kept)];
             let step = MergeStep {
                 changes: None,
                 status: 200,
                 body: answer(session_id, state, count, listed, total),
                 remember: true,
-                journal: journal(input, listed),
+                journal: journal(input, kept),
                 compact,
             };
             (step, true)
@@ -268,9 +283,9 @@ pub fn compact(session_id: String, now_ms: u64, retention_ms: u64) -> firemode_s
     })
 }
 
-/// The journal entries of the listed conflicts (design §3 "conflicts kept"): the store numbers
-/// them (`seq`) in the merge's transaction. The same conflicts the answer lists, so the
-/// journal's cost is bounded like the answer's.
+/// The journal entries of a merge's conflicts (design §3 "conflicts kept"): the store numbers
+/// them (`seq`) in the merge's transaction. Every conflict, unless they outgrow
+/// [`journal_limits`]: then the first ones, as the answer lists the first ones.
 fn journal(input: &MergeInput, conflicts: &[Conflict]) -> Vec<String> {
     conflicts
         .iter()
@@ -302,6 +317,15 @@ fn record_conflicts(session_id: &str, applied: &Applied) {
             session_id,
             conflicts = applied.conflicts_total,
             "concurrent writes resolved"
+        );
+    }
+    let kept = u64::try_from(applied.conflicts.len()).unwrap_or(u64::MAX);
+    if kept < applied.conflicts_total {
+        tracing::warn!(
+            session_id,
+            conflicts = applied.conflicts_total,
+            kept,
+            "a merge met more conflicts than its journal budget holds (8 times the answer's bytes): the first ones are kept"
         );
     }
 }
@@ -531,5 +555,47 @@ mod tests {
         // alice's k1 once and bob's k1: two events of their replicas.
         assert_eq!(loaded.clock().get("alice"), Some(&1));
         assert_eq!(loaded.clock().get("bob"), Some(&1));
+    }
+
+    /// The answer lists the first `max_conflicts_reported`; the journal keeps every one, with
+    /// the answer's list as its prefix. Past the journal's byte budget, the first ones.
+    #[test]
+    fn the_journal_keeps_every_conflict_the_answer_does_not_list() {
+        let batch = |replica: &str, value: u32| {
+            let changes: Vec<String> = (0..10)
+                .map(|i| format!(r#"{{"op":"set","path":"/f{i}","value":{value}}}"#))
+                .collect();
+            format!(
+                r#"{{"changes":[{}],"_sync_meta":{{"replica_id":"{replica}"}}}}"#,
+                changes.join(",")
+            )
+        };
+        let first = merge_batch(&input("alice", &batch("t1", 1)), None);
+        let stored = rows(&first);
+        let mut second = input("bob", &batch("t2", 2));
+        second.limits.max_conflicts = 3;
+        let step = merge_batch(&second, Some(&stored));
+        let answer = body(&step);
+        assert_eq!(answer["conflicts_total"], 10);
+        let listed = answer["conflicts"].as_array().expect("a list").clone();
+        assert_eq!(listed.len(), 3);
+        assert_eq!(step.journal.len(), 10, "every conflict is journaled");
+        for (entry, listed) in step.journal.iter().zip(&listed) {
+            let entry: Value = serde_json::from_str(entry).expect("journal entry is JSON");
+            assert_eq!(entry["path"], listed["path"]);
+            assert_eq!(entry["loser"]["value"], listed["loser"]["value"]);
+        }
+
+        // A budget that holds four entries' bytes keeps four; the answer still lists three.
+        let one = merge_batch(&second, Some(&stored));
+        let entry_bytes = one.journal[0].len();
+        second.limits.max_bytes = entry_bytes * 4 / JOURNAL_BUDGET_FACTOR;
+        let tight = merge_batch(&second, Some(&stored));
+        assert!(
+            (1..10).contains(&tight.journal.len()),
+            "{} kept",
+            tight.journal.len()
+        );
+        assert_eq!(body(&tight)["conflicts_total"], 10);
     }
 }

@@ -12,7 +12,6 @@ use firemode_merge::{CorruptState, SessionRows, SessionState};
 use firemode_wire::Problem;
 use firemode_worker::json_response;
 use http::StatusCode;
-use serde_json::json;
 use std::sync::Arc;
 
 /// A stored session state that does not load (a 500: it needs an operator, not a retry).
@@ -58,14 +57,19 @@ pub async fn load(
         .await
 }
 
-/// The session as its `GET` and the bundle show it.
+/// The session as its `GET` and the bundle show it: `{"document","session_id","vector_clock"}`,
+/// the document serialized from its [`firemode_merge::Document`] (never built as a `Value`).
 pub fn session_json(session_id: &str, snapshot: &Snapshot) -> String {
-    json!({
-        "session_id": session_id,
-        "document": snapshot.document(),
-        "vector_clock": snapshot.state.clock(),
-    })
-    .to_string()
+    let mut out = Vec::with_capacity(256);
+    out.extend_from_slice(b"{\"document\":");
+    // Writing JSON with string keys into memory cannot fail.
+    let _ = serde_json::to_writer(&mut out, snapshot.document());
+    out.extend_from_slice(b",\"session_id\":");
+    let _ = serde_json::to_writer(&mut out, session_id);
+    out.extend_from_slice(b",\"vector_clock\":");
+    let _ = serde_json::to_writer(&mut out, snapshot.state.clock());
+    out.push(b'}');
+    String::from_utf8(out).unwrap_or_default()
 }
 
 /// `GET /v1/tests/sessions/{id}`: the merged document and the session clock.

@@ -19,9 +19,8 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use firemode_merge::{DeltaIndex, SessionState};
+use firemode_merge::{DeltaIndex, Document, SessionState};
 use firemode_wire::Problem;
-use serde_json::Value;
 use tokio::sync::OnceCell;
 
 /// One read of a session: its state, its version and, once asked for, its document and its
@@ -30,7 +29,7 @@ pub struct Snapshot {
     pub state: SessionState,
     /// `sync_sessions.version` of this read (0 for a session never written).
     pub version: i64,
-    document: OnceLock<Value>,
+    document: OnceLock<Document>,
     delta_index: OnceLock<DeltaIndex>,
 }
 
@@ -45,8 +44,8 @@ impl Snapshot {
     }
 
     /// The merged document, materialised once for everyone sharing this snapshot.
-    pub fn document(&self) -> &Value {
-        self.document.get_or_init(|| self.state.document())
+    pub fn document(&self) -> &Document {
+        self.document.get_or_init(|| self.state.materialised())
     }
 
     /// The registers by dot, built once for everyone sharing this snapshot: each catching-up
