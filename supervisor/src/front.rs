@@ -25,6 +25,7 @@ use crate::instance::Instance;
 use crate::instance::Kind;
 use crate::poison::{PoisonList, RequestKey};
 use crate::registry::{KindSet, Registry};
+use crate::request_metrics::{method_label, RequestDurations};
 use crate::traffic::Outcome;
 use crate::upstream::{self, UpstreamError};
 use arc_swap::ArcSwap;
@@ -96,6 +97,23 @@ pub enum Route {
 }
 
 impl Route {
+    /// Every route, in [`Route::index`] order.
+    pub const ALL: [Route; 8] = [
+        Route::Classify,
+        Route::SessionResults,
+        Route::Session,
+        Route::OfflineBundle,
+        Route::Changes,
+        Route::Conflicts,
+        Route::UnknownV1,
+        Route::NotFound,
+    ];
+
+    /// The route's position in [`Route::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
     pub fn of(path: &str) -> Route {
         if path == "/v1/classify" {
             return Route::Classify;
@@ -183,6 +201,7 @@ pub struct Front {
     in_flight: AtomicUsize,
     id_prefix: u64,
     id_counter: AtomicU64,
+    durations: RequestDurations,
 }
 
 struct InFlight<'a>(&'a AtomicUsize);
@@ -213,6 +232,7 @@ impl Front {
             in_flight: AtomicUsize::new(0),
             id_prefix: rand::random(),
             id_counter: AtomicU64::new(0),
+            durations: RequestDurations::default(),
         }
     }
 
@@ -237,8 +257,7 @@ impl Front {
             }
         }
         let n = self.id_counter.fetch_add(1, Ordering::Relaxed);
-        let text = format!("{:016x}{:08x}", self.id_prefix, n);
-        HeaderValue::from_str(&text).unwrap_or_else(|_| HeaderValue::from_static("unknown"))
+        hex_request_id(self.id_prefix, n)
     }
 
     pub async fn handle(&self, req: Request<Incoming>) -> Response<FrontBody> {
@@ -249,16 +268,23 @@ impl Front {
         let request_id = self.request_id(req.headers());
         let route = Route::of(req.uri().path());
         let method = req.method().clone();
-        // One span per request: continues the client's W3C trace, and its context goes to
-        // the worker (see `Upstream::new`); request_id is on every log line inside it.
-        let span = tracing::info_span!(
-            "front",
-            otel.name = route.template(),
-            otel.kind = "server",
-            http.request.method = method_label(&method),
-            request_id = request_id.to_str().unwrap_or(""),
-        );
-        firemode_telemetry::traces::continue_trace(&span, req.headers());
+        // One span per request when spans are exported: it continues the client's W3C trace,
+        // and its context goes to the worker (see `Upstream::new`). Without an exporter no
+        // one reads it, and creating, formatting and entering it on every poll was a cost
+        // of every request: the front's own log lines name the request_id themselves.
+        let span = if firemode_telemetry::traces::exporting() {
+            let span = tracing::info_span!(
+                "front",
+                otel.name = route.template(),
+                otel.kind = "server",
+                http.request.method = method_label(&method),
+                request_id = request_id.to_str().unwrap_or(""),
+            );
+            firemode_telemetry::traces::continue_trace(&span, req.headers());
+            span
+        } else {
+            tracing::Span::none()
+        };
         let mut resp = match self
             .serve(&settings, route, req, &request_id, started)
             .instrument(span)
@@ -274,7 +300,7 @@ impl Front {
             request_id: request_id.to_str().unwrap_or(""),
             elapsed: started.elapsed(),
         };
-        Self::record(&settings, &request, &resp);
+        Self::record(&settings, &self.durations, &request, &resp);
         resp
     }
 
@@ -306,6 +332,7 @@ impl Front {
         );
         let exchange = Exchange {
             settings,
+            request_id: request_id.to_str().unwrap_or(""),
             kind,
             route,
             retryable,
@@ -317,20 +344,19 @@ impl Front {
     }
 
     /// Phase 6, record: what every request leaves behind, whatever its outcome.
-    fn record(settings: &FrontSettings, request: &Served<'_>, resp: &Response<FrontBody>) {
+    fn record(
+        settings: &FrontSettings,
+        durations: &RequestDurations,
+        request: &Served<'_>,
+        resp: &Response<FrontBody>,
+    ) {
         let Served {
             method,
             route,
             request_id,
             elapsed,
         } = *request;
-        metrics::histogram!(
-            "http_request_duration_seconds",
-            "method" => method_label(method),
-            "endpoint" => route.template(),
-            "status" => status_label(resp.status()),
-        )
-        .record(elapsed.as_secs_f64());
+        durations.record(method, route, resp.status(), elapsed.as_secs_f64());
         // A long-poll is slow by design: its wait is not a slow request.
         if elapsed >= settings.slow_threshold && route != Route::Changes {
             tracing::warn!(
@@ -433,6 +459,8 @@ const NEVER_SENT_PAUSE: Duration = Duration::from_millis(10);
 /// connection failed before anything was sent), and keep the poison and traffic accounting.
 struct Exchange<'a> {
     settings: &'a FrontSettings,
+    /// For the front's own log lines (there is no request span unless spans are exported).
+    request_id: &'a str,
     kind: Kind,
     route: Route,
     retryable: bool,
@@ -514,12 +542,13 @@ impl Exchange<'_> {
         retried: &mut bool,
     ) -> Result<(), Reply> {
         let kind = self.kind.name();
-        tracing::warn!(kind, instance = instance.index, error = %err, retry = self.retryable, "upstream request failed");
+        let request_id = self.request_id;
+        tracing::warn!(kind, request_id, instance = instance.index, error = %err, retry = self.retryable, "upstream request failed");
         if let Some(refused) = self.poison.strike(err, instance, pid, self) {
             return Err(refused);
         }
         if err.is_local() {
-            tracing::error!(kind, error = %err, "cannot buffer a worker's answer");
+            tracing::error!(kind, request_id, error = %err, "cannot buffer a worker's answer");
             return Err(Problem::unavailable(format!(
                 "the front could not store the answer ({err}); retry shortly"
             ))
@@ -654,9 +683,9 @@ impl<'a> Poisoning<'a> {
         if n < self.list.threshold() {
             return None;
         }
-        let (kind, route) = (ex.kind.name(), ex.route.template());
+        let (kind, route, request_id) = (ex.kind.name(), ex.route.template(), ex.request_id);
         metrics::counter!("firemode_poison_requests_total", "kind" => kind).increment(1);
-        tracing::error!(kind, route, fingerprint = %format!("{fp:016x}"), strikes = n, "poison request: workers died under it; refusing it");
+        tracing::error!(kind, route, request_id, fingerprint = %format!("{fp:016x}"), strikes = n, "poison request: workers died under it; refusing it");
         Some(poisoned(fp, crate::poison::WINDOW))
     }
 
@@ -711,40 +740,20 @@ impl FrontSettings {
     }
 }
 
-/// Bounded label values: the method names HTTP defines, else "other".
-fn method_label(m: &Method) -> &'static str {
-    match *m {
-        Method::GET => "GET",
-        Method::POST => "POST",
-        Method::HEAD => "HEAD",
-        Method::PUT => "PUT",
-        Method::DELETE => "DELETE",
-        Method::PATCH => "PATCH",
-        Method::OPTIONS => "OPTIONS",
-        _ => "other",
+/// `{prefix:016x}{n:08x}` (lowercase hex; `n` takes more than 8 digits once it needs them),
+/// written without the formatting machinery: one per request.
+fn hex_request_id(prefix: u64, n: u64) -> HeaderValue {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut buf = [0u8; 32];
+    for (i, slot) in buf[..16].iter_mut().enumerate() {
+        *slot = DIGITS[((prefix >> (60 - 4 * i)) & 0xf) as usize];
     }
-}
-
-/// The status as a label without allocating for the codes FireMode answers.
-fn status_label(s: StatusCode) -> metrics::SharedString {
-    let fixed = match s.as_u16() {
-        200 => "200",
-        304 => "304",
-        400 => "400",
-        401 => "401",
-        404 => "404",
-        405 => "405",
-        408 => "408",
-        409 => "409",
-        413 => "413",
-        422 => "422",
-        500 => "500",
-        502 => "502",
-        503 => "503",
-        504 => "504",
-        other => return metrics::SharedString::from(other.to_string()),
-    };
-    metrics::SharedString::const_str(fixed)
+    let n_digits = (16 - n.leading_zeros() as usize / 4).max(8);
+    for (i, slot) in buf[16..16 + n_digits].iter_mut().enumerate() {
+        *slot = DIGITS[((n >> (4 * (n_digits - 1 - i))) & 0xf) as usize];
+    }
+    HeaderValue::from_bytes(&buf[..16 + n_digits])
+        .unwrap_or_else(|_| HeaderValue::from_static("unknown"))
 }
 
 /// An error answer, already a response.
@@ -820,6 +829,37 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     headers.remove("proxy-connection");
 }
 
+/// Removes, in one pass over the names, what a client's request may not carry to a worker:
+/// hop-by-hop headers (and the names `Connection` lists), the bearer token, the length (set
+/// again for the body sent), any client-sent identity header and request id (the front
+/// sets its own).
+fn drop_unforwarded(headers: &mut HeaderMap) {
+    let listed: Vec<HeaderName> = if headers.contains_key(header::CONNECTION) {
+        headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let unforwarded = |name: &HeaderName| {
+        HOP_BY_HOP.contains(name)
+            || *name == header::AUTHORIZATION
+            || *name == header::CONTENT_LENGTH
+            || *name == REQUEST_ID
+            || matches!(name.as_str(), "keep-alive" | "proxy-connection")
+            || name.as_str().starts_with(IDENTITY_PREFIX)
+            || listed.contains(name)
+    };
+    let doomed: Vec<HeaderName> = headers.keys().filter(|n| unforwarded(n)).cloned().collect();
+    for name in doomed {
+        headers.remove(name);
+    }
+}
+
 /// The request as the worker receives it; rebuilt for a retry.
 struct Upstream {
     method: Method,
@@ -837,17 +877,7 @@ impl Upstream {
         identity: Identity,
         request_id: &HeaderValue,
     ) -> Self {
-        strip_hop_by_hop(&mut headers);
-        headers.remove(header::AUTHORIZATION);
-        headers.remove(header::CONTENT_LENGTH);
-        let client_identity: Vec<HeaderName> = headers
-            .keys()
-            .filter(|k| k.as_str().starts_with(IDENTITY_PREFIX))
-            .cloned()
-            .collect();
-        for name in client_identity {
-            headers.remove(name);
-        }
+        drop_unforwarded(&mut headers);
         headers.insert(IDENTITY, identity.header);
         headers.insert(REQUEST_ID, request_id.clone());
         firemode_telemetry::traces::inject_trace(&tracing::Span::current(), &mut headers);
@@ -891,6 +921,20 @@ mod tests {
         let mut short: http::Uri = "/v1/tests/sessions/S/changes?wait=5".parse().unwrap();
         super::shorten_wait(&mut short, std::time::Duration::from_secs(30));
         assert_eq!(short, "/v1/tests/sessions/S/changes?wait=5");
+    }
+
+    #[test]
+    fn request_ids_are_the_prefix_and_counter_in_hex() {
+        for (prefix, n) in [
+            (0u64, 0u64),
+            (0x0123_4567_89ab_cdef, 1),
+            (u64::MAX, 0xffff_ffff),
+            (7, 0x1_0000_0000),
+            (1 << 63, u64::MAX),
+        ] {
+            let id = super::hex_request_id(prefix, n);
+            assert_eq!(id.to_str().unwrap(), format!("{prefix:016x}{n:08x}"));
+        }
     }
 
     #[test]

@@ -43,6 +43,7 @@ pub mod plan;
 pub mod poison;
 pub mod preflight;
 pub mod registry;
+pub mod request_metrics;
 pub mod run;
 pub mod runtime_dir;
 pub mod send_timeout;
