@@ -28,8 +28,10 @@ fn git(args: &[&str]) -> Option<String> {
 
 /// Asks cargo to rerun when this git file changes. A path that does not exist would make
 /// cargo rerun on every build, so a missing file (a branch ref still packed) is watched
-/// through its folder, where it will appear.
-fn watch(git_path: &str) {
+/// through its folder, where it will appear; with `only_if_present`, a missing file is not
+/// watched at all (`packed-refs`, whose folder is `.git` itself: watching that would rerun
+/// on every git command, and rebuild every crate above this one).
+fn watch(git_path: &str, only_if_present: bool) {
     let Some(path) = git(&[
         "rev-parse",
         "--path-format=absolute",
@@ -41,7 +43,7 @@ fn watch(git_path: &str) {
     let path = Path::new(&path);
     if path.exists() {
         println!("cargo:rerun-if-changed={}", path.display());
-    } else if let Some(dir) = path.parent().filter(|d| d.exists()) {
+    } else if let Some(dir) = path.parent().filter(|d| d.exists() && !only_if_present) {
         println!("cargo:rerun-if-changed={}", dir.display());
     }
 }
@@ -56,10 +58,10 @@ fn main() {
     let commit = match from_env {
         Some(c) => c,
         None => {
-            watch("HEAD");
+            watch("HEAD", false);
             if let Some(reference) = git(&["symbolic-ref", "-q", "HEAD"]) {
-                watch(&reference);
-                watch("packed-refs");
+                watch(&reference, false);
+                watch("packed-refs", true);
             }
             git(&["rev-parse", "--short=12", "HEAD"]).unwrap_or_else(|| "unknown".into())
         }
