@@ -2,41 +2,33 @@
 //! connections per instance, kept alive on a stack while idle. A request takes a permit
 //! first (waiting, within its deadline, while all are in use), so 500 client connections
 //! make at most `limit` worker connections instead of opening and closing hundreds: memory
-//! stays bounded and no CPU goes to connection churn. Long-polls have a pool of their own
-//! ([`PoolKind`]).
-//!
-//! A worker connection has no task of its own: the request using it drives its I/O (the
-//! hyper connection future) in the request's own task, beside sending the request and
-//! reading the answer ([`WorkerConn::exchange`]). So a request never hands work to another
-//! task and waits for it to be scheduled, perhaps on another thread; an idle connection is
-//! just data on the stack. [`exchange`] reads the answer to its end at once (see
-//! `buffered`), then puts the connection back and releases the permit, whatever the client
-//! does next. A connection that closed, failed, or was dropped mid-answer (the request's
-//! deadline) is not put back.
+//! stays bounded and no CPU goes to connection churn. A connection goes back on the stack
+//! when its response body has been read to the end; one that is closed is dropped.
+//! Long-polls have a pool of their own ([`PoolKind`]).
+//! [`exchange`] reads that body to its end at once (see `buffered`), so the connection and
+//! permit go back as soon as the worker has answered, whatever the client does.
 
 use crate::buffered::{Budget, Buffered, TakeError};
 use crate::instance::{Instance, Outstanding};
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::Full;
-use hyper::client::conn::http1::{self, Connection, SendRequest};
+use hyper::body::Incoming;
+use hyper::body::{Body, Frame, SizeHint};
+use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use tokio::net::UnixStream;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-/// One HTTP/1.1 connection to a worker: the handle requests go through and the connection's
-/// I/O, which whoever uses it drives (see the module docs).
-struct WorkerConn {
-    sender: SendRequest<Full<Bytes>>,
-    io: Pin<Box<Connection<TokioIo<UnixStream>, Full<Bytes>>>>,
-}
+type Sender = SendRequest<Full<Bytes>>;
 
 pub struct UpstreamPool {
     socket: PathBuf,
-    idle: Mutex<Vec<WorkerConn>>,
+    idle: Mutex<Vec<Sender>>,
     /// One permit per connection that may exist (idle or in use).
     permits: Arc<Semaphore>,
     /// The most connections kept while idle (the rest are closed when their answer is in).
@@ -111,106 +103,16 @@ impl UpstreamError {
 }
 
 /// Sends `req` to `instance` and takes the whole answer off the worker connection (see
-/// `buffered`), reusing an idle connection when one is alive: a request that a dead idle
-/// connection refused before sending moves to the next one, then to a new connection. On
-/// return the connection is back on the stack.
+/// `buffered`): on return the connection is back in the pool.
 pub async fn exchange(
     instance: &Arc<Instance>,
-    mut req: Request<Full<Bytes>>,
+    req: Request<Full<Bytes>>,
     budget: &Arc<Budget>,
     spill_dir: &Path,
 ) -> Result<Response<Buffered>, UpstreamError> {
-    let _outstanding: Outstanding = instance.begin_request();
-    let pool = instance.pool(PoolKind::of(&req));
-    // The semaphore is never closed; the error arm only keeps this free of panics.
-    let _permit = pool.permits.acquire().await.map_err(|_| {
-        UpstreamError::Connect(std::io::Error::other("the upstream pool is closed"))
-    })?;
-    while let Some(conn) = pool.take_idle() {
-        match conn.exchange(req, budget, spill_dir).await {
-            Ok((resp, conn)) => {
-                pool.put_back(conn);
-                return Ok(resp);
-            }
-            Err(Failed::Unsent(unsent)) => req = *unsent,
-            Err(Failed::Upstream(e)) => return Err(e),
-        }
-    }
-    let conn = pool.connect().await?;
-    match conn.exchange(req, budget, spill_dir).await {
-        Ok((resp, conn)) => {
-            pool.put_back(conn);
-            Ok(resp)
-        }
-        Err(Failed::Unsent(_)) => Err(UpstreamError::Connect(std::io::Error::other(
-            "the new worker connection closed before the request was sent",
-        ))),
-        Err(Failed::Upstream(e)) => Err(e),
-    }
-}
-
-/// Why [`WorkerConn::exchange`] gave no answer.
-enum Failed {
-    /// The connection was closed before the request went out: here it is, to send elsewhere.
-    Unsent(Box<Request<Full<Bytes>>>),
-    Upstream(UpstreamError),
-}
-
-impl WorkerConn {
-    /// One request and its whole answer, driving the connection's I/O meanwhile. The
-    /// connection comes back unless it ended on the way.
-    async fn exchange(
-        self,
-        req: Request<Full<Bytes>>,
-        budget: &Arc<Budget>,
-        spill_dir: &Path,
-    ) -> Result<(Response<Buffered>, Option<WorkerConn>), Failed> {
-        let WorkerConn { mut sender, io } = self;
-        let mut io = Some(io);
-        let answer = {
-            let work = async {
-                if sender.ready().await.is_err() {
-                    return Err(Failed::Unsent(Box::new(req)));
-                }
-                let resp = match sender.try_send_request(req).await {
-                    Ok(resp) => resp,
-                    Err(mut e) => {
-                        return Err(match e.take_message() {
-                            Some(unsent) => Failed::Unsent(Box::new(unsent)),
-                            None => Failed::Upstream(UpstreamError::Exchange(e.into_error())),
-                        })
-                    }
-                };
-                let (parts, body) = resp.into_parts();
-                let body = Buffered::take(body, budget, spill_dir)
-                    .await
-                    .map_err(|e| Failed::Upstream(e.into()))?;
-                Ok(Response::from_parts(parts, body))
-            };
-            tokio::pin!(work);
-            let first = match io.as_mut() {
-                Some(driver) => tokio::select! {
-                    biased;
-                    answer = &mut work => Some(answer),
-                    _ = driver.as_mut() => None,
-                },
-                None => None,
-            };
-            match first {
-                Some(answer) => answer,
-                None => {
-                    // The connection ended (closed or failed) first. Dropping it fails what
-                    // it still held for this request (the answer's callback, the body), so
-                    // the request's own future now finishes at once: with the whole answer
-                    // if it had it, else with the error.
-                    io = None;
-                    (&mut work).await
-                }
-            }
-        };
-        let resp = answer?;
-        Ok((resp, io.map(|io| WorkerConn { sender, io })))
-    }
+    let (parts, body) = send(instance, req).await?.into_parts();
+    let body = Buffered::take(body, budget, spill_dir).await?;
+    Ok(Response::from_parts(parts, body))
 }
 
 impl UpstreamPool {
@@ -223,28 +125,28 @@ impl UpstreamPool {
         }
     }
 
-    fn idle(&self) -> std::sync::MutexGuard<'_, Vec<WorkerConn>> {
+    fn idle(&self) -> std::sync::MutexGuard<'_, Vec<Sender>> {
         self.idle.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn take_idle(&self) -> Option<WorkerConn> {
+    fn take_idle(&self) -> Option<Sender> {
         let mut idle = self.idle();
-        while let Some(conn) = idle.pop() {
-            if !conn.sender.is_closed() {
-                return Some(conn);
+        while let Some(s) = idle.pop() {
+            if !s.is_closed() {
+                return Some(s);
             }
         }
         None
     }
 
     /// Called while the request's permit is still held: the stack never outgrows the permits.
-    fn put_back(&self, conn: Option<WorkerConn>) {
-        let Some(conn) = conn.filter(|c| !c.sender.is_closed()) else {
+    fn put_back(&self, sender: Sender) {
+        if sender.is_closed() {
             return;
-        };
+        }
         let mut idle = self.idle();
         if idle.len() < self.max_idle {
-            idle.push(conn);
+            idle.push(sender);
         }
     }
 
@@ -253,21 +155,121 @@ impl UpstreamPool {
         self.idle().clear();
     }
 
-    async fn connect(&self) -> Result<WorkerConn, UpstreamError> {
+    async fn connect(&self) -> Result<Sender, UpstreamError> {
         let stream = UnixStream::connect(&self.socket)
             .await
             .map_err(UpstreamError::Connect)?;
         // A small read buffer: a pooled connection keeps it while idle, and 64 of them per
         // instance at hyper's default (~400 KiB) would be tens of MiB after one burst of
         // large answers.
-        let (sender, io) = http1::Builder::new()
+        let (sender, conn) = http1::Builder::new()
             .max_buf_size(crate::listener::MAX_BUF)
             .handshake(TokioIo::new(stream))
             .await
             .map_err(UpstreamError::Handshake)?;
-        Ok(WorkerConn {
-            sender,
-            io: Box::pin(io),
-        })
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "upstream connection ended");
+            }
+        });
+        Ok(sender)
+    }
+}
+
+/// Sends `req` to `instance`, reusing an idle connection when one is alive. A request that
+/// a dead idle connection refused before sending is moved to the next one, then to a new
+/// connection.
+pub async fn send(
+    instance: &Arc<Instance>,
+    mut req: Request<Full<Bytes>>,
+) -> Result<Response<PooledBody>, UpstreamError> {
+    let guard = instance.begin_request();
+    let kind = PoolKind::of(&req);
+    let pool = instance.pool(kind);
+    // The semaphore is never closed; the error arm only keeps this free of panics.
+    let permit = pool.permits.clone().acquire_owned().await.map_err(|_| {
+        UpstreamError::Connect(std::io::Error::other("the upstream pool is closed"))
+    })?;
+    let release = (guard, permit);
+    while let Some(mut sender) = pool.take_idle() {
+        if sender.ready().await.is_err() {
+            continue;
+        }
+        match sender.try_send_request(req).await {
+            Ok(resp) => return Ok(wrap(resp, sender, kind, release)),
+            Err(mut e) => match e.take_message() {
+                Some(unsent) => req = unsent,
+                None => return Err(UpstreamError::Exchange(e.into_error())),
+            },
+        }
+    }
+    let mut sender = pool.connect().await?;
+    match sender.try_send_request(req).await {
+        Ok(resp) => Ok(wrap(resp, sender, kind, release)),
+        Err(e) => Err(UpstreamError::Exchange(e.into_error())),
+    }
+}
+
+fn wrap(
+    resp: Response<Incoming>,
+    sender: Sender,
+    kind: PoolKind,
+    (guard, permit): (Outstanding, OwnedSemaphorePermit),
+) -> Response<PooledBody> {
+    resp.map(|body| PooledBody {
+        body,
+        kind,
+        release: Some((sender, guard, permit)),
+    })
+}
+
+/// A worker's response body on its way to the client. When it has been read to the end,
+/// its connection returns to the instance's idle stack and the request stops counting
+/// against the instance's load.
+pub struct PooledBody {
+    body: Incoming,
+    kind: PoolKind,
+    release: Option<(Sender, Outstanding, OwnedSemaphorePermit)>,
+}
+
+impl PooledBody {
+    fn release(&mut self) {
+        if let Some((sender, guard, permit)) = self.release.take() {
+            guard.instance().pool(self.kind).put_back(sender);
+            drop(permit);
+        }
+    }
+}
+
+impl Body for PooledBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.body).poll_frame(cx);
+        if matches!(polled, Poll::Ready(None)) || self.body.is_end_stream() {
+            self.release();
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl Drop for PooledBody {
+    fn drop(&mut self) {
+        // Only a fully read body leaves the connection reusable.
+        if self.body.is_end_stream() {
+            self.release();
+        }
     }
 }
