@@ -138,6 +138,17 @@ async fn check_a_million_conflicts_stay_small(sys: &TestSystem) {
         "{} journal entries",
         kept.len()
     );
+    // Within its stated bound: 8 × the answer's budget (64 KiB here) as stored, without
+    // the `seq` the store adds.
+    let stored_bytes: usize = kept
+        .iter()
+        .map(|c| {
+            let mut c = c.clone();
+            c.as_object_mut().map(|o| o.remove("seq"));
+            c.to_string().len()
+        })
+        .sum();
+    assert!(stored_bytes <= 8 * 64 * 1024, "{stored_bytes} bytes kept");
     let sides = |c: &Value| (c["winner"]["path"].clone(), c["loser"]["value"].clone());
     assert_eq!(
         kept[..100].iter().map(sides).collect::<Vec<_>>(),

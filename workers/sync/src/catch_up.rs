@@ -79,20 +79,61 @@ fn parameters(query: Option<&str>, names: &[&str]) -> Result<Vec<Option<String>>
     Ok(found)
 }
 
+/// A whole number as a query writes it: decimal digits only, no sign, no leading zero
+/// (`Rust`'s `parse` would also take `+5`).
+fn whole_number(text: &str) -> Option<u64> {
+    let digits = !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit());
+    let canonical = text == "0" || !text.starts_with('0');
+    if digits && canonical {
+        text.parse().ok()
+    } else {
+        None
+    }
+}
+
+/// A vector clock from JSON, refusing a replica named twice (`{"A":5,"A":1}`: a map would
+/// keep the last and answer as if the client had said only that).
+fn parse_clock(text: &str) -> Result<VectorClock, String> {
+    struct Strict;
+    impl<'de> serde::de::Visitor<'de> for Strict {
+        type Value = VectorClock;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("an object of replica id → count")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut map: A,
+        ) -> Result<VectorClock, A::Error> {
+            let mut clock = VectorClock::new();
+            while let Some((replica, count)) = map.next_entry::<String, u64>()? {
+                if clock.contains_key(&replica) {
+                    return Err(serde::de::Error::custom(format!(
+                        "replica {replica:?} is named twice"
+                    )));
+                }
+                clock.insert(replica, count);
+            }
+            Ok(clock)
+        }
+    }
+    let mut deserializer = serde_json::Deserializer::from_str(text);
+    let clock = serde::Deserializer::deserialize_map(&mut deserializer, Strict)
+        .and_then(|clock| deserializer.end().map(|()| clock))
+        .map_err(|e| e.to_string())?;
+    Ok(clock)
+}
+
 impl ChangesQuery {
     pub fn parse(query: Option<&str>) -> Result<ChangesQuery, QueryError> {
         let mut values = parameters(query, &["since", "wait"])?.into_iter();
         let (since, wait) = (values.next().flatten(), values.next().flatten());
         let since = match since.as_deref().map(str::trim) {
             None | Some("") => VectorClock::new(),
-            Some(text) => serde_json::from_str::<VectorClock>(text)
-                .map_err(|e| QueryError::Since(e.to_string()))?,
+            Some(text) => parse_clock(text).map_err(QueryError::Since)?,
         };
         let wait = match wait {
             None => 0,
-            Some(text) => text
-                .parse::<u64>()
-                .ok()
+            Some(text) => whole_number(&text)
                 .filter(|seconds| *seconds <= MAX_WAIT_SECONDS)
                 .ok_or(QueryError::Wait)?,
         };
@@ -109,17 +150,14 @@ impl ConflictsQuery {
         let (after, limit) = (values.next().flatten(), values.next().flatten());
         let after = match after {
             None => 0,
-            Some(text) => text
-                .parse::<i64>()
-                .ok()
-                .filter(|n| *n >= 0)
+            Some(text) => whole_number(&text)
+                .and_then(|n| i64::try_from(n).ok())
                 .ok_or(QueryError::After)?,
         };
         let limit = match limit {
             None => DEFAULT_CONFLICTS_PAGE,
-            Some(text) => text
-                .parse::<i64>()
-                .ok()
+            Some(text) => whole_number(&text)
+                .and_then(|n| i64::try_from(n).ok())
                 .filter(|n| (1..=MAX_CONFLICTS_PAGE).contains(n))
                 .ok_or(QueryError::Limit)?,
         };
@@ -319,6 +357,10 @@ mod tests {
         assert_eq!(q.since.get("t1"), Some(&3));
         assert_eq!(q.wait, Duration::from_secs(25));
         assert!(ChangesQuery::parse(Some("since=%7B%7D")).is_ok());
+        assert_eq!(
+            ChangesQuery::parse(Some("wait=0")).map(|q| q.wait).ok(),
+            Some(Duration::ZERO)
+        );
         for bad in [
             "since=nope",
             "since=%7B%22t1%22%3A-1%7D",
@@ -328,6 +370,12 @@ mod tests {
             "wait=-1",
             "wait=1.5",
             "wait=1&wait=2",
+            "wait=+1",
+            "wait=01",
+            "wait=",
+            // A replica named twice: a map would keep one of the two.
+            "since=%7B%22A%22%3A5%2C%22A%22%3A1%7D",
+            "since=%7B%7D%7B%7D",
         ] {
             assert!(ChangesQuery::parse(Some(bad)).is_err(), "{bad}");
         }
@@ -352,6 +400,10 @@ mod tests {
             "limit=1001",
             "after=x",
             "limit=1&limit=2",
+            "after=+1",
+            "limit=+5",
+            "after=01",
+            "after=9223372036854775808",
         ] {
             assert!(ConflictsQuery::parse(Some(bad)).is_err(), "{bad}");
         }

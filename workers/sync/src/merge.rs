@@ -237,7 +237,7 @@ fn apply_to(input: &MergeInput, state: &mut SessionState) -> Result<(MergeStep, 
                 status: 200,
                 body: answer(session_id, state, count, listed, total),
                 remember: true,
-                journal: journal(input, kept),
+                journal: journal_within_budget(input, kept, total),
                 compact,
             };
             (step, true)
@@ -273,12 +273,14 @@ pub fn compact(session_id: String, now_ms: u64, retention_ms: u64) -> firemode_s
         let mut state = session::decode(&session_id, Some(&rows)).ok()?;
         let before = state.clone();
         let compacted = state.compact_before(now_ms.saturating_sub(retention_ms.max(1)))?;
-        tracing::info!(
-            session_id,
-            folded = compacted.folded,
-            tombstones = compacted.tombstones,
-            "session history compacted"
-        );
+        if compacted.folded > 0 {
+            tracing::info!(
+                session_id,
+                folded = compacted.folded,
+                tombstones = compacted.tombstones,
+                "session history compacted"
+            );
+        }
         Some(state.changed_rows(&before))
     })
 }
@@ -286,20 +288,45 @@ pub fn compact(session_id: String, now_ms: u64, retention_ms: u64) -> firemode_s
 /// The journal entries of a merge's conflicts (design §3 "conflicts kept"): the store numbers
 /// them (`seq`) in the merge's transaction. Every conflict, unless they outgrow
 /// [`journal_limits`]: then the first ones, as the answer lists the first ones.
+///
+/// The bound holds on the entries as stored: their JSON takes at most
+/// `journal_limits(..).max_bytes` bytes in all (the conflicts were chosen by their answer
+/// form; an entry adds the request id, the time and both timestamps).
 fn journal(input: &MergeInput, conflicts: &[Conflict]) -> Vec<String> {
-    conflicts
-        .iter()
-        .map(|conflict| {
-            json!({
-                "path": conflict.path,
-                "winner": journal_side(&conflict.winner),
-                "loser": journal_side(&conflict.loser),
-                "request_id": input.request_id,
-                "at": input.at_ms,
-            })
-            .to_string()
+    let budget = journal_limits(input.limits).max_bytes;
+    let mut used = 0usize;
+    let mut entries = Vec::with_capacity(conflicts.len());
+    for conflict in conflicts {
+        let entry = json!({
+            "path": conflict.path,
+            "winner": journal_side(&conflict.winner),
+            "loser": journal_side(&conflict.loser),
+            "request_id": input.request_id,
+            "at": input.at_ms,
         })
-        .collect()
+        .to_string();
+        used = used.saturating_add(entry.len());
+        if used > budget {
+            break;
+        }
+        entries.push(entry);
+    }
+    entries
+}
+
+/// [`journal`], with a warning when it could not keep every conflict.
+fn journal_within_budget(input: &MergeInput, conflicts: &[Conflict], total: u64) -> Vec<String> {
+    let entries = journal(input, conflicts);
+    let kept = u64::try_from(entries.len()).unwrap_or(u64::MAX);
+    if kept < total {
+        tracing::warn!(
+            session_id = input.session_id,
+            conflicts = total,
+            kept,
+            "a merge met more conflicts than its journal budget holds (8 times the answer's bytes): the first ones are kept"
+        );
+    }
+    entries
 }
 
 /// One side of a kept conflict: the answer's fields plus the write's effective timestamp.
@@ -317,15 +344,6 @@ fn record_conflicts(session_id: &str, applied: &Applied) {
             session_id,
             conflicts = applied.conflicts_total,
             "concurrent writes resolved"
-        );
-    }
-    let kept = u64::try_from(applied.conflicts.len()).unwrap_or(u64::MAX);
-    if kept < applied.conflicts_total {
-        tracing::warn!(
-            session_id,
-            conflicts = applied.conflicts_total,
-            kept,
-            "a merge met more conflicts than its journal budget holds (8 times the answer's bytes): the first ones are kept"
         );
     }
 }
@@ -591,8 +609,13 @@ mod tests {
         let entry_bytes = one.journal[0].len();
         second.limits.max_bytes = entry_bytes * 4 / JOURNAL_BUDGET_FACTOR;
         let tight = merge_batch(&second, Some(&stored));
+        let bytes: usize = tight.journal.iter().map(String::len).sum();
         assert!(
-            (1..10).contains(&tight.journal.len()),
+            bytes <= second.limits.max_bytes * JOURNAL_BUDGET_FACTOR,
+            "{bytes} bytes kept"
+        );
+        assert!(
+            (3..=4).contains(&tight.journal.len()),
             "{} kept",
             tight.journal.len()
         );
