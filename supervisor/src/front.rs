@@ -813,15 +813,20 @@ fn finish(mut resp: Response<Buffered>) -> Response<Buffered> {
     resp
 }
 
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Names listed in `Connection` are hop-by-hop too.
-    let listed: Vec<HeaderName> = headers
+/// The names `Connection` lists: hop-by-hop too (RFC 9110 §7.6.1). No allocation when the
+/// header is absent, as it is on most requests.
+fn connection_listed(headers: &HeaderMap) -> Vec<HeaderName> {
+    headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
+        .collect()
+}
+
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let listed = connection_listed(headers);
     for name in listed.iter().chain(HOP_BY_HOP) {
         headers.remove(name);
     }
@@ -834,17 +839,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// again for the body sent), any client-sent identity header and request id (the front
 /// sets its own).
 fn drop_unforwarded(headers: &mut HeaderMap) {
-    let listed: Vec<HeaderName> = if headers.contains_key(header::CONNECTION) {
-        headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-            .collect()
-    } else {
-        Vec::new()
-    };
+    let listed = connection_listed(headers);
     let unforwarded = |name: &HeaderName| {
         HOP_BY_HOP.contains(name)
             || *name == header::AUTHORIZATION
