@@ -521,7 +521,9 @@ async fn head_works_wherever_get_does_and_every_405_says_allow() {
             "POST {path}: Allow {allow:?}"
         );
     }
-    // The worker runtime's own routes, on a worker's socket.
+    // The worker runtime's own routes, on a worker's socket. `/readyz` above needs one
+    // ready instance per kind; the socket picked here may be another one still starting.
+    sys.wait_all_ready().await;
     let socket = std::fs::read_dir(sys.dir.join("run"))
         .expect("runtime dir")
         .filter_map(|e| e.ok().map(|e| e.path()))
