@@ -28,6 +28,10 @@ pub struct SyncApp {
     pub readiness: firemode_worker::Readiness,
     /// Whole-session reads in flight, shared by the requests that want them.
     pub reads: crate::shared_reads::SharedReads,
+    /// Catch-up reads in flight (the registers around those new to one clock), shared by
+    /// the requests at that clock.
+    pub catch_up_reads:
+        crate::shared_reads::SharedReads<(String, String, firemode_merge::VectorClock)>,
     /// Merges waiting for their session's next transaction.
     pub merges: Arc<crate::merge_queue::MergeQueue>,
 }
@@ -46,6 +50,7 @@ impl SyncApp {
             catalog,
             readiness: ctx.readiness,
             reads: Default::default(),
+            catch_up_reads: Default::default(),
             merges: Default::default(),
         })
     }
