@@ -334,6 +334,65 @@ async fn check_one_change_behind_costs_what_it_missed(sys: &TestSystem) {
     );
 }
 
+/// A tablet that missed both a `set` and the removal of what it set gets the parents the
+/// `set` made (design §3: `set /a/b 1`, `remove /a/b` reads `{"a":{}}`), whether the answer
+/// comes from the registers around the new ones or (here: which parents still exist depends
+/// on their children) from the whole session.
+async fn check_missed_set_and_remove(sys: &TestSystem) {
+    let (f, t) = (sys.front, token("tab-a", Some("acme")));
+    let first = batch("A", json!({"A": 1}), vec![set("/keep", json!(1))]);
+    ok(&post(f, &t, "GONE", "g-1", &first).await);
+    let made = batch("A", json!({"A": 2}), vec![set("/a/b/c", json!(1))]);
+    ok(&post(f, &t, "GONE", "g-2", &made).await);
+    let removed = batch(
+        "A",
+        json!({"A": 3}),
+        vec![json!({"op": "remove", "path": "/a/b/c"})],
+    );
+    ok(&post(f, &t, "GONE", "g-3", &removed).await);
+    let since: String =
+        form_urlencoded::byte_serialize(json!({"A": 1}).to_string().as_bytes()).collect();
+    let path = format!("/v1/tests/sessions/GONE/changes?since={since}");
+    let body = ok(&call(f, Method::GET, &t, &path, &[]).await);
+    let mut document = json!({"keep": 1});
+    for change in body["changes"].as_array().expect("changes") {
+        let tokens: Vec<&str> = change["path"].as_str().expect("path")[1..]
+            .split('/')
+            .collect();
+        let (last, parents) = tokens.split_last().expect("a token");
+        let mut node = &mut document;
+        for token in parents {
+            if !node[*token].is_object() {
+                node[*token] = json!({});
+            }
+            node = &mut node[*token];
+        }
+        if change["op"] == "set" {
+            node[*last] = change["value"].clone();
+        } else if let Some(object) = node.as_object_mut() {
+            object.remove(*last);
+        }
+    }
+    let whole = ok(&call(f, Method::GET, &t, "/v1/tests/sessions/GONE", &[]).await);
+    assert_eq!(whole["document"], json!({"keep": 1, "a": {"b": {}}}));
+    assert_eq!(document, whole["document"], "changes {}", body["changes"]);
+}
+
+#[tokio::test]
+async fn a_missed_set_and_remove_leave_their_parents_sqlite() {
+    let sys = start(None, vec![]).await;
+    check_missed_set_and_remove(&sys).await;
+}
+
+#[tokio::test]
+async fn a_missed_set_and_remove_leave_their_parents_postgres() {
+    let Some(db) = pg_database().await else {
+        return;
+    };
+    let sys = start(Some(db.url.clone()), vec![]).await;
+    check_missed_set_and_remove(&sys).await;
+}
+
 #[tokio::test]
 async fn one_change_behind_costs_what_it_missed_sqlite() {
     let sys = start(None, vec![]).await;

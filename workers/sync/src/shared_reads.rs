@@ -55,10 +55,12 @@ impl Snapshot {
     }
 
     /// No state: the catch-up read found the whole session must be read ([`Reach::Declined`]).
+    /// As fresh as any read (its version is the largest), so a request that joins it does not
+    /// ask the store again only to be told the same.
     pub fn declined() -> Snapshot {
         Snapshot {
             reach: Reach::Declined,
-            ..Snapshot::new(SessionState::default(), 0)
+            ..Snapshot::new(SessionState::default(), i64::MAX)
         }
     }
 
