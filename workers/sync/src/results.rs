@@ -41,9 +41,9 @@ pub async fn post(
         max_clock_skew: sync.max_clock_skew.get(),
         max_changes: sync.max_changes_per_batch as usize,
     };
-    let batch = batch_from_value(&value, &context).map_err(Problem::bad_request)?;
+    // The fingerprint first: the batch takes the written values out of `value`.
     let idem = idempotency::record(&caller.subject, key, &req.method, session_id, &value, body);
-    drop(value);
+    let batch = batch_from_value(value, &context).map_err(Problem::bad_request)?;
     let input = MergeInput {
         session_id: session_id.to_string(),
         subject: caller.subject.clone(),
