@@ -6,13 +6,14 @@ alternates oha runs between them, so machine noise hits both alike. Prints req/s
 front's CPU per request and its RSS of each, and the ratios B/A. How BENCHMARKS.md's before/after
 figures were measured.
 
-    bench/ab.py DIR_A DIR_B [--rounds 4] [--duration 8] [--conns 64,500] [--rust-log LEVEL]
+    bench/ab.py DIR_A DIR_B [--rounds 4] [--duration 8] [--conns 64,500] [--rust-log LEVEL] [--tool oha|wrk]
 
 Both builds run the shipped defaults (RUST_LOG unset) unless --rust-log is given; the
 override is printed first.
 
 DIR_A and DIR_B each hold `firemode`, `firemode-classify` and `firemode-sync` (e.g. copies
-of target/release/ before and after a change). Needs oha (cargo install oha).
+of target/release/ before and after a change). Needs oha (cargo install oha), or wrk with
+`--tool wrk` (bench/classify.lua, the load bench/run.py puts on the proxies).
 """
 import argparse
 import os
@@ -24,7 +25,7 @@ import time
 import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from run import SECRET, cpu_seconds, median, oha, rss_mib  # noqa: E402
+from run import SECRET, cpu_seconds, median, oha, rss_mib, wrk  # noqa: E402
 
 
 def start(bin_dir, work, front, admin, rust_log):
@@ -71,18 +72,23 @@ def main():
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--duration", type=int, default=8)
     ap.add_argument("--conns", default="64,500")
+    ap.add_argument("--tool", choices=("oha", "wrk"), default="oha",
+                    help="load generator: oha (default) or wrk with bench/classify.lua")
     ap.add_argument("--rust-log", default=None,
                     help="RUST_LOG for both builds; unset (the shipped default) unless given")
     args = ap.parse_args()
     print("settings: shipped defaults" + (f", override RUST_LOG={args.rust_log}" if args.rust_log else
-                                          " (RUST_LOG unset)"), flush=True)
+                                          " (RUST_LOG unset)") + f"; load: {args.tool}", flush=True)
     work = tempfile.mkdtemp(prefix="fm-ab-")
     builds = {}
     try:
         for i, (name, d) in enumerate((("A", args.a), ("B", args.b))):
             front, admin = f"127.0.0.1:{28280 + i}", f"127.0.0.1:{29290 + i}"
             proc, token = start(os.path.abspath(d), os.path.join(work, name), front, admin, args.rust_log)
-            builds[name] = dict(proc=proc, token=token, front=front)
+            tokens = os.path.join(work, name, "tokens.txt")
+            with open(tokens, "w") as f:
+                f.write(token + "\n")
+            builds[name] = dict(proc=proc, token=token, front=front, tokens=tokens)
         results = {}
         for conns in [int(c) for c in args.conns.split(",")]:
             for rnd in range(args.rounds):
@@ -90,8 +96,11 @@ def main():
                 for name in order:
                     b = builds[name]
                     before = cpu_seconds(b["proc"].pid)
-                    r = oha(f"http://{b['front']}/v1/classify", conns, args.duration,
-                            ["-H", f"Authorization: Bearer {b['token']}"])
+                    if args.tool == "wrk":
+                        r = wrk(f"http://{b['front']}", conns, args.duration, b["tokens"])
+                    else:
+                        r = oha(f"http://{b['front']}/v1/classify", conns, args.duration,
+                                ["-H", f"Authorization: Bearer {b['token']}"])
                     r["cpu_us"] = (cpu_seconds(b["proc"].pid) - before) / max(r["ok"], 1) * 1e6
                     r["rss"] = rss_mib(b["proc"].pid)
                     results.setdefault((name, conns), []).append(r)
