@@ -28,6 +28,8 @@ pub struct SyncApp {
     pub readiness: firemode_worker::Readiness,
     /// Whole-session reads in flight, shared by the requests that want them.
     pub reads: crate::shared_reads::SharedReads,
+    /// The places of whole-session reads ([`crate::shared_reads::WHOLE_READS_AT_ONCE`]).
+    pub whole_reads: crate::shared_reads::WholeReads,
     /// Catch-up reads in flight (the registers around those new to one clock), shared by
     /// the requests at that clock.
     pub catch_up_reads:
@@ -51,6 +53,7 @@ impl SyncApp {
             readiness: ctx.readiness,
             reads: Default::default(),
             catch_up_reads: Default::default(),
+            whole_reads: Default::default(),
             merges: Default::default(),
         })
     }

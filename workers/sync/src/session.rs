@@ -36,7 +36,8 @@ pub fn decode(
 
 /// The caller's session and its version (a session never written is empty, version 0), read
 /// once for all the requests that want it at this moment and this fresh
-/// ([`crate::shared_reads`]).
+/// ([`crate::shared_reads`]), at most [`crate::shared_reads::WHOLE_READS_AT_ONCE`] such
+/// snapshots held at once.
 pub async fn load(
     app: &SyncApp,
     caller: &Caller,
@@ -45,6 +46,7 @@ pub async fn load(
 ) -> Result<Arc<Snapshot>, Problem> {
     app.reads
         .read(&caller.tenant, session_id, freshness, || async {
+            let permit = app.whole_reads.acquire().await;
             let stored = app
                 .store
                 .session(&caller.tenant, session_id)
@@ -52,7 +54,10 @@ pub async fn load(
                 .map_err(store_problem)?;
             let version = stored.as_ref().map_or(0, |s| s.version);
             let state = decode(session_id, stored.as_ref().map(|s| &s.rows))?;
-            Ok(Snapshot::new(state, version))
+            Ok(match permit {
+                Some(permit) => Snapshot::holding(state, version, permit),
+                None => Snapshot::new(state, version),
+            })
         })
         .await
 }

@@ -31,6 +31,9 @@ pub struct Snapshot {
     pub version: i64,
     /// How much of the session `state` holds.
     pub reach: Reach,
+    /// A whole-session read holds one of the process's [`WholeReads`] permits for as long as
+    /// anyone uses its snapshot.
+    _permit: Option<tokio::sync::OwnedSemaphorePermit>,
     document: OnceLock<Document>,
     delta_index: OnceLock<DeltaIndex>,
 }
@@ -41,8 +44,17 @@ impl Snapshot {
             state,
             version,
             reach: Reach::Whole,
+            _permit: None,
             document: OnceLock::new(),
             delta_index: OnceLock::new(),
+        }
+    }
+
+    /// A whole-session snapshot holding `permit` of [`WholeReads`] until it is dropped.
+    pub fn holding(state: SessionState, version: i64, permit: WholeReadPermit) -> Snapshot {
+        Snapshot {
+            _permit: Some(permit.0),
+            ..Snapshot::new(state, version)
         }
     }
 
@@ -75,6 +87,36 @@ impl Snapshot {
     pub fn delta_index(&self) -> &DeltaIndex {
         self.delta_index
             .get_or_init(|| DeltaIndex::new(&self.state))
+    }
+}
+
+/// How many whole-session snapshots (read, decoded, materialised, answered) a process holds
+/// at once: the rest queue, first come first served. So a worker's memory for them is
+/// bounded by this many sessions whatever the number of requests, and a crowd of heavy
+/// reads completes one after another instead of all at the end (the supervisor sees
+/// answers, not a hung worker).
+pub const WHOLE_READS_AT_ONCE: usize = 4;
+
+/// The permits of [`WHOLE_READS_AT_ONCE`].
+pub struct WholeReads(Arc<tokio::sync::Semaphore>);
+
+/// One whole-session read's place among [`WholeReads`].
+pub struct WholeReadPermit(tokio::sync::OwnedSemaphorePermit);
+
+impl Default for WholeReads {
+    fn default() -> Self {
+        WholeReads(Arc::new(tokio::sync::Semaphore::new(WHOLE_READS_AT_ONCE)))
+    }
+}
+
+impl WholeReads {
+    /// Waits for a place (the semaphore is never closed).
+    pub async fn acquire(&self) -> Option<WholeReadPermit> {
+        Arc::clone(&self.0)
+            .acquire_owned()
+            .await
+            .ok()
+            .map(WholeReadPermit)
     }
 }
 
@@ -295,6 +337,33 @@ mod tests {
         assert_eq!(arriving.version, 7);
         gate.notify_one();
         assert_eq!(version(older).await, 6);
+    }
+
+    /// Whole-session snapshots beyond the limit wait until one is dropped, in arrival order.
+    #[tokio::test]
+    async fn whole_reads_wait_for_a_place() {
+        let places = Arc::new(WholeReads::default());
+        let mut held = Vec::new();
+        for version in 0..WHOLE_READS_AT_ONCE {
+            let permit = places.acquire().await.expect("a place");
+            held.push(Snapshot::holding(
+                SessionState::default(),
+                version as i64,
+                permit,
+            ));
+        }
+        let next = {
+            let places = places.clone();
+            tokio::spawn(async move { places.acquire().await.is_some() })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!next.is_finished(), "a fifth whole read waits");
+        held.pop();
+        let placed = tokio::time::timeout(Duration::from_secs(5), next)
+            .await
+            .expect("placed once a snapshot is dropped")
+            .expect("joins");
+        assert!(placed);
     }
 
     #[tokio::test]
