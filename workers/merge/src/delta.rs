@@ -166,6 +166,20 @@ pub(crate) fn changes_since<'a>(
     document: &Document,
     since: &VectorClock,
 ) -> Vec<Change> {
+    changes_within(registers, document, since, true).unwrap_or_default()
+}
+
+/// [`changes_since`] where `document` may be the session's only at the new registers' paths,
+/// their subtrees and their ancestors' own registers (`whole_above` false: the document of a
+/// state loaded from [`crate::Reads::around_keys`] of the new registers). `None` when the
+/// answer needs more: which parents of a removed path still exist (see [`absent`]) depends
+/// on their whole subtrees.
+pub(crate) fn changes_within<'a>(
+    registers: impl IntoIterator<Item = &'a Register>,
+    document: &Document,
+    since: &VectorClock,
+    whole_above: bool,
+) -> Option<Vec<Change>> {
     let mut changes = Vec::new();
     // The last path answered whole (a `set` of its value): registers under it are already in
     // that value. Under a removed path they are not skipped: a tombstone below may remember a
@@ -191,11 +205,59 @@ pub(crate) fn changes_since<'a>(
                     .parents_made
                     .as_ref()
                     .is_some_and(|made| !covered(since, &made.replica_id, made.sequence));
+                if made_is_new && !whole_above {
+                    return None;
+                }
                 changes.extend(absent(document, &register.path, made_is_new));
             }
         }
     }
-    changes
+    Some(changes)
+}
+
+impl SessionState {
+    /// [`SessionState::changes_since`] from part of the session: this state loaded from the
+    /// head, the base and the registers [`crate::Reads::around_keys`] names around every
+    /// register new to `since` (a store finds those by the dots of their rows,
+    /// [`crate::RegisterRow::dot`] and [`crate::RegisterRow::made`]). So a client one change
+    /// behind costs what it has not seen, not the whole session.
+    ///
+    /// `Ok(None)` when the answer needs more of the session than such a state holds: a
+    /// removed path whose hidden `set` is new to the client, where the answer depends on
+    /// which of the path's parents still exist (their whole subtrees). Read the whole
+    /// session then.
+    pub fn changes_from_part(
+        &self,
+        since: &VectorClock,
+    ) -> Result<Option<Vec<Change>>, SinceRefused> {
+        check_since(since, &self.clock)?;
+        self.check_horizon(since, None)?;
+        Ok(changes_within(
+            self.registers.values(),
+            &self.materialised(),
+            since,
+            false,
+        ))
+    }
+}
+
+/// The dots of a stored register (its JSON as [`crate::RegisterRow::register`] holds it):
+/// its own, and the one of the hidden `set` a tombstone remembers. For a store to index rows
+/// written before it kept the dots beside them.
+pub fn register_dots(
+    register: &str,
+) -> Result<(crate::rows::Dot, Option<crate::rows::Dot>), crate::CorruptState> {
+    let register: Register = serde_json::from_str(register)
+        .map_err(|e| crate::CorruptState(format!("a register does not parse: {e}")))?;
+    let dot = crate::rows::Dot {
+        replica_id: register.replica_id,
+        sequence: register.sequence,
+    };
+    let made = register.parents_made.map(|made| crate::rows::Dot {
+        replica_id: made.replica_id,
+        sequence: made.sequence,
+    });
+    Ok((dot, made))
 }
 
 /// The changes for a path the session's document does not hold. A hidden `set` new to the

@@ -103,11 +103,11 @@ mod stored;
 
 pub use batch::{Batch, Change, InvalidBatch};
 pub use compaction::{Checkpoint, Compacted, MustRefetch};
-pub use delta::{DeltaIndex, SinceAhead, SinceRefused};
+pub use delta::{register_dots, DeltaIndex, SinceAhead, SinceRefused};
 pub use document::Document;
 pub use overlap::ReportLimits;
 pub use pointer::{Pointer, PointerError, MAX_POINTER_DEPTH};
-pub use rows::{path_key, KeyRange, Reads, RegisterRow, RowChanges, SessionRows, StampRow};
+pub use rows::{path_key, Dot, KeyRange, Reads, RegisterRow, RowChanges, SessionRows, StampRow};
 pub use state::{
     Applied, Conflict, ConflictSide, MissingDependencies, NotApplied, Outcome, SessionState,
 };

@@ -74,6 +74,26 @@ fn key_with_ends(pointer: &Pointer) -> (Vec<u8>, Vec<usize>) {
     (key, ends)
 }
 
+/// The end of each token's encoding in a [`path_key`] (as [`key_with_ends`] gives them):
+/// after the `0x00` that closes it, reading `0x01 x` as one escaped byte and `0x01 0x03` as
+/// the start of a 16-byte digest (which may hold any byte, `0x00` included).
+fn token_ends(key: &[u8]) -> Vec<usize> {
+    let mut ends = Vec::new();
+    let mut at = 0;
+    while at < key.len() {
+        match (key[at], key.get(at + 1)) {
+            (0x00, _) => {
+                at += 1;
+                ends.push(at);
+            }
+            (0x01, Some(0x03)) => at += 2 + INLINE_TOKEN_BYTES,
+            (0x01, _) => at += 2,
+            _ => at += 1,
+        }
+    }
+    ends
+}
+
 /// The register keys `start <= key < end`.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct KeyRange {
@@ -178,6 +198,20 @@ impl Reads {
         }
         stamps.sort();
         stamps.dedup();
+        Reads::around(keys, &ends, stamps)
+    }
+
+    /// The registers a catch-up reads around the registers at `keys` (path keys, each once):
+    /// each one's subtree and the registers at its proper ancestors, so the document at each
+    /// of those paths is the session's ([`crate::delta`]). No stamps.
+    pub fn around_keys(keys: Vec<Vec<u8>>) -> Reads {
+        let ends: Vec<Vec<usize>> = keys.iter().map(|key| token_ends(key)).collect();
+        Reads::around(keys, &ends, Vec::new())
+    }
+
+    /// The subtrees of `keys` and their proper ancestors outside those subtrees, each once;
+    /// `ends[i]` holds the end of each token's encoding in `keys[i]`.
+    fn around(keys: Vec<Vec<u8>>, ends: &[Vec<usize>], stamps: Vec<(String, u64)>) -> Reads {
         let registers = merge_ranges(keys.iter().cloned().map(KeyRange::below).collect());
         let inside = |key: &[u8]| {
             let after = registers.partition_point(|range| range.start.as_slice() <= key);
@@ -248,13 +282,27 @@ pub struct StampRow {
     pub stamp: u64,
 }
 
-/// One register row: its key ([`path_key`]) and the register as JSON.
+/// One register row: its key ([`path_key`]), the register as JSON, and the dots a catch-up
+/// finds it by ([`crate::delta`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RegisterRow {
     /// [`path_key`] of the register's path.
     pub key: Vec<u8>,
     /// The register, as JSON (its path included).
     pub register: String,
+    /// The register's own dot.
+    pub dot: Dot,
+    /// Tombstones only: the dot of the hidden `set` it remembers (`Register::parents_made`).
+    pub made: Option<Dot>,
+}
+
+/// An event: a replica and its sequence number.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Dot {
+    /// The writer.
+    pub replica_id: String,
+    /// Its sequence number.
+    pub sequence: u64,
 }
 
 /// What a store read for a session: its head, the register rows asked for (every one, for
@@ -404,6 +452,14 @@ impl SessionState {
             .map(|(path, register)| RegisterRow {
                 key: path_key(path),
                 register: serde_json::to_string(register).unwrap_or_default(),
+                dot: Dot {
+                    replica_id: register.replica_id.clone(),
+                    sequence: register.sequence,
+                },
+                made: register.parents_made.as_ref().map(|made| Dot {
+                    replica_id: made.replica_id.clone(),
+                    sequence: made.sequence,
+                }),
             })
             .collect();
         let stamps: Vec<StampRow> = self

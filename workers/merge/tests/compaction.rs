@@ -134,6 +134,11 @@ proptest! {
                 "since {:?}: the index disagrees",
                 since
             );
+            // From the rows around the new registers (base included): the same, or none.
+            match support::changes_from_rows(&state, &since) {
+                Ok(None) => {}
+                part => prop_assert_eq!(part.map(Option::unwrap_or_default), answer.clone(), "since {:?}: from rows", since),
+            }
             match answer {
                 Ok(changes) => {
                     prop_assert!(covers_clock(&since, state.horizon()));

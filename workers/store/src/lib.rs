@@ -25,6 +25,7 @@
 
 pub mod backup;
 pub mod check;
+mod dots;
 mod legacy;
 mod migrations;
 mod postgres;
@@ -32,6 +33,7 @@ mod sessions;
 mod sqlite;
 mod watch;
 
+pub use dots::{CatchUpRead, MAX_NEW_REGISTERS};
 pub use sessions::{
     CompactFn, GroupDone, GroupFn, GroupStep, IdempotencyKey, JournalEntry, MergeFn, MergeOutcome,
     MergeStep, Reads, RowChanges, SessionRows, StoredSession,
@@ -299,6 +301,21 @@ impl Store {
         match &self.inner {
             Inner::Sqlite(s) => s.session(tenant, session_id).await,
             Inner::Postgres(p) => p.session(tenant, session_id).await,
+        }
+    }
+
+    /// For a client at `since`, in one snapshot: the session's head, base and the registers
+    /// around every register new to `since` ([`CatchUpRead`]), found by their dots.
+    #[tracing::instrument(name = "store.catch_up", skip_all, fields(db.system = self.db_system()))]
+    pub async fn catch_up(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        since: &firemode_merge::VectorClock,
+    ) -> Result<CatchUpRead, StoreError> {
+        match &self.inner {
+            Inner::Sqlite(s) => s.catch_up(tenant, session_id, since).await,
+            Inner::Postgres(p) => p.catch_up(tenant, session_id, since).await,
         }
     }
 

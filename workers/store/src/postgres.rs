@@ -1,7 +1,10 @@
 //! The shared backend: PostgreSQL through a bb8-postgres pool. Migrations run under a
 //! transaction-scoped advisory lock, so workers on several hosts can start at once.
 
-use crate::migrations::{MIGRATIONS, ROWS_LAYOUT, SCHEMA_TABLE};
+mod dots;
+
+use crate::dots::stored_sequence;
+use crate::migrations::{MIGRATIONS, REGISTER_DOTS, ROWS_LAYOUT, SCHEMA_TABLE};
 use crate::sessions::{
     group_journal, live_since, CompactFn, GroupDone, GroupFn, GroupStep, IdempotencyKey,
     JournalEntry, MergeOutcome, MergeStep, StoredSession,
@@ -141,6 +144,7 @@ impl PgStore {
             .map_err(unavailable)?
             .get(0);
         crate::migrations::refuse_newer(applied)?;
+        let mut convert_legacy = false;
         for (version, sql) in MIGRATIONS {
             let done = tx
                 .query_opt(
@@ -151,8 +155,10 @@ impl PgStore {
                 .map_err(unavailable)?;
             if done.is_none() {
                 tx.batch_execute(sql).await.map_err(unavailable)?;
-                if *version == ROWS_LAYOUT {
-                    convert_legacy_sessions(&tx).await?;
+                // Sessions kept as one value move to rows once the rows have every column.
+                convert_legacy |= *version == ROWS_LAYOUT;
+                if *version == REGISTER_DOTS {
+                    dots::fill_dots(&tx).await?;
                 }
                 tx.execute(
                     "INSERT INTO firemode_schema (version, applied_at) VALUES ($1, $2)",
@@ -161,6 +167,9 @@ impl PgStore {
                 .await
                 .map_err(unavailable)?;
             }
+        }
+        if convert_legacy {
+            convert_legacy_sessions(&tx).await?;
         }
         tx.commit().await.map_err(unavailable)
     }
@@ -958,15 +967,41 @@ async fn upsert_registers(
     }
     let keys: Vec<&[u8]> = upserts.iter().map(|r| r.key.as_slice()).collect();
     let registers: Vec<&str> = upserts.iter().map(|r| r.register.as_str()).collect();
+    let replicas: Vec<&[u8]> = upserts
+        .iter()
+        .map(|r| r.dot.replica_id.as_bytes())
+        .collect();
+    let sequences: Vec<i64> = upserts
+        .iter()
+        .map(|r| stored_sequence(r.dot.sequence))
+        .collect();
+    let made_replicas: Vec<Option<&[u8]>> = upserts
+        .iter()
+        .map(|r| r.made.as_ref().map(|m| m.replica_id.as_bytes()))
+        .collect();
+    let made_sequences: Vec<Option<i64>> = upserts
+        .iter()
+        .map(|r| r.made.as_ref().map(|m| stored_sequence(m.sequence)))
+        .collect();
     tx.execute_typed(
-        "INSERT INTO sync_registers (tenant, session_id, path_key, register)
-         SELECT $1, $2, k, r FROM unnest($3::bytea[], $4::text[]) AS u(k, r)
-         ON CONFLICT (tenant, session_id, path_key) DO UPDATE SET register = EXCLUDED.register",
+        "INSERT INTO sync_registers
+             (tenant, session_id, path_key, register, replica_id, seq, made_replica, made_seq)
+         SELECT $1, $2, k, r, d, s, mr, ms
+         FROM unnest($3::bytea[], $4::text[], $5::bytea[], $6::int8[], $7::bytea[], $8::int8[])
+             AS u(k, r, d, s, mr, ms)
+         ON CONFLICT (tenant, session_id, path_key) DO UPDATE SET
+             register = EXCLUDED.register, replica_id = EXCLUDED.replica_id,
+             seq = EXCLUDED.seq, made_replica = EXCLUDED.made_replica,
+             made_seq = EXCLUDED.made_seq",
         &[
             session[0].clone(),
             session[1].clone(),
             (&keys, Type::BYTEA_ARRAY),
             (&registers, Type::TEXT_ARRAY),
+            (&replicas, Type::BYTEA_ARRAY),
+            (&sequences, Type::INT8_ARRAY),
+            (&made_replicas, Type::BYTEA_ARRAY),
+            (&made_sequences, Type::INT8_ARRAY),
         ],
     )
     .await

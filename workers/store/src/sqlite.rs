@@ -2,7 +2,10 @@
 //! on tokio's blocking threads. Writers take `BEGIN IMMEDIATE`, so concurrent processes
 //! queue on SQLite's lock (with a busy timeout) instead of failing.
 
-use crate::migrations::{MIGRATIONS, ROWS_LAYOUT, SCHEMA_TABLE};
+mod dots;
+
+use crate::dots::stored_sequence;
+use crate::migrations::{MIGRATIONS, REGISTER_DOTS, ROWS_LAYOUT, SCHEMA_TABLE};
 use crate::sessions::{
     group_journal, live_since, CompactFn, GroupDone, GroupFn, GroupStep, IdempotencyKey,
     JournalEntry, MergeOutcome, StoredSession,
@@ -116,6 +119,7 @@ impl SqliteStore {
                 .query_row("SELECT max(version) FROM firemode_schema", [], |r| r.get(0))
                 .map_err(unavailable)?;
             crate::migrations::refuse_newer(applied)?;
+            let mut convert_legacy = false;
             for (version, sql) in MIGRATIONS {
                 let done: Option<i64> = tx
                     .query_row(
@@ -127,8 +131,10 @@ impl SqliteStore {
                     .map_err(unavailable)?;
                 if done.is_none() {
                     tx.execute_batch(sql).map_err(unavailable)?;
-                    if *version == ROWS_LAYOUT {
-                        convert_legacy_sessions(&tx)?;
+                    // Sessions kept as one value move to rows once the rows have every column.
+                    convert_legacy |= *version == ROWS_LAYOUT;
+                    if *version == REGISTER_DOTS {
+                        dots::fill_dots(&tx)?;
                     }
                     tx.execute(
                         "INSERT INTO firemode_schema (version, applied_at) VALUES (?1, ?2)",
@@ -136,6 +142,9 @@ impl SqliteStore {
                     )
                     .map_err(unavailable)?;
                 }
+            }
+            if convert_legacy {
+                convert_legacy_sessions(&tx)?;
             }
             tx.commit().map_err(unavailable)
         })
@@ -451,36 +460,7 @@ fn read_for_merge(
     let Some(head) = head else {
         return Ok(None);
     };
-    let mut registers = Vec::new();
-    let mut in_range = tx
-        .prepare(
-            "SELECT register FROM sync_registers
-             WHERE tenant = ?1 AND session_id = ?2 AND path_key >= ?3 AND path_key < ?4",
-        )
-        .map_err(unavailable)?;
-    for range in &reads.registers {
-        let rows = in_range
-            .query_map(params![tenant, session_id, range.start, range.end], |r| {
-                r.get::<_, String>(0)
-            })
-            .map_err(unavailable)?;
-        for row in rows {
-            registers.push(row.map_err(unavailable)?);
-        }
-    }
-    let mut at_key = tx
-        .prepare(
-            "SELECT register FROM sync_registers
-             WHERE tenant = ?1 AND session_id = ?2 AND path_key = ?3",
-        )
-        .map_err(unavailable)?;
-    for key in reads.ancestor_keys() {
-        let register: Option<String> = at_key
-            .query_row(params![tenant, session_id, key], |r| r.get(0))
-            .optional()
-            .map_err(unavailable)?;
-        registers.extend(register);
-    }
+    let registers = read_registers(tx, tenant, session_id, reads)?;
     let mut stamps = Vec::new();
     let mut at = tx
         .prepare(
@@ -512,20 +492,68 @@ fn read_for_merge(
     }))
 }
 
+/// The registers in the key ranges of `reads` and at its ancestor keys.
+fn read_registers(
+    tx: &rusqlite::Transaction<'_>,
+    tenant: &str,
+    session_id: &str,
+    reads: &Reads,
+) -> Result<Vec<String>, StoreError> {
+    let mut registers = Vec::new();
+    let mut in_range = tx
+        .prepare(
+            "SELECT register FROM sync_registers
+             WHERE tenant = ?1 AND session_id = ?2 AND path_key >= ?3 AND path_key < ?4",
+        )
+        .map_err(unavailable)?;
+    for range in &reads.registers {
+        let rows = in_range
+            .query_map(params![tenant, session_id, range.start, range.end], |r| {
+                r.get::<_, String>(0)
+            })
+            .map_err(unavailable)?;
+        for row in rows {
+            registers.push(row.map_err(unavailable)?);
+        }
+    }
+    let mut at_key = tx
+        .prepare(
+            "SELECT register FROM sync_registers
+             WHERE tenant = ?1 AND session_id = ?2 AND path_key = ?3",
+        )
+        .map_err(unavailable)?;
+    for key in reads.ancestor_keys() {
+        let register: Option<String> = at_key
+            .query_row(params![tenant, session_id, key], |r| r.get(0))
+            .optional()
+            .map_err(unavailable)?;
+        registers.extend(register);
+    }
+    Ok(registers)
+}
+
+/// The session row's head, base and version, `None` without a row.
+fn read_session_row(
+    tx: &rusqlite::Transaction<'_>,
+    tenant: &str,
+    session_id: &str,
+) -> Result<Option<(String, Option<String>, i64)>, StoreError> {
+    tx.query_row(
+        "SELECT state, base, version FROM sync_sessions WHERE tenant = ?1 AND session_id = ?2",
+        params![tenant, session_id],
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+    )
+    .optional()
+    .map_err(unavailable)
+}
+
 /// The session's head, base, version and every register (no stamps), `None` without a row.
 fn read_whole(
     tx: &rusqlite::Transaction<'_>,
     tenant: &str,
     session_id: &str,
 ) -> Result<Option<StoredSession>, StoreError> {
-    let row: Option<(String, Option<String>, i64)> = tx
-        .query_row(
-            "SELECT state, base, version FROM sync_sessions WHERE tenant = ?1 AND session_id = ?2",
-            params![tenant, session_id],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-        )
-        .optional()
-        .map_err(unavailable)?;
+    let row = read_session_row(tx, tenant, session_id)?;
     let Some((head, base, version)) = row else {
         return Ok(None);
     };
@@ -571,14 +599,27 @@ fn write_rows(
     }
     let mut upsert = tx
         .prepare(
-            "INSERT INTO sync_registers (tenant, session_id, path_key, register)
-             VALUES (?1, ?2, ?3, ?4)
-             ON CONFLICT (tenant, session_id, path_key) DO UPDATE SET register = excluded.register",
+            "INSERT INTO sync_registers
+                 (tenant, session_id, path_key, register, replica_id, seq, made_replica, made_seq)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+             ON CONFLICT (tenant, session_id, path_key) DO UPDATE SET
+                 register = excluded.register, replica_id = excluded.replica_id,
+                 seq = excluded.seq, made_replica = excluded.made_replica,
+                 made_seq = excluded.made_seq",
         )
         .map_err(unavailable)?;
     for row in &changes.upserts {
         upsert
-            .execute(params![tenant, session_id, row.key, row.register])
+            .execute(params![
+                tenant,
+                session_id,
+                row.key,
+                row.register,
+                row.dot.replica_id.as_bytes(),
+                stored_sequence(row.dot.sequence),
+                row.made.as_ref().map(|made| made.replica_id.as_bytes()),
+                row.made.as_ref().map(|made| stored_sequence(made.sequence)),
+            ])
             .map_err(unavailable)?;
     }
     let mut stamp = tx

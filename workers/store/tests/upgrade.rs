@@ -12,13 +12,14 @@ mod store_options;
 use store_options::options;
 
 use firemode_merge::{Batch, Change, Outcome, SessionRows, SessionState, VectorClock};
-use firemode_store::{IdempotencyKey, MergeOutcome, MergeStep, Store};
+use firemode_store::{CatchUpRead, IdempotencyKey, MergeOutcome, MergeStep, Store};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 const SCHEMA_V4: &str = include_str!("fixtures/schema-v4.sql");
+const SCHEMA_V5: &str = include_str!("fixtures/schema-v5.sql");
 const LEGACY: &str = include_str!("fixtures/legacy-sessions.json");
 const TENANT: &str = "org:upgrade";
 /// A value the old release could not have written: left as it is.
@@ -201,13 +202,51 @@ async fn whole(store: &Store, session_id: &str) -> Result<SessionState, String> 
     SessionState::from_rows(&stored.rows).map_err(|e| e.to_string())
 }
 
+/// Every clock a client of `state` could hold that this test asks with: nothing, the session
+/// clock, and the session clock one event short for each replica.
+fn client_clocks(state: &SessionState) -> Vec<VectorClock> {
+    let mut clocks = vec![VectorClock::new(), state.clock().clone()];
+    for (replica, &count) in state.clock() {
+        let mut short = state.clock().clone();
+        short.insert(replica.clone(), count - 1);
+        clocks.push(short);
+    }
+    clocks
+}
+
+/// A catch-up read from the rows found by their dots answers as the whole session does (or
+/// declines); returns how many it answered.
+async fn check_catch_up(store: &Store, name: &str, state: &SessionState) -> usize {
+    let mut answered = 0;
+    for since in client_clocks(state) {
+        let expected = state.changes_since(&since);
+        match store.catch_up(TENANT, name, &since).await.expect("reads") {
+            CatchUpRead::Part(stored) => {
+                let part = SessionState::from_rows(&stored.rows).expect("the part loads");
+                match part.changes_from_part(&since) {
+                    Ok(None) => {}
+                    Ok(Some(changes)) => {
+                        assert_eq!(Ok(changes), expected, "{name} since {since:?}");
+                        answered += 1;
+                    }
+                    Err(refused) => assert_eq!(Err(refused), expected, "{name} since {since:?}"),
+                }
+            }
+            other => panic!("{name} since {since:?}: {other:?}"),
+        }
+    }
+    answered
+}
+
 async fn check_upgraded(store: &Store) {
     store.migrate().await.expect("migrates");
     // A second start finds nothing to do.
     store.migrate().await.expect("migrates again");
+    let mut answered = 0;
     for case in cases() {
         let name = case["name"].as_str().expect("name");
         let state = whole(store, name).await.expect("an upgraded session loads");
+        answered += check_catch_up(store, name, &state).await;
         assert_eq!(state.document(), case["document"], "{name}: document");
         let clock: VectorClock =
             serde_json::from_value(case["vector_clock"].clone()).expect("clock");
@@ -235,7 +274,12 @@ async fn check_upgraded(store: &Store) {
         let clock: VectorClock =
             serde_json::from_value(case["next_vector_clock"].clone()).expect("clock");
         assert_eq!(after.clock(), &clock, "{name}: clock after");
+        answered += check_catch_up(store, name, &after).await;
     }
+    assert!(
+        answered >= 10,
+        "only {answered} catch-ups answered from rows"
+    );
     // Keys longer than an index entry: moved, read back, and merged into again.
     let (_, document) = long_keys_session();
     let long = whole(store, "long-keys").await.expect("loads");
@@ -309,5 +353,153 @@ async fn a_postgres_database_of_the_one_value_layout_moves_to_rows() {
         .map(|r| (r.get(0), r.get(1)))
         .collect();
     assert_eq!(kept, compacted_stamps());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The fixture sessions as releases with the row layout but no register dots (schema 5)
+/// wrote them: head, base and stamp rows, and register rows without dots.
+fn v5_rows() -> Vec<(String, firemode_merge::RowChanges)> {
+    cases()
+        .iter()
+        .map(|case| {
+            let state: SessionState =
+                serde_json::from_str(case["state"].as_str().expect("state")).expect("loads");
+            (
+                case["name"].as_str().expect("name").to_owned(),
+                state.all_rows(),
+            )
+        })
+        .chain(std::iter::once((
+            "long-keys".to_owned(),
+            serde_json::from_str::<SessionState>(&long_keys_session().0)
+                .expect("loads")
+                .all_rows(),
+        )))
+        .collect()
+}
+
+fn write_v5_sqlite(dir: &Path) {
+    std::fs::create_dir_all(dir).expect("dir");
+    let conn = rusqlite::Connection::open(dir.join("firemode.sqlite3")).expect("open");
+    conn.execute_batch(SCHEMA_V4).expect("schema 4");
+    conn.execute_batch(SCHEMA_V5).expect("schema 5");
+    for (session_id, rows) in v5_rows() {
+        conn.execute(
+            "INSERT INTO sync_sessions (tenant, session_id, state, base, version, updated_at)
+             VALUES (?1, ?2, ?3, ?4, 3, 0)",
+            rusqlite::params![TENANT, session_id, rows.head, rows.base],
+        )
+        .expect("session row");
+        for row in &rows.upserts {
+            conn.execute(
+                "INSERT INTO sync_registers (tenant, session_id, path_key, register)
+                 VALUES (?1, ?2, ?3, ?4)",
+                rusqlite::params![TENANT, session_id, row.key, row.register],
+            )
+            .expect("register row");
+        }
+        for stamp in &rows.stamps {
+            conn.execute(
+                "INSERT INTO sync_stamps (tenant, session_id, replica_id, seq, stamp)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                rusqlite::params![
+                    TENANT,
+                    session_id,
+                    stamp.replica_id.as_bytes(),
+                    stamp.sequence as i64,
+                    stamp.stamp as i64
+                ],
+            )
+            .expect("stamp row");
+        }
+    }
+}
+
+async fn write_v5_postgres(url: &str) {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(conn);
+    client.batch_execute(SCHEMA_V4).await.expect("schema 4");
+    client.batch_execute(SCHEMA_V5).await.expect("schema 5");
+    for (session_id, rows) in v5_rows() {
+        client
+            .execute(
+                "INSERT INTO sync_sessions (tenant, session_id, state, base, version, updated_at)
+                 VALUES ($1, $2, $3, $4, 3, 0)",
+                &[&TENANT, &session_id, &rows.head, &rows.base],
+            )
+            .await
+            .expect("session row");
+        for row in &rows.upserts {
+            client
+                .execute(
+                    "INSERT INTO sync_registers (tenant, session_id, path_key, register)
+                     VALUES ($1, $2, $3, $4)",
+                    &[&TENANT, &session_id, &row.key, &row.register],
+                )
+                .await
+                .expect("register row");
+        }
+        for stamp in &rows.stamps {
+            client
+                .execute(
+                    "INSERT INTO sync_stamps (tenant, session_id, replica_id, seq, stamp)
+                     VALUES ($1, $2, $3, $4, $5)",
+                    &[
+                        &TENANT,
+                        &session_id,
+                        &stamp.replica_id.as_bytes(),
+                        &(stamp.sequence as i64),
+                        &(stamp.stamp as i64),
+                    ],
+                )
+                .await
+                .expect("stamp row");
+        }
+    }
+}
+
+/// After the upgrade from schema 5, every register has its dots: catch-ups read by them
+/// answer as the whole session does, before and after later merges.
+async fn check_dots_filled(store: &Store) {
+    store.migrate().await.expect("migrates");
+    let mut answered = 0;
+    for (name, _) in v5_rows() {
+        let state = whole(store, &name).await.expect("loads");
+        answered += check_catch_up(store, &name, &state).await;
+    }
+    for case in cases() {
+        let name = case["name"].as_str().expect("name");
+        for batch in case["next"].as_array().expect("next") {
+            merge(store, name, batch_of(batch)).await;
+        }
+        let after = whole(store, name).await.expect("loads after merges");
+        answered += check_catch_up(store, name, &after).await;
+    }
+    assert!(
+        answered >= 10,
+        "only {answered} catch-ups answered from rows"
+    );
+}
+
+#[tokio::test]
+async fn a_sqlite_database_of_registers_without_dots_gets_them() {
+    let dir: PathBuf = std::env::temp_dir().join(format!("fm-upgrade-{}", unique()));
+    write_v5_sqlite(&dir);
+    let store = Store::open(&options("", &dir)).expect("open");
+    check_dots_filled(&store).await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn a_postgres_database_of_registers_without_dots_gets_them() {
+    let Some(db) = pg::pg_database().await else {
+        return;
+    };
+    write_v5_postgres(&db.url).await;
+    let dir: PathBuf = std::env::temp_dir().join(format!("fm-upgrade-{}", unique()));
+    let store = Store::open(&options(&db.url, &dir)).expect("open");
+    check_dots_filled(&store).await;
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -30,6 +30,10 @@ pub struct SyncApp {
     pub reads: crate::shared_reads::SharedReads,
     /// The places of whole-session reads ([`crate::shared_reads::WHOLE_READS_AT_ONCE`]).
     pub whole_reads: crate::shared_reads::WholeReads,
+    /// Catch-up reads in flight (the registers around those new to one clock), shared by
+    /// the requests at that clock.
+    pub catch_up_reads:
+        crate::shared_reads::SharedReads<(String, String, firemode_merge::VectorClock)>,
     /// Merges waiting for their session's next transaction.
     pub merges: Arc<crate::merge_queue::MergeQueue>,
 }
@@ -48,6 +52,7 @@ impl SyncApp {
             catalog,
             readiness: ctx.readiness,
             reads: Default::default(),
+            catch_up_reads: Default::default(),
             whole_reads: Default::default(),
             merges: Default::default(),
         })

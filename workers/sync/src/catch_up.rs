@@ -12,10 +12,11 @@ use crate::app::SyncApp;
 use crate::caller::Caller;
 use crate::problems::store_problem;
 use crate::session;
-use crate::shared_reads::Freshness;
+use crate::shared_reads::{Freshness, Reach, Snapshot};
 use crate::HttpResponse;
 use bytes::Bytes;
-use firemode_merge::{SinceAhead, SinceRefused, VectorClock};
+use firemode_merge::{Change, SessionState, SinceAhead, SinceRefused, VectorClock};
+use firemode_store::CatchUpRead;
 use firemode_wire::Problem;
 use firemode_worker::json_response;
 use http::request::Parts;
@@ -187,23 +188,80 @@ pub async fn changes(
         freshness = Freshness::Beyond(head.version);
     }
     loop {
-        let snapshot = session::load(app, caller, session_id, freshness).await?;
-        let (state, version) = (&snapshot.state, snapshot.version);
-        let changes = state
-            .changes_since_indexed(&query.since, snapshot.document(), snapshot.delta_index())
-            .map_err(since_refused)?;
+        let (clock, changes, version) =
+            read_changes(app, caller, session_id, &query.since, freshness).await?;
         let now = tokio::time::Instant::now();
         if !changes.is_empty() || now >= deadline {
-            return Ok(changes_answer(session_id, state.clock(), &changes));
+            return Ok(changes_answer(session_id, &clock, &changes));
         }
         // `version` comes from the same read that found nothing new: a merge after it wakes us.
         if !wait(app, caller, session_id, version, deadline).await? {
             // The wait ended with nothing new: answer the (empty) changes at this clock.
-            return Ok(changes_answer(session_id, state.clock(), &changes));
+            return Ok(changes_answer(session_id, &clock, &changes));
         }
         // Woken by a merge: the waiters of this session share one read beyond `version`.
         freshness = Freshness::Beyond(version);
     }
+}
+
+/// The changes for a client at `since`, with the session clock and version they lead to.
+///
+/// Read from the registers around those new to `since` (found by their dots; the requests at
+/// the same `since` and as fresh share the read), so a tablet one change behind costs what it
+/// has not seen. The whole session is read (shared as [`session::load`] shares it) when more
+/// than [`firemode_store::MAX_NEW_REGISTERS`] are new, or when the answer needs more than
+/// that part of the session (`SessionState::changes_from_part`).
+async fn read_changes(
+    app: &SyncApp,
+    caller: &Caller,
+    session_id: &str,
+    since: &VectorClock,
+    freshness: Freshness,
+) -> Result<(VectorClock, Vec<Change>, i64), Problem> {
+    let key = (caller.tenant.clone(), session_id.to_owned(), since.clone());
+    let part = app
+        .catch_up_reads
+        .read_keyed(key, freshness, || async {
+            let read = app
+                .store
+                .catch_up(&caller.tenant, session_id, since)
+                .await
+                .map_err(store_problem)?;
+            match read {
+                CatchUpRead::NoSession => Ok(Snapshot::new(SessionState::default(), 0)),
+                CatchUpRead::Part(stored) => {
+                    let state = session::decode(session_id, Some(&stored.rows))?;
+                    Ok(Snapshot::around_new(state, stored.version))
+                }
+                CatchUpRead::Whole => Ok(Snapshot::declined()),
+            }
+        })
+        .await?;
+    let freshness = match part.reach {
+        Reach::Whole => return answer_from_whole(&part, since),
+        Reach::AroundNew => {
+            if let Some(changes) = part.state.changes_from_part(since).map_err(since_refused)? {
+                return Ok((part.state.clock().clone(), changes, part.version));
+            }
+            // As fresh as the part read: the whole one must hold what it held.
+            Freshness::Beyond(part.version - 1)
+        }
+        Reach::Declined => freshness,
+    };
+    let whole = session::load(app, caller, session_id, freshness).await?;
+    answer_from_whole(&whole, since)
+}
+
+/// [`read_changes`] from a snapshot of the whole session.
+fn answer_from_whole(
+    snapshot: &Snapshot,
+    since: &VectorClock,
+) -> Result<(VectorClock, Vec<Change>, i64), Problem> {
+    let changes = snapshot
+        .state
+        .changes_since_indexed(since, snapshot.document(), snapshot.delta_index())
+        .map_err(since_refused)?;
+    Ok((snapshot.state.clock().clone(), changes, snapshot.version))
 }
 
 /// What the session's head row says of a `since` (one primary-key read, no register).

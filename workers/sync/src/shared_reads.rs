@@ -29,6 +29,8 @@ pub struct Snapshot {
     pub state: SessionState,
     /// `sync_sessions.version` of this read (0 for a session never written).
     pub version: i64,
+    /// How much of the session `state` holds.
+    pub reach: Reach,
     /// A whole-session read holds one of the process's [`WholeReads`] permits for as long as
     /// anyone uses its snapshot.
     _permit: Option<tokio::sync::OwnedSemaphorePermit>,
@@ -41,6 +43,7 @@ impl Snapshot {
         Snapshot {
             state,
             version,
+            reach: Reach::Whole,
             _permit: None,
             document: OnceLock::new(),
             delta_index: OnceLock::new(),
@@ -52,6 +55,24 @@ impl Snapshot {
         Snapshot {
             _permit: Some(permit.0),
             ..Snapshot::new(state, version)
+        }
+    }
+
+    /// A state of the registers around those new to one clock ([`Reach::AroundNew`]).
+    pub fn around_new(state: SessionState, version: i64) -> Snapshot {
+        Snapshot {
+            reach: Reach::AroundNew,
+            ..Snapshot::new(state, version)
+        }
+    }
+
+    /// No state: the catch-up read found the whole session must be read ([`Reach::Declined`]).
+    /// As fresh as any read (its version is the largest), so a request that joins it does not
+    /// ask the store again only to be told the same.
+    pub fn declined() -> Snapshot {
+        Snapshot {
+            reach: Reach::Declined,
+            ..Snapshot::new(SessionState::default(), i64::MAX)
         }
     }
 
@@ -99,6 +120,17 @@ impl WholeReads {
     }
 }
 
+/// How much of the session a [`Snapshot`] holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reach {
+    /// Every register.
+    Whole,
+    /// The registers around those new to one clock (`firemode_store::CatchUpRead::Part`).
+    AroundNew,
+    /// Nothing: too much is new to that clock; the whole session is to be read.
+    Declined,
+}
+
 /// A read in flight: every request that joins it gets its result.
 type InFlight = Arc<OnceCell<Result<Arc<Snapshot>, Problem>>>;
 
@@ -111,10 +143,18 @@ pub enum Freshness {
     Beyond(i64),
 }
 
-/// The reads in flight, per (tenant, session id).
-#[derive(Default)]
-pub struct SharedReads {
-    in_flight: Mutex<HashMap<(String, String), InFlight>>,
+/// The reads in flight, per key: (tenant, session id) for whole-session reads; (tenant,
+/// session id, clock) for catch-up reads around the registers new to a clock.
+pub struct SharedReads<K = (String, String)> {
+    in_flight: Mutex<HashMap<K, InFlight>>,
+}
+
+impl<K> Default for SharedReads<K> {
+    fn default() -> Self {
+        SharedReads {
+            in_flight: Mutex::new(HashMap::new()),
+        }
+    }
 }
 
 impl SharedReads {
@@ -132,7 +172,23 @@ impl SharedReads {
         F: Fn() -> Fut,
         Fut: std::future::Future<Output = Result<Snapshot, Problem>>,
     {
-        let key = (tenant.to_owned(), session_id.to_owned());
+        self.read_keyed((tenant.to_owned(), session_id.to_owned()), freshness, read)
+            .await
+    }
+}
+
+impl<K: std::hash::Hash + Eq + Clone> SharedReads<K> {
+    /// [`SharedReads::read`] of the read named `key`.
+    pub async fn read_keyed<F, Fut>(
+        &self,
+        key: K,
+        freshness: Freshness,
+        read: F,
+    ) -> Result<Arc<Snapshot>, Problem>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<Snapshot, Problem>>,
+    {
         if let Freshness::Beyond(seen) = freshness {
             let joined = self.run(&key, self.current(&key), &read).await?;
             if joined.version > seen {
@@ -143,13 +199,13 @@ impl SharedReads {
     }
 
     /// The read in flight for `key`, or a new one.
-    fn current(&self, key: &(String, String)) -> InFlight {
+    fn current(&self, key: &K) -> InFlight {
         let mut in_flight = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
         Arc::clone(in_flight.entry(key.clone()).or_default())
     }
 
     /// A new read for `key`, which later requests join.
-    fn started(&self, key: &(String, String)) -> InFlight {
+    fn started(&self, key: &K) -> InFlight {
         let cell = InFlight::default();
         let mut in_flight = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
         in_flight.insert(key.clone(), Arc::clone(&cell));
@@ -157,12 +213,7 @@ impl SharedReads {
     }
 
     /// Runs (or waits for) the read of `cell`, then forgets it if it is still the current one.
-    async fn run<F, Fut>(
-        &self,
-        key: &(String, String),
-        cell: InFlight,
-        read: &F,
-    ) -> Result<Arc<Snapshot>, Problem>
+    async fn run<F, Fut>(&self, key: &K, cell: InFlight, read: &F) -> Result<Arc<Snapshot>, Problem>
     where
         F: Fn() -> Fut,
         Fut: std::future::Future<Output = Result<Snapshot, Problem>>,

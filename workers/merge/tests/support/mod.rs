@@ -5,7 +5,10 @@
 pub mod history;
 pub mod model;
 
-use firemode_merge::{Applied, Batch, Change, Outcome, Pointer, SessionState, VectorClock};
+use firemode_merge::{
+    Applied, Batch, Change, Dot, Outcome, Pointer, Reads, SessionRows, SessionState, SinceRefused,
+    VectorClock,
+};
 use serde_json::{json, Value};
 
 /// A parsed pointer; panics on a bad literal, which is a bug in the test.
@@ -109,4 +112,37 @@ pub fn apply_changes(document: &mut Value, changes: &[Change]) {
             }
         }
     }
+}
+
+/// What a store answers a catch-up from: the rows whose dots are new to `since`, found by
+/// those dots alone, the rows `Reads::around_keys` names around them, the head and the base;
+/// then `SessionState::changes_from_part` (`None`: the whole session must be read).
+pub fn changes_from_rows(
+    state: &SessionState,
+    since: &VectorClock,
+) -> Result<Option<Vec<Change>>, SinceRefused> {
+    let all = state.all_rows();
+    let new_to = |dot: &Dot| dot.sequence > since.get(&dot.replica_id).copied().unwrap_or(0);
+    let new_keys: Vec<Vec<u8>> = all
+        .upserts
+        .iter()
+        .filter(|row| new_to(&row.dot) || row.made.as_ref().is_some_and(new_to))
+        .map(|row| row.key.clone())
+        .collect();
+    let reads = Reads::around_keys(new_keys);
+    let registers = all
+        .upserts
+        .iter()
+        .filter(|row| reads.covers(&row.key))
+        .map(|row| row.register.clone())
+        .collect();
+    let rows = SessionRows {
+        head: all.head,
+        base: state.base_row(),
+        registers,
+        stamps: Vec::new(),
+    };
+    let part = SessionState::from_rows(&rows)
+        .unwrap_or_else(|e| panic!("the rows around the new registers do not load: {e}"));
+    part.changes_from_part(since)
 }
