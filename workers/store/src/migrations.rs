@@ -110,6 +110,20 @@ pub const MIGRATIONS: &[(i64, &str)] = &[
 /// the rows an older release wrote ([`crate::dots`]).
 pub const REGISTER_DOTS: i64 = 6;
 
+/// After [`REGISTER_DOTS`] filled every row: PostgreSQL refuses register rows without dots
+/// (as a process of the release before writes them), so that process's merge fails and rolls
+/// back instead of writing rows a catch-up by dots cannot find.
+pub const REGISTER_DOTS_GUARD_POSTGRES: &str = "ALTER TABLE sync_registers
+    ALTER COLUMN replica_id SET NOT NULL, ALTER COLUMN seq SET NOT NULL";
+
+/// [`REGISTER_DOTS_GUARD_POSTGRES`] for SQLite, which cannot alter a column: a trigger.
+pub const REGISTER_DOTS_GUARD_SQLITE: &str = "CREATE TRIGGER sync_registers_need_dots
+    BEFORE INSERT ON sync_registers
+    WHEN NEW.seq IS NULL OR NEW.replica_id IS NULL
+    BEGIN
+        SELECT RAISE(ABORT, 'register rows need their dots: this process runs a release older than the database schema');
+    END";
+
 /// The migration that moved sessions to rows: after it, each backend converts the sessions an
 /// older release kept as one value ([`crate::legacy`]).
 pub const ROWS_LAYOUT: i64 = 5;
