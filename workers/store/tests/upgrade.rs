@@ -557,6 +557,15 @@ async fn a_sqlite_database_of_registers_without_dots_gets_them() {
         )
         .expect("the bad row");
     assert_eq!(placeholder, (Vec::new(), -1));
+    let indexes: i64 = conn
+        .query_row(
+            "SELECT count(*) FROM sqlite_master
+             WHERE type = 'index' AND name IN ('sync_registers_dot', 'sync_registers_made')",
+            [],
+            |r| r.get(0),
+        )
+        .expect("indexes");
+    assert_eq!(indexes, 2);
     let name = unmarked_case();
     let existing: Vec<u8> = conn
         .query_row(
@@ -631,6 +640,16 @@ async fn a_postgres_database_of_registers_without_dots_gets_them() {
         .expect("the bad row");
     let placeholder: (Vec<u8>, i64) = (placeholder.get(0), placeholder.get(1));
     assert_eq!(placeholder, (Vec::new(), -1));
+    let indexes: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pg_indexes
+             WHERE indexname IN ('sync_registers_dot', 'sync_registers_made')",
+            &[],
+        )
+        .await
+        .expect("indexes")
+        .get(0);
+    assert_eq!(indexes, 2);
     let name = unmarked_case();
     let existing: Vec<u8> = client
         .query_one(

@@ -111,21 +111,24 @@ async fn read_catch_up(
 
 /// What [`crate::migrations::REGISTER_DOTS`] does after its SQL, inside the migration's
 /// transaction (and after any session kept as one value has moved to rows): every register
-/// row an older release wrote gets its dots, every head is marked, and the columns refuse
-/// rows without dots from then on ([`crate::dots`]).
+/// row an older release wrote gets its dots, every head is marked, the indexes are built,
+/// and the columns refuse rows without dots from then on ([`crate::dots`]).
 pub(super) async fn finish_register_dots(
     tx: &tokio_postgres::Transaction<'_>,
 ) -> Result<(), StoreError> {
     let started = std::time::Instant::now();
     let rows = fill_dots(tx).await?;
     let heads = mark_heads(tx).await?;
+    tx.batch_execute(crate::migrations::REGISTER_DOTS_INDEXES)
+        .await
+        .map_err(unavailable)?;
     tx.batch_execute(crate::migrations::REGISTER_DOTS_GUARD_POSTGRES)
         .await
         .map_err(unavailable)?;
     tracing::info!(
         rows,
         heads,
-        elapsed_ms = started.elapsed().as_millis(),
+        elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
         "register rows filled with their dots"
     );
     Ok(())

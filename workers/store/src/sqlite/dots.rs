@@ -34,18 +34,20 @@ impl SqliteStore {
 
 /// What [`crate::migrations::REGISTER_DOTS`] does after its SQL, inside the migration's
 /// transaction (and after any session kept as one value has moved to rows): every register
-/// row an older release wrote gets its dots, every head is marked, and the table refuses
-/// rows without dots from then on ([`crate::dots`]).
+/// row an older release wrote gets its dots, every head is marked, the indexes are built,
+/// and the table refuses rows without dots from then on ([`crate::dots`]).
 pub(super) fn finish_register_dots(tx: &rusqlite::Transaction<'_>) -> Result<(), StoreError> {
     let started = std::time::Instant::now();
     let rows = fill_dots(tx)?;
     let heads = mark_heads(tx)?;
+    tx.execute_batch(crate::migrations::REGISTER_DOTS_INDEXES)
+        .map_err(unavailable)?;
     tx.execute_batch(crate::migrations::REGISTER_DOTS_GUARD_SQLITE)
         .map_err(unavailable)?;
     tracing::info!(
         rows,
         heads,
-        elapsed_ms = started.elapsed().as_millis(),
+        elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
         "register rows filled with their dots"
     );
     Ok(())
