@@ -353,6 +353,12 @@ struct Head {
     horizon: VectorClock,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     checkpoints: Vec<Checkpoint>,
+    /// Every register row of the session carries its dots (schema 6). Always written: a
+    /// release before it parses heads with `deny_unknown_fields`, so it cannot load, and so
+    /// never writes, a session whose head has it (it answers "unreadable" until upgraded).
+    /// Absent from a head that release wrote.
+    #[serde(default)]
+    dots: bool,
 }
 
 /// The session clock a head row holds (a cheap read: no register is loaded).
@@ -360,6 +366,24 @@ pub fn clock_of_head(head: &str) -> Result<VectorClock, CorruptState> {
     serde_json::from_str::<Head>(head)
         .map(|head| head.clock)
         .map_err(|e| CorruptState(format!("the session head does not parse: {e}")))
+}
+
+/// The session clock of a head whose register rows can be found by their dots, `None` when
+/// the head does not say so (a release before the dots wrote it) or does not parse: then
+/// only a whole-session read is sure to see every register.
+pub fn clock_if_dotted(head: &str) -> Option<VectorClock> {
+    serde_json::from_str::<Head>(head)
+        .ok()
+        .filter(|head| head.dots)
+        .map(|head| head.clock)
+}
+
+/// `head` marked as a session whose register rows all carry their dots (what the migration
+/// that fills them does to every head), `None` when it does not parse (left alone).
+pub fn mark_dotted(head: &str) -> Option<String> {
+    let mut head = serde_json::from_str::<Head>(head).ok()?;
+    head.dots = true;
+    serde_json::to_string(&head).ok()
 }
 
 impl SessionState {
@@ -419,6 +443,7 @@ impl SessionState {
             owners: self.owners.clone(),
             horizon: self.horizon.clone(),
             checkpoints: self.checkpoints.clone(),
+            dots: true,
         };
         serde_json::to_string(&head).unwrap_or_default()
     }

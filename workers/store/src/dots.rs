@@ -4,9 +4,13 @@
 //!
 //! * [`CatchUpRead`]: what a catch-up read found.
 //! * [`new_dot_ranges`]: per replica, the sequence numbers past which a register is new.
-//! * [`filled`]: the dots of a row an older release wrote without them, for the migration.
+//! * [`filled`]: the dots of a row an older release wrote without them, for the migration;
+//!   the migration also marks every head (`firemode_merge::rows::mark_dotted`) and makes the
+//!   table refuse rows without dots, so a process of the release before stops at once (it
+//!   cannot load a marked head, nor create a session) instead of writing rows a catch-up by
+//!   dots would never find. A catch-up trusts the dots only under a marked head.
 
-use firemode_merge::{Dot, VectorClock};
+use firemode_merge::VectorClock;
 
 use crate::StoredSession;
 
@@ -31,7 +35,8 @@ pub enum CatchUpRead {
     /// subtrees and their ancestors' registers).
     Part(StoredSession),
     /// More than [`MAX_NEW_REGISTERS`] are new or would be looked up, or the head does not
-    /// parse: read the whole session.
+    /// parse, or it does not say that every register row carries its dots (a release before
+    /// them wrote it): read the whole session.
     Whole,
 }
 
@@ -47,15 +52,38 @@ pub fn new_dot_ranges(session_clock: &VectorClock, since: &VectorClock) -> Vec<(
         .collect()
 }
 
-/// The dots of a stored register, `None` (logged) when it does not parse: such a row keeps
-/// no dots, a catch-up never reads it by them, and the whole-session reads that meet it
-/// answer "unreadable" as before.
-pub(crate) fn filled(tenant: &str, session_id: &str, register: &str) -> Option<(Dot, Option<Dot>)> {
+/// How many rows the migration fills (or heads it marks) per statement: its memory is
+/// bounded by this many rows whatever the table holds, and a round trip carries this many.
+pub(crate) const FILL_BATCH: i64 = 1000;
+
+/// The dots the migration writes into a register row an older release wrote without them.
+pub(crate) struct FilledDots {
+    pub replica: Vec<u8>,
+    pub seq: i64,
+    pub made_replica: Option<Vec<u8>>,
+    pub made_seq: Option<i64>,
+}
+
+/// The dots of a stored register. One that does not parse (logged) gets a placeholder dot
+/// (replica `""`, sequence -1: new to no clock) so that the column can refuse rows without
+/// dots; a catch-up never reads it by them, and the whole-session reads that meet it answer
+/// "unreadable" as before.
+pub(crate) fn filled(tenant: &str, session_id: &str, register: &str) -> FilledDots {
     match firemode_merge::register_dots(register) {
-        Ok(dots) => Some(dots),
+        Ok((dot, made)) => FilledDots {
+            replica: dot.replica_id.into_bytes(),
+            seq: stored_sequence(dot.sequence),
+            made_seq: made.as_ref().map(|m| stored_sequence(m.sequence)),
+            made_replica: made.map(|m| m.replica_id.into_bytes()),
+        },
         Err(e) => {
-            tracing::error!(tenant, session_id, error = %e, "a stored register does not parse; its dots are left empty");
-            None
+            tracing::error!(tenant, session_id, error = %e, "a stored register does not parse; it gets a placeholder dot");
+            FilledDots {
+                replica: Vec::new(),
+                seq: -1,
+                made_replica: None,
+                made_seq: None,
+            }
         }
     }
 }

@@ -92,23 +92,42 @@ pub const MIGRATIONS: &[(i64, &str)] = &[
         // Each register row carries its dot and the dot of the hidden `set` a tombstone
         // remembers, indexed, so catching up reads only the registers new to a clock (and
         // what lies around them), not the whole session ([`crate::dots`] fills the rows an
-        // older release wrote, in the same transaction). The replica leads each index: an
-        // index starting (tenant, session_id) was chosen by PostgreSQL, on a table not
-        // analysed yet, for the merges' path-key ranges too (scanning the whole session for
-        // each: a 1,000-path merge into a 5,000-path session took 8 s).
+        // older release wrote, in the same transaction, then builds the indexes
+        // ([`REGISTER_DOTS_INDEXES`]) and refuses rows without dots).
         "ALTER TABLE sync_registers ADD COLUMN replica_id BYTEA;
          ALTER TABLE sync_registers ADD COLUMN seq BIGINT;
          ALTER TABLE sync_registers ADD COLUMN made_replica BYTEA;
-         ALTER TABLE sync_registers ADD COLUMN made_seq BIGINT;
-         CREATE INDEX sync_registers_dot ON sync_registers (replica_id, tenant, session_id, seq);
-         CREATE INDEX sync_registers_made ON sync_registers (made_replica, tenant, session_id, made_seq)
-             WHERE made_replica IS NOT NULL;",
+         ALTER TABLE sync_registers ADD COLUMN made_seq BIGINT;",
     ),
 ];
 
 /// The migration that gave register rows their dots: after it, each backend fills the dots of
 /// the rows an older release wrote ([`crate::dots`]).
 pub const REGISTER_DOTS: i64 = 6;
+
+/// The indexes of [`REGISTER_DOTS`], built once its rows are filled (filling indexed rows
+/// maintained both indexes row by row). The replica leads each index: an index starting
+/// (tenant, session_id) was chosen by PostgreSQL, on a table not analysed yet, for the
+/// merges' path-key ranges too (scanning the whole session for each: a 1,000-path merge
+/// into a 5,000-path session took 8 s).
+pub const REGISTER_DOTS_INDEXES: &str =
+    "CREATE INDEX sync_registers_dot ON sync_registers (replica_id, tenant, session_id, seq);
+     CREATE INDEX sync_registers_made ON sync_registers (made_replica, tenant, session_id, made_seq)
+         WHERE made_replica IS NOT NULL;";
+
+/// After [`REGISTER_DOTS`] filled every row: PostgreSQL refuses register rows without dots
+/// (as a process of the release before writes them), so that process's merge fails and rolls
+/// back instead of writing rows a catch-up by dots cannot find.
+pub const REGISTER_DOTS_GUARD_POSTGRES: &str = "ALTER TABLE sync_registers
+    ALTER COLUMN replica_id SET NOT NULL, ALTER COLUMN seq SET NOT NULL";
+
+/// [`REGISTER_DOTS_GUARD_POSTGRES`] for SQLite, which cannot alter a column: a trigger.
+pub const REGISTER_DOTS_GUARD_SQLITE: &str = "CREATE TRIGGER sync_registers_need_dots
+    BEFORE INSERT ON sync_registers
+    WHEN NEW.seq IS NULL OR NEW.replica_id IS NULL
+    BEGIN
+        SELECT RAISE(ABORT, 'register rows need their dots: this process runs a release older than the database schema');
+    END";
 
 /// The migration that moved sessions to rows: after it, each backend converts the sessions an
 /// older release kept as one value ([`crate::legacy`]).

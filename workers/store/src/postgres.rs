@@ -144,7 +144,7 @@ impl PgStore {
             .map_err(unavailable)?
             .get(0);
         crate::migrations::refuse_newer(applied)?;
-        let mut convert_legacy = false;
+        let (mut convert_legacy, mut finish_dots) = (false, false);
         for (version, sql) in MIGRATIONS {
             let done = tx
                 .query_opt(
@@ -155,11 +155,10 @@ impl PgStore {
                 .map_err(unavailable)?;
             if done.is_none() {
                 tx.batch_execute(sql).await.map_err(unavailable)?;
-                // Sessions kept as one value move to rows once the rows have every column.
+                // Sessions kept as one value move to rows once the rows have every column;
+                // then the register rows get their dots and the heads their mark.
                 convert_legacy |= *version == ROWS_LAYOUT;
-                if *version == REGISTER_DOTS {
-                    dots::fill_dots(&tx).await?;
-                }
+                finish_dots |= *version == REGISTER_DOTS;
                 tx.execute(
                     "INSERT INTO firemode_schema (version, applied_at) VALUES ($1, $2)",
                     &[version, &now_ms()],
@@ -170,6 +169,9 @@ impl PgStore {
         }
         if convert_legacy {
             convert_legacy_sessions(&tx).await?;
+        }
+        if finish_dots {
+            dots::finish_register_dots(&tx).await?;
         }
         tx.commit().await.map_err(unavailable)
     }

@@ -119,7 +119,7 @@ impl SqliteStore {
                 .query_row("SELECT max(version) FROM firemode_schema", [], |r| r.get(0))
                 .map_err(unavailable)?;
             crate::migrations::refuse_newer(applied)?;
-            let mut convert_legacy = false;
+            let (mut convert_legacy, mut finish_dots) = (false, false);
             for (version, sql) in MIGRATIONS {
                 let done: Option<i64> = tx
                     .query_row(
@@ -131,11 +131,10 @@ impl SqliteStore {
                     .map_err(unavailable)?;
                 if done.is_none() {
                     tx.execute_batch(sql).map_err(unavailable)?;
-                    // Sessions kept as one value move to rows once the rows have every column.
+                    // Sessions kept as one value move to rows once the rows have every column;
+                    // then the register rows get their dots and the heads their mark.
                     convert_legacy |= *version == ROWS_LAYOUT;
-                    if *version == REGISTER_DOTS {
-                        dots::fill_dots(&tx)?;
-                    }
+                    finish_dots |= *version == REGISTER_DOTS;
                     tx.execute(
                         "INSERT INTO firemode_schema (version, applied_at) VALUES (?1, ?2)",
                         params![version, now_ms()],
@@ -145,6 +144,9 @@ impl SqliteStore {
             }
             if convert_legacy {
                 convert_legacy_sessions(&tx)?;
+            }
+            if finish_dots {
+                dots::finish_register_dots(&tx)?;
             }
             tx.commit().map_err(unavailable)
         })

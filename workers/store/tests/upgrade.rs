@@ -356,10 +356,26 @@ async fn a_postgres_database_of_the_one_value_layout_moves_to_rows() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A head as the release before the dots wrote it: without the `dots` mark.
+fn unmarked(head: &str) -> String {
+    let mut head: Value = serde_json::from_str(head).expect("a head");
+    head.as_object_mut().expect("an object").remove("dots");
+    head.to_string()
+}
+
+/// Whether a stored head carries the mark a release with the dots writes.
+fn marked(head: &str) -> bool {
+    serde_json::from_str::<Value>(head).expect("a head")["dots"] == json!(true)
+}
+
+/// A session of schema 5 with one register row that does not parse: the migration gives it
+/// a placeholder dot, new to no clock.
+const BAD_REGISTER: &str = "bad-register";
+
 /// The fixture sessions as releases with the row layout but no register dots (schema 5)
-/// wrote them: head, base and stamp rows, and register rows without dots.
+/// wrote them: head (unmarked), base and stamp rows, and register rows without dots.
 fn v5_rows() -> Vec<(String, firemode_merge::RowChanges)> {
-    cases()
+    let mut rows: Vec<(String, firemode_merge::RowChanges)> = cases()
         .iter()
         .map(|case| {
             let state: SessionState =
@@ -375,7 +391,21 @@ fn v5_rows() -> Vec<(String, firemode_merge::RowChanges)> {
                 .expect("loads")
                 .all_rows(),
         )))
-        .collect()
+        .collect();
+    for (_, session) in &mut rows {
+        session.head = unmarked(&session.head);
+    }
+    rows
+}
+
+/// [`v5_rows`] and the session with a register that does not parse.
+fn v5_rows_written() -> Vec<(String, firemode_merge::RowChanges)> {
+    let mut rows = v5_rows();
+    let mut bad = rows[0].1.clone();
+    bad.upserts.truncate(1);
+    bad.upserts[0].register = "not a register".to_owned();
+    rows.push((BAD_REGISTER.to_owned(), bad));
+    rows
 }
 
 fn write_v5_sqlite(dir: &Path) {
@@ -383,7 +413,7 @@ fn write_v5_sqlite(dir: &Path) {
     let conn = rusqlite::Connection::open(dir.join("firemode.sqlite3")).expect("open");
     conn.execute_batch(SCHEMA_V4).expect("schema 4");
     conn.execute_batch(SCHEMA_V5).expect("schema 5");
-    for (session_id, rows) in v5_rows() {
+    for (session_id, rows) in v5_rows_written() {
         conn.execute(
             "INSERT INTO sync_sessions (tenant, session_id, state, base, version, updated_at)
              VALUES (?1, ?2, ?3, ?4, 3, 0)",
@@ -422,7 +452,7 @@ async fn write_v5_postgres(url: &str) {
     tokio::spawn(conn);
     client.batch_execute(SCHEMA_V4).await.expect("schema 4");
     client.batch_execute(SCHEMA_V5).await.expect("schema 5");
-    for (session_id, rows) in v5_rows() {
+    for (session_id, rows) in v5_rows_written() {
         client
             .execute(
                 "INSERT INTO sync_sessions (tenant, session_id, state, base, version, updated_at)
@@ -483,12 +513,99 @@ async fn check_dots_filled(store: &Store) {
     );
 }
 
+/// A register row as the release before the dots writes it (its statements, verbatim), on
+/// a new path and over an existing row.
+const OLD_INSERT_SQLITE: &str =
+    "INSERT INTO sync_registers (tenant, session_id, path_key, register)
+     VALUES (?1, ?2, ?3, ?4)
+     ON CONFLICT (tenant, session_id, path_key) DO UPDATE SET register = excluded.register";
+const OLD_INSERT_POSTGRES: &str =
+    "INSERT INTO sync_registers (tenant, session_id, path_key, register)
+     SELECT $1, $2, k, r FROM unnest($3::bytea[], $4::text[]) AS u(k, r)
+     ON CONFLICT (tenant, session_id, path_key) DO UPDATE SET register = EXCLUDED.register";
+
+/// A session (of the fixtures) the test unmarks: a catch-up by dots read it in part before.
+fn unmarked_case() -> String {
+    cases()[0]["name"].as_str().expect("name").to_owned()
+}
+
+/// A catch-up from nothing reads `name` by its dots (in part): the head is marked.
+async fn check_reads_in_part(store: &Store, name: &str) {
+    let since = VectorClock::new();
+    let read = store.catch_up(TENANT, name, &since).await.expect("reads");
+    assert!(matches!(read, CatchUpRead::Part(_)), "{read:?}");
+}
+
 #[tokio::test]
 async fn a_sqlite_database_of_registers_without_dots_gets_them() {
     let dir: PathBuf = std::env::temp_dir().join(format!("fm-upgrade-{}", unique()));
     write_v5_sqlite(&dir);
     let store = Store::open(&options("", &dir)).expect("open");
     check_dots_filled(&store).await;
+    let conn = rusqlite::Connection::open(dir.join("firemode.sqlite3")).expect("open");
+    let heads: Vec<String> = conn
+        .prepare("SELECT state FROM sync_sessions")
+        .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
+        .expect("heads");
+    assert_eq!(heads.len(), v5_rows_written().len());
+    assert!(heads.iter().all(|head| marked(head)), "{heads:?}");
+    let placeholder: (Vec<u8>, i64) = conn
+        .query_row(
+            "SELECT replica_id, seq FROM sync_registers WHERE session_id = ?1",
+            [BAD_REGISTER],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .expect("the bad row");
+    assert_eq!(placeholder, (Vec::new(), -1));
+    let indexes: i64 = conn
+        .query_row(
+            "SELECT count(*) FROM sqlite_master
+             WHERE type = 'index' AND name IN ('sync_registers_dot', 'sync_registers_made')",
+            [],
+            |r| r.get(0),
+        )
+        .expect("indexes");
+    assert_eq!(indexes, 2);
+    let name = unmarked_case();
+    let existing: Vec<u8> = conn
+        .query_row(
+            "SELECT path_key FROM sync_registers WHERE session_id = ?1 LIMIT 1",
+            [&name],
+            |r| r.get(0),
+        )
+        .expect("a row");
+    for (session_id, key) in [("old-writer", b"new".to_vec()), (name.as_str(), existing)] {
+        let refused = conn
+            .execute(
+                OLD_INSERT_SQLITE,
+                rusqlite::params![TENANT, session_id, key, "{}"],
+            )
+            .expect_err("an old release's register row is refused");
+        assert!(
+            refused
+                .to_string()
+                .contains("older than the database schema"),
+            "{refused}"
+        );
+    }
+    check_reads_in_part(&store, &name).await;
+    let head: String = conn
+        .query_row(
+            "SELECT state FROM sync_sessions WHERE session_id = ?1",
+            [&name],
+            |r| r.get(0),
+        )
+        .expect("head");
+    conn.execute(
+        "UPDATE sync_sessions SET state = ?1 WHERE session_id = ?2",
+        rusqlite::params![unmarked(&head), name],
+    )
+    .expect("unmark");
+    let read = store
+        .catch_up(TENANT, &name, &VectorClock::new())
+        .await
+        .expect("reads");
+    assert!(matches!(read, CatchUpRead::Whole), "{read:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -501,5 +618,81 @@ async fn a_postgres_database_of_registers_without_dots_gets_them() {
     let dir: PathBuf = std::env::temp_dir().join(format!("fm-upgrade-{}", unique()));
     let store = Store::open(&options(&db.url, &dir)).expect("open");
     check_dots_filled(&store).await;
+    let (client, conn) = tokio_postgres::connect(&db.url, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(conn);
+    let heads: Vec<String> = client
+        .query("SELECT state FROM sync_sessions", &[])
+        .await
+        .expect("heads")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(heads.len(), v5_rows_written().len());
+    assert!(heads.iter().all(|head| marked(head)), "{heads:?}");
+    let placeholder = client
+        .query_one(
+            "SELECT replica_id, seq FROM sync_registers WHERE session_id = $1",
+            &[&BAD_REGISTER],
+        )
+        .await
+        .expect("the bad row");
+    let placeholder: (Vec<u8>, i64) = (placeholder.get(0), placeholder.get(1));
+    assert_eq!(placeholder, (Vec::new(), -1));
+    let indexes: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pg_indexes
+             WHERE indexname IN ('sync_registers_dot', 'sync_registers_made')",
+            &[],
+        )
+        .await
+        .expect("indexes")
+        .get(0);
+    assert_eq!(indexes, 2);
+    let name = unmarked_case();
+    let existing: Vec<u8> = client
+        .query_one(
+            "SELECT path_key FROM sync_registers WHERE session_id = $1 LIMIT 1",
+            &[&name],
+        )
+        .await
+        .expect("a row")
+        .get(0);
+    for (session_id, key) in [("old-writer", b"new".to_vec()), (name.as_str(), existing)] {
+        let refused = client
+            .execute(
+                OLD_INSERT_POSTGRES,
+                &[&TENANT, &session_id, &vec![key], &vec!["{}"]],
+            )
+            .await
+            .expect_err("an old release's register row is refused");
+        assert_eq!(
+            refused.code(),
+            Some(&tokio_postgres::error::SqlState::NOT_NULL_VIOLATION),
+            "{refused}"
+        );
+    }
+    check_reads_in_part(&store, &name).await;
+    let head: String = client
+        .query_one(
+            "SELECT state FROM sync_sessions WHERE session_id = $1",
+            &[&name],
+        )
+        .await
+        .expect("head")
+        .get(0);
+    client
+        .execute(
+            "UPDATE sync_sessions SET state = $1 WHERE session_id = $2",
+            &[&unmarked(&head), &name],
+        )
+        .await
+        .expect("unmark");
+    let read = store
+        .catch_up(TENANT, &name, &VectorClock::new())
+        .await
+        .expect("reads");
+    assert!(matches!(read, CatchUpRead::Whole), "{read:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }

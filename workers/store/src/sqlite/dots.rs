@@ -1,12 +1,12 @@
-//! SQLite's side of [`crate::dots`]: filling the dots of rows an older release wrote, and
-//! the catch-up read.
+//! SQLite's side of [`crate::dots`]: filling the dots of rows an older release wrote (and
+//! locking that release out), and the catch-up read.
 
 use firemode_merge::{Reads, SessionRows, VectorClock};
 use rusqlite::{params, TransactionBehavior};
 
 use super::{read_registers, read_session_row, unavailable, SqliteStore};
 use crate::dots::{
-    filled, new_dot_ranges, stored_sequence, worth_reading, CatchUpRead, MAX_NEW_REGISTERS,
+    filled, new_dot_ranges, worth_reading, CatchUpRead, FILL_BATCH, MAX_NEW_REGISTERS,
 };
 use crate::{StoreError, StoredSession};
 
@@ -32,38 +32,95 @@ impl SqliteStore {
     }
 }
 
-/// Gives every register row an older release wrote its dots ([`crate::dots`]), inside the
-/// migration's transaction.
-pub(super) fn fill_dots(tx: &rusqlite::Transaction<'_>) -> Result<(), StoreError> {
-    let rows: Vec<(String, String, Vec<u8>, String)> = tx
-        .prepare("SELECT tenant, session_id, path_key, register FROM sync_registers")
-        .and_then(|mut s| {
-            s.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
-                .collect::<Result<Vec<_>, _>>()
-        })
+/// What [`crate::migrations::REGISTER_DOTS`] does after its SQL, inside the migration's
+/// transaction (and after any session kept as one value has moved to rows): every register
+/// row an older release wrote gets its dots, every head is marked, the indexes are built,
+/// and the table refuses rows without dots from then on ([`crate::dots`]).
+pub(super) fn finish_register_dots(tx: &rusqlite::Transaction<'_>) -> Result<(), StoreError> {
+    let started = std::time::Instant::now();
+    let rows = fill_dots(tx)?;
+    let heads = mark_heads(tx)?;
+    tx.execute_batch(crate::migrations::REGISTER_DOTS_INDEXES)
+        .map_err(unavailable)?;
+    tx.execute_batch(crate::migrations::REGISTER_DOTS_GUARD_SQLITE)
+        .map_err(unavailable)?;
+    tracing::info!(
+        rows,
+        heads,
+        elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+        "register rows filled with their dots"
+    );
+    Ok(())
+}
+
+/// Gives every register row without dots its dots, [`FILL_BATCH`] rows at a time in rowid
+/// order (so memory holds one batch whatever the table). Returns how many rows it filled.
+fn fill_dots(tx: &rusqlite::Transaction<'_>) -> Result<u64, StoreError> {
+    let mut select = tx
+        .prepare(
+            "SELECT rowid, tenant, session_id, register FROM sync_registers
+             WHERE rowid > ?1 AND replica_id IS NULL ORDER BY rowid LIMIT ?2",
+        )
         .map_err(unavailable)?;
     let mut fill = tx
         .prepare(
-            "UPDATE sync_registers SET replica_id = ?4, seq = ?5, made_replica = ?6, made_seq = ?7
-             WHERE tenant = ?1 AND session_id = ?2 AND path_key = ?3",
+            "UPDATE sync_registers SET replica_id = ?2, seq = ?3, made_replica = ?4, made_seq = ?5
+             WHERE rowid = ?1",
         )
         .map_err(unavailable)?;
-    for (tenant, session_id, key, register) in rows {
-        let Some((dot, made)) = filled(&tenant, &session_id, &register) else {
-            continue;
+    let (mut after, mut total) = (i64::MIN, 0u64);
+    loop {
+        let batch: Vec<(i64, String, String, String)> = select
+            .query_map(params![after, FILL_BATCH], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+            })
+            .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
+            .map_err(unavailable)?;
+        let Some(last) = batch.last() else {
+            return Ok(total);
         };
-        fill.execute(params![
-            tenant,
-            session_id,
-            key,
-            dot.replica_id.as_bytes(),
-            stored_sequence(dot.sequence),
-            made.as_ref().map(|made| made.replica_id.as_bytes()),
-            made.as_ref().map(|made| stored_sequence(made.sequence)),
-        ])
-        .map_err(unavailable)?;
+        after = last.0;
+        for (rowid, tenant, session_id, register) in &batch {
+            let dots = filled(tenant, session_id, register);
+            fill.execute(params![
+                rowid,
+                dots.replica,
+                dots.seq,
+                dots.made_replica,
+                dots.made_seq
+            ])
+            .map_err(unavailable)?;
+        }
+        total += batch.len() as u64;
     }
-    Ok(())
+}
+
+/// Marks every head that parses (`firemode_merge::rows::mark_dotted`), [`FILL_BATCH`] at a
+/// time in rowid order; one that does not parse is left as it is. Returns how many it marked.
+fn mark_heads(tx: &rusqlite::Transaction<'_>) -> Result<u64, StoreError> {
+    let mut select = tx
+        .prepare("SELECT rowid, state FROM sync_sessions WHERE rowid > ?1 ORDER BY rowid LIMIT ?2")
+        .map_err(unavailable)?;
+    let mut mark = tx
+        .prepare("UPDATE sync_sessions SET state = ?2 WHERE rowid = ?1")
+        .map_err(unavailable)?;
+    let (mut after, mut total) = (i64::MIN, 0u64);
+    loop {
+        let batch: Vec<(i64, String)> = select
+            .query_map(params![after, FILL_BATCH], |r| Ok((r.get(0)?, r.get(1)?)))
+            .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
+            .map_err(unavailable)?;
+        let Some(last) = batch.last() else {
+            return Ok(total);
+        };
+        after = last.0;
+        for (rowid, head) in &batch {
+            if let Some(marked) = firemode_merge::rows::mark_dotted(head) {
+                mark.execute(params![rowid, marked]).map_err(unavailable)?;
+                total += 1;
+            }
+        }
+    }
 }
 
 /// The catch-up read of [`crate::Store::catch_up`], in `tx`.
@@ -77,7 +134,7 @@ fn read_catch_up(
     let Some((head, base, version)) = row else {
         return Ok(CatchUpRead::NoSession);
     };
-    let Ok(clock) = firemode_merge::rows::clock_of_head(&head) else {
+    let Some(clock) = firemode_merge::rows::clock_if_dotted(&head) else {
         return Ok(CatchUpRead::Whole);
     };
     let mut keys = std::collections::BTreeSet::new();
