@@ -182,6 +182,13 @@ async fn heavy_reads_do_not_get_busy_workers_killed() {
             ("server.max_body_bytes", (8 * 1024 * 1024).into()),
             ("server.request_timeout", "60s".into()),
             ("supervisor.health_timeout", "150ms".into()),
+            // An instance is killed after this many failed checks in a row with no answer
+            // completed between them. With the default three (one check a second), running
+            // beside the rest of the suite on a 2-core machine, an instance with 50 reads of
+            // 4 MiB queued sometimes went three seconds between completed answers and was
+            // killed (the load starved even idle classify instances' checks): about one run
+            // in three.
+            ("supervisor.unhealthy_threshold", 6.into()),
             // Enough store connections that the store never answers "busy" here.
             ("database.pool_size", 16.into()),
         ],
