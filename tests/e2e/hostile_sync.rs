@@ -296,7 +296,8 @@ async fn deep_paths_stay_small_postgres() {
 
 /// A tablet one change behind on a 20,000-path session pays for what it missed: the catch-up
 /// reads the registers around the new one (found by their dots), not the session, whose
-/// whole read grew the worker's peak RSS by ~32 MiB (attack round 3: 37 → 69 MiB).
+/// whole read grew the worker's peak RSS by ~32 MiB (attack round 3: 37 → 69 MiB). So does
+/// one that missed a `set` and its removal.
 async fn check_one_change_behind_costs_what_it_missed(sys: &TestSystem) {
     let (f, t) = (sys.front, token("tab-a", Some("acme")));
     let batches = 20;
@@ -332,6 +333,48 @@ async fn check_one_change_behind_costs_what_it_missed(sys: &TestSystem) {
     assert!(
         growth_kib < 8 * 1024,
         "one change behind grew the worker's peak RSS by {growth_kib} KiB"
+    );
+
+    // A draft written and discarded while the tablet was away (attack round 4, F3: this read
+    // the whole session, +32 MiB, to learn that the draft's parent still exists; the
+    // tombstone the removal leaves says so itself).
+    let draft = set("/item-3-3/notes/draft", json!("x"));
+    ok(&post(
+        f,
+        &t,
+        "SITE",
+        "b-2",
+        &batch("B", json!({"B": 2}), vec![draft]),
+    )
+    .await);
+    let discard = json!({"op": "remove", "path": "/item-3-3/notes/draft"});
+    ok(&post(
+        f,
+        &t,
+        "SITE",
+        "b-3",
+        &batch("B", json!({"B": 3}), vec![discard]),
+    )
+    .await);
+    std::fs::write(format!("/proc/{pid}/clear_refs"), "5").expect("reset the peak RSS");
+    let before = proc_kib(pid, "VmRSS");
+    let since: String =
+        form_urlencoded::byte_serialize(json!({"A": batches, "B": 1}).to_string().as_bytes())
+            .collect();
+    let path = format!("/v1/tests/sessions/SITE/changes?since={since}");
+    let body = ok(&call(f, Method::GET, &t, &path, &[]).await);
+    assert_eq!(
+        body["changes"],
+        json!([
+            {"op": "set", "path": "/item-3-3/notes/draft", "value": null},
+            {"op": "remove", "path": "/item-3-3/notes/draft"}
+        ])
+    );
+    let growth_kib = proc_kib(pid, "VmHWM").saturating_sub(before);
+    eprintln!("a missed set and remove on 20,000 paths: peak RSS +{growth_kib} KiB");
+    assert!(
+        growth_kib < 8 * 1024,
+        "a missed set and remove grew the worker's peak RSS by {growth_kib} KiB"
     );
 }
 

@@ -172,8 +172,9 @@ pub(crate) fn changes_since<'a>(
 /// [`changes_since`] where `document` may be the session's only at the new registers' paths,
 /// their subtrees and their ancestors' own registers (`whole_above` false: the document of a
 /// state loaded from [`crate::Reads::around_keys`] of the new registers). `None` when the
-/// answer needs more: which parents of a removed path still exist (see [`absent`]) depends
-/// on their whole subtrees.
+/// answer needs more: a removed path whose remembered `set` is new, whose parent is not an
+/// object in that part (which of its parents still exist, see [`absent`], depends on their
+/// whole subtrees).
 pub(crate) fn changes_within<'a>(
     registers: impl IntoIterator<Item = &'a Register>,
     document: &Document,
@@ -205,7 +206,7 @@ pub(crate) fn changes_within<'a>(
                     .parents_made
                     .as_ref()
                     .is_some_and(|made| !covered(since, &made.replica_id, made.sequence));
-                if made_is_new && !whole_above {
+                if made_is_new && !whole_above && !parent_known_object(document, &register.path) {
                     return None;
                 }
                 changes.extend(absent(document, &register.path, made_is_new));
@@ -223,9 +224,9 @@ impl SessionState {
     /// behind costs what it has not seen, not the whole session.
     ///
     /// `Ok(None)` when the answer needs more of the session than such a state holds: a
-    /// removed path whose hidden `set` is new to the client, where the answer depends on
-    /// which of the path's parents still exist (their whole subtrees). Read the whole
-    /// session then.
+    /// removed path whose hidden `set` is new to the client and whose parent is not an object
+    /// in this part (a later write above took it away), where the answer depends on which of
+    /// the path's parents still exist (their whole subtrees). Read the whole session then.
     pub fn changes_from_part(
         &self,
         since: &VectorClock,
@@ -258,6 +259,22 @@ pub fn register_dots(
         sequence: made.sequence,
     });
     Ok((dot, made))
+}
+
+/// Whether the parent of `path` is an object in `document` even when `document` holds only
+/// part of the session ([`changes_within`]): then the session's deepest existing parent of
+/// `path` is that one, and [`absent`] answers from the part. A part holds every register at
+/// the parent and above it and some below it; registers below can only make the parent an
+/// object (never take that away), and the ones at and above are all there, so an object in
+/// the part is an object in the session. The root always is one.
+///
+/// The usual case: the remembered `set` new to the client made the parents objects, and its
+/// tombstone (read, as a new register) keeps them so unless a later write above took them.
+fn parent_known_object(document: &Document, path: &Pointer) -> bool {
+    match path.tokens().split_last() {
+        Some((_, [])) | None => true,
+        Some((_, parent)) => document.get(parent).is_some_and(NodeRef::is_object),
+    }
 }
 
 /// The changes for a path the session's document does not hold. A hidden `set` new to the
