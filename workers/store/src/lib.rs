@@ -33,7 +33,7 @@ mod sessions;
 mod sqlite;
 mod watch;
 
-pub use dots::{CatchUpRead, MAX_NEW_REGISTERS};
+pub use dots::{CatchUpRead, MAX_NEW_REGISTERS, MAX_PARENT_LOOKUPS};
 pub use sessions::{
     CompactFn, GroupDone, GroupFn, GroupStep, IdempotencyKey, JournalEntry, MergeFn, MergeOutcome,
     MergeStep, Reads, RowChanges, SessionRows, StoredSession,

@@ -777,11 +777,15 @@ async fn read_ancestors(
         .collect();
     let rows = tx
         .query_typed(
+            // The key by a join on its ordinal, not `($5::bytea[])[a.i]`: subscripting an
+            // array of variable-length elements walks it from the start, so 65,536 parents
+            // of 4,096 keys took 0.5–0.9 s that way, 0.12–0.27 s joined.
             "SELECT r.register FROM unnest($3::int4[], $4::int4[]) AS a(i, len)
+             JOIN unnest($5::bytea[]) WITH ORDINALITY AS k(key, i) ON k.i = a.i
              CROSS JOIN LATERAL (
                  SELECT register FROM sync_registers
                  WHERE tenant = $1 AND session_id = $2
-                   AND path_key = substring(($5::bytea[])[a.i] FROM 1 FOR a.len)
+                   AND path_key = substring(k.key FROM 1 FOR a.len)
                  OFFSET 0
              ) r",
             &[
