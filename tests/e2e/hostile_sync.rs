@@ -297,10 +297,26 @@ async fn deep_paths_stay_small_postgres() {
     check_deep_paths_stay_small(&sys).await;
 }
 
+/// The changes of session `SITE` since `since` (a clock as JSON), and by how much they grew
+/// the sync worker `pid`'s peak RSS (`clear_refs` 5 resets VmHWM to the current RSS).
+async fn catch_up_growth(sys: &TestSystem, pid: u32, since: Value, what: &str) -> (Reply, u64) {
+    let t = token("tab-a", Some("acme"));
+    std::fs::write(format!("/proc/{pid}/clear_refs"), "5").expect("reset the peak RSS");
+    let before = proc_kib(pid, "VmRSS");
+    let since: String = form_urlencoded::byte_serialize(since.to_string().as_bytes()).collect();
+    let path = format!("/v1/tests/sessions/SITE/changes?since={since}");
+    let started = std::time::Instant::now();
+    let reply = call(sys.front, Method::GET, &t, &path, &[]).await;
+    let elapsed = started.elapsed();
+    let growth_kib = proc_kib(pid, "VmHWM").saturating_sub(before);
+    eprintln!("{what} on 20,000 paths: peak RSS +{growth_kib} KiB in {elapsed:?}");
+    (reply, growth_kib)
+}
+
 /// A tablet one change behind on a 20,000-path session pays for what it missed: the catch-up
 /// reads the registers around the new one (found by their dots), not the session, whose
 /// whole read grew the worker's peak RSS by ~32 MiB (attack round 3: 37 → 69 MiB). So does
-/// one that missed a `set` and its removal.
+/// one that missed a `set` and its removal, or new paths 64 deep.
 async fn check_one_change_behind_costs_what_it_missed(sys: &TestSystem) {
     let (f, t) = (sys.front, token("tab-a", Some("acme")));
     let batches = 20;
@@ -318,75 +334,38 @@ async fn check_one_change_behind_costs_what_it_missed(sys: &TestSystem) {
     );
     ok(&post(f, &t, "SITE", "b-1", &last).await);
     let pid = sync_pid(sys).await;
-    // Peak RSS from now on (`clear_refs` 5 resets VmHWM to the current RSS).
-    std::fs::write(format!("/proc/{pid}/clear_refs"), "5").expect("reset the peak RSS");
-    let before = proc_kib(pid, "VmRSS");
-    let since: String =
-        form_urlencoded::byte_serialize(json!({"A": batches}).to_string().as_bytes()).collect();
-    let path = format!("/v1/tests/sessions/SITE/changes?since={since}");
-    let reply = call(f, Method::GET, &t, &path, &[]).await;
-    let body = ok(&reply);
+    let what = "one change behind";
+    let (reply, growth_kib) = catch_up_growth(sys, pid, json!({"A": batches}), what).await;
     assert_eq!(
-        body["changes"],
+        ok(&reply)["changes"],
         json!([{"op": "set", "path": "/item-7-7/result", "value": "fail"}])
     );
     assert!(reply.body.len() < 4096, "{} bytes", reply.body.len());
-    let growth_kib = proc_kib(pid, "VmHWM").saturating_sub(before);
-    eprintln!("one change behind on 20,000 paths: peak RSS +{growth_kib} KiB");
-    assert!(
-        growth_kib < 8 * 1024,
-        "one change behind grew the worker's peak RSS by {growth_kib} KiB"
-    );
+    assert!(growth_kib < 8 * 1024, "{what}: +{growth_kib} KiB");
 
     // A draft written and discarded while the tablet was away (attack round 4, F3: this read
     // the whole session, +32 MiB, to learn that the draft's parent still exists; the
     // tombstone the removal leaves says so itself).
-    let draft = set("/item-3-3/notes/draft", json!("x"));
-    ok(&post(
-        f,
-        &t,
-        "SITE",
-        "b-2",
-        &batch("B", json!({"B": 2}), vec![draft]),
-    )
-    .await);
-    let discard = json!({"op": "remove", "path": "/item-3-3/notes/draft"});
-    ok(&post(
-        f,
-        &t,
-        "SITE",
-        "b-3",
-        &batch("B", json!({"B": 3}), vec![discard]),
-    )
-    .await);
-    std::fs::write(format!("/proc/{pid}/clear_refs"), "5").expect("reset the peak RSS");
-    let before = proc_kib(pid, "VmRSS");
-    let since: String =
-        form_urlencoded::byte_serialize(json!({"A": batches, "B": 1}).to_string().as_bytes())
-            .collect();
-    let path = format!("/v1/tests/sessions/SITE/changes?since={since}");
-    let body = ok(&call(f, Method::GET, &t, &path, &[]).await);
+    let draft = vec![set("/item-3-3/notes/draft", json!("x"))];
+    ok(&post(f, &t, "SITE", "b-2", &batch("B", json!({"B": 2}), draft)).await);
+    let discard = vec![json!({"op": "remove", "path": "/item-3-3/notes/draft"})];
+    ok(&post(f, &t, "SITE", "b-3", &batch("B", json!({"B": 3}), discard)).await);
+    let what = "a missed set and remove";
+    let since = json!({"A": batches, "B": 1});
+    let (reply, growth_kib) = catch_up_growth(sys, pid, since, what).await;
     assert_eq!(
-        body["changes"],
+        ok(&reply)["changes"],
         json!([
             {"op": "set", "path": "/item-3-3/notes/draft", "value": null},
             {"op": "remove", "path": "/item-3-3/notes/draft"}
         ])
     );
-    let growth_kib = proc_kib(pid, "VmHWM").saturating_sub(before);
-    eprintln!("a missed set and remove on 20,000 paths: peak RSS +{growth_kib} KiB");
-    assert!(
-        growth_kib < 8 * 1024,
-        "a missed set and remove grew the worker's peak RSS by {growth_kib} KiB"
-    );
+    assert!(growth_kib < 8 * 1024, "{what}: +{growth_kib} KiB");
 
     // 66 new paths 64 deep: 4,158 parents to look up (attack round 4, F3: past 4,096
     // lookups this read the whole session, +45 MiB).
-    let deep: Vec<Value> = (0..66)
-        .map(|i| {
-            let path = format!("/deep-{i}{}", "/d".repeat(62));
-            set(&format!("{path}/leaf"), json!(i))
-        })
+    let mut deep: Vec<Value> = (0..66)
+        .map(|i| set(&format!("/deep-{i}{}/leaf", "/d".repeat(62)), json!(i)))
         .collect();
     ok(&post(
         f,
@@ -396,29 +375,14 @@ async fn check_one_change_behind_costs_what_it_missed(sys: &TestSystem) {
         &batch("B", json!({"B": 4}), deep.clone()),
     )
     .await);
-    std::fs::write(format!("/proc/{pid}/clear_refs"), "5").expect("reset the peak RSS");
-    let before = proc_kib(pid, "VmRSS");
-    let since: String =
-        form_urlencoded::byte_serialize(json!({"A": batches, "B": 3}).to_string().as_bytes())
-            .collect();
-    let path = format!("/v1/tests/sessions/SITE/changes?since={since}");
-    let started = std::time::Instant::now();
-    let body = ok(&call(f, Method::GET, &t, &path, &[]).await);
-    let elapsed = started.elapsed();
-    let mut answered: Vec<Value> = body["changes"].as_array().expect("changes").clone();
+    let what = "66 new paths 64 deep";
+    let since = json!({"A": batches, "B": 3});
+    let (reply, growth_kib) = catch_up_growth(sys, pid, since, what).await;
+    let mut answered = ok(&reply)["changes"].as_array().expect("changes").clone();
     answered.sort_by_key(|c| c["path"].as_str().map(str::to_owned));
-    let mut expected: Vec<Value> = deep
-        .iter()
-        .map(|c| json!({"op": "set", "path": c["path"], "value": c["value"]}))
-        .collect();
-    expected.sort_by_key(|c| c["path"].as_str().map(str::to_owned));
-    assert_eq!(answered, expected);
-    let growth_kib = proc_kib(pid, "VmHWM").saturating_sub(before);
-    eprintln!("66 new paths 64 deep on 20,000 paths: peak RSS +{growth_kib} KiB in {elapsed:?}");
-    assert!(
-        growth_kib < 8 * 1024,
-        "66 new deep paths grew the worker's peak RSS by {growth_kib} KiB"
-    );
+    deep.sort_by_key(|c| c["path"].as_str().map(str::to_owned));
+    assert_eq!(answered, deep);
+    assert!(growth_kib < 8 * 1024, "{what}: +{growth_kib} KiB");
 }
 
 /// A tablet that missed both a `set` and the removal of what it set gets the parents the
