@@ -11,6 +11,7 @@ mod config;
 mod control;
 mod faults;
 mod fuzz_corpus;
+mod health_checks;
 mod hostile;
 mod hostile_front;
 mod hostile_ops;

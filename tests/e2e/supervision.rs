@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 const BODY: &str = r#"{"item_code":"FE-DCP","observed_condition":"pressure_low"}"#;
 
 /// Sends classify requests in a loop until stopped; counts successes and failures.
-fn load(
+pub(crate) fn load(
     sys: &TestSystem,
     stop: Arc<AtomicBool>,
 ) -> (
