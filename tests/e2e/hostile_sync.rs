@@ -362,6 +362,22 @@ async fn check_one_change_behind_costs_what_it_missed(sys: &TestSystem) {
     );
     assert!(growth_kib < 8 * 1024, "{what}: +{growth_kib} KiB");
 
+    // The same draft, then the whole item removed: one removal answers it all.
+    let draft = vec![set("/item-5-5/notes/draft", json!("x"))];
+    ok(&post(f, &t, "SITE", "b-4", &batch("B", json!({"B": 4}), draft)).await);
+    let discard = vec![json!({"op": "remove", "path": "/item-5-5/notes/draft"})];
+    ok(&post(f, &t, "SITE", "b-5", &batch("B", json!({"B": 5}), discard)).await);
+    let gone = vec![json!({"op": "remove", "path": "/item-5-5"})];
+    ok(&post(f, &t, "SITE", "b-6", &batch("B", json!({"B": 6}), gone)).await);
+    let what = "a missed set and remove, then its item removed";
+    let since = json!({"A": batches, "B": 3});
+    let (reply, growth_kib) = catch_up_growth(sys, pid, since, what).await;
+    assert_eq!(
+        ok(&reply)["changes"],
+        json!([{"op": "remove", "path": "/item-5-5"}])
+    );
+    assert!(growth_kib < 8 * 1024, "{what}: +{growth_kib} KiB");
+
     // 66 new paths 64 deep: 4,158 parents to look up (attack round 4, F3: past 4,096
     // lookups this read the whole session, +45 MiB).
     let mut deep: Vec<Value> = (0..66)
@@ -371,12 +387,12 @@ async fn check_one_change_behind_costs_what_it_missed(sys: &TestSystem) {
         f,
         &t,
         "SITE",
-        "b-4",
-        &batch("B", json!({"B": 4}), deep.clone()),
+        "b-7",
+        &batch("B", json!({"B": 7}), deep.clone()),
     )
     .await);
     let what = "66 new paths 64 deep";
-    let since = json!({"A": batches, "B": 3});
+    let since = json!({"A": batches, "B": 6});
     let (reply, growth_kib) = catch_up_growth(sys, pid, since, what).await;
     let mut answered = ok(&reply)["changes"].as_array().expect("changes").clone();
     answered.sort_by_key(|c| c["path"].as_str().map(str::to_owned));

@@ -172,9 +172,8 @@ pub(crate) fn changes_since<'a>(
 /// [`changes_since`] where `document` may be the session's only at the new registers' paths,
 /// their subtrees and their ancestors' own registers (`whole_above` false: the document of a
 /// state loaded from [`crate::Reads::around_keys`] of the new registers). `None` when the
-/// answer needs more: a removed path whose remembered `set` is new, whose parent is not an
-/// object in that part (which of its parents still exist, see [`absent`], depends on their
-/// whole subtrees).
+/// answer needs more: a removed path whose remembered `set` is new, whose deepest existing
+/// parent that part cannot tell (see [`parents_known`]).
 pub(crate) fn changes_within<'a>(
     registers: impl IntoIterator<Item = &'a Register>,
     document: &Document,
@@ -186,13 +185,23 @@ pub(crate) fn changes_within<'a>(
     // that value. Under a removed path they are not skipped: a tombstone below may remember a
     // `set` that made parents above the removed path objects.
     let mut answered: Option<&Pointer> = None;
+    // The new registers at and above the current path, outermost first: their subtrees are
+    // whole in a part (path order visits a subtree's paths together, right after its root).
+    let mut new_above: Vec<&Pointer> = Vec::new();
     for register in registers {
+        while new_above
+            .last()
+            .is_some_and(|top| !register.path.tokens().starts_with(top.tokens()))
+        {
+            new_above.pop();
+        }
         if answered.is_some_and(|above| above.is_ancestor_of(&register.path)) {
             continue;
         }
         if !is_new(register, since) {
             continue;
         }
+        new_above.push(&register.path);
         match document.get(register.path.tokens()) {
             Some(value) => {
                 changes.push(Change::Set {
@@ -206,7 +215,11 @@ pub(crate) fn changes_within<'a>(
                     .parents_made
                     .as_ref()
                     .is_some_and(|made| !covered(since, &made.replica_id, made.sequence));
-                if made_is_new && !whole_above && !parent_known_object(document, &register.path) {
+                let whole_from = new_above.first().map(|root| root.tokens().len());
+                if made_is_new
+                    && !whole_above
+                    && !parents_known(document, &register.path, whole_from)
+                {
                     return None;
                 }
                 changes.extend(absent(document, &register.path, made_is_new));
@@ -224,9 +237,10 @@ impl SessionState {
     /// behind costs what it has not seen, not the whole session.
     ///
     /// `Ok(None)` when the answer needs more of the session than such a state holds: a
-    /// removed path whose hidden `set` is new to the client and whose parent is not an object
-    /// in this part (a later write above took it away), where the answer depends on which of
-    /// the path's parents still exist (their whole subtrees). Read the whole session then.
+    /// removed path whose hidden `set` is new to the client, whose parent is not an object in
+    /// this part (a later write above took it away) and was not itself written since
+    /// `since`, where the answer depends on which of the path's parents still exist (their
+    /// whole subtrees). Read the whole session then.
     pub fn changes_from_part(
         &self,
         since: &VectorClock,
@@ -261,20 +275,36 @@ pub fn register_dots(
     Ok((dot, made))
 }
 
-/// Whether the parent of `path` is an object in `document` even when `document` holds only
-/// part of the session ([`changes_within`]): then the session's deepest existing parent of
-/// `path` is that one, and [`absent`] answers from the part. A part holds every register at
-/// the parent and above it and some below it; registers below can only make the parent an
-/// object (never take that away), and the ones at and above are all there, so an object in
-/// the part is an object in the session. The root always is one.
+/// Whether [`absent`] finds in `document` the session's deepest existing parent of `path`
+/// and whether it is an object, when `document` holds only part of the session
+/// ([`changes_within`]): every register at and above `path`'s parents, and whole subtrees
+/// from depth `whole_from` down (the subtree of the shallowest new register at or above
+/// `path`, in tokens), but only some registers below a parent above that depth.
+///
+/// Registers below a parent can only make it an object, never take that away, and the ones
+/// at and above it are all there: so a parent that is an object in the part is one in the
+/// session, and the deepest one answers. A parent that is not, or is absent, is known only
+/// when its whole subtree is there; absent, the next one up is asked. The root always is an
+/// object.
 ///
 /// The usual case: the remembered `set` new to the client made the parents objects, and its
-/// tombstone (read, as a new register) keeps them so unless a later write above took them.
-fn parent_known_object(document: &Document, path: &Pointer) -> bool {
-    match path.tokens().split_last() {
-        Some((_, [])) | None => true,
-        Some((_, parent)) => document.get(parent).is_some_and(NodeRef::is_object),
+/// tombstone (read, as a new register) keeps them so unless a later write above took them;
+/// or the write that took them is itself new, so its subtree was read whole.
+fn parents_known(document: &Document, path: &Pointer, whole_from: Option<usize>) -> bool {
+    let tokens = path.tokens();
+    for depth in (1..tokens.len()).rev() {
+        let node = document.get(&tokens[..depth]);
+        if node.is_some_and(NodeRef::is_object) {
+            return true;
+        }
+        if whole_from.is_none_or(|from| from > depth) {
+            return false;
+        }
+        if node.is_some() {
+            return true;
+        }
     }
+    true
 }
 
 /// The changes for a path the session's document does not hold. A hidden `set` new to the
