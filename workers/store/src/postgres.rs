@@ -104,14 +104,29 @@ fn lock_error(e: tokio_postgres::Error) -> StoreError {
     }
 }
 
+/// The connection settings from `database.url`, with our application name and JIT
+/// compilation off unless the URL's `options` say otherwise: every statement here is short,
+/// and a large one (a catch-up looking up 65,536 parents, a merge of a deep batch) passes
+/// PostgreSQL's `jit_above_cost` and paid ~100 ms of compiling for a 120 ms query.
+fn connection_config(url: &str) -> Result<tokio_postgres::Config, StoreError> {
+    let mut config: tokio_postgres::Config = url.trim().parse().map_err(|e| {
+        StoreError::Config(format!(
+            "database.url is not a valid PostgreSQL connection string: {e}"
+        ))
+    })?;
+    config.application_name("firemode");
+    let options = match config.get_options() {
+        Some(options) if options.contains("jit") => options.to_owned(),
+        Some(options) if !options.trim().is_empty() => format!("{options} -c jit=off"),
+        _ => "-c jit=off".to_owned(),
+    };
+    config.options(&options);
+    Ok(config)
+}
+
 impl PgStore {
     pub fn open(opts: &StoreOptions) -> Result<Self, StoreError> {
-        let mut config: tokio_postgres::Config = opts.url.trim().parse().map_err(|e| {
-            StoreError::Config(format!(
-                "database.url is not a valid PostgreSQL connection string: {e}"
-            ))
-        })?;
-        config.application_name("firemode");
+        let mut config = connection_config(&opts.url)?;
         config.connect_timeout(opts.connect_timeout);
         let manager = PostgresConnectionManager::new(config, NoTls);
         let pool = bb8::Pool::builder()
@@ -1075,4 +1090,25 @@ async fn convert_legacy_sessions(tx: &tokio_postgres::Transaction<'_>) -> Result
         .await
         .map_err(unavailable)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::connection_config;
+
+    #[test]
+    fn connections_run_without_jit_unless_the_url_says() {
+        let plain = connection_config("host=db user=app dbname=app").unwrap();
+        assert_eq!(plain.get_options(), Some("-c jit=off"));
+        assert_eq!(plain.get_application_name(), Some("firemode"));
+        let theirs =
+            connection_config("postgres://app@db/app?options=-c%20statement_timeout%3D5s").unwrap();
+        assert_eq!(
+            theirs.get_options(),
+            Some("-c statement_timeout=5s -c jit=off")
+        );
+        let jit_on = connection_config("host=db options='-c jit=on'").unwrap();
+        assert_eq!(jit_on.get_options(), Some("-c jit=on"));
+        assert!(connection_config("host=db port=notaport").is_err());
+    }
 }
