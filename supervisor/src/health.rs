@@ -99,8 +99,46 @@ async fn get(socket: &Path, path: &str) -> Result<(StatusCode, Bytes), FetchErro
     answer
 }
 
-/// One health check: `GET /healthz` within `timeout`.
+/// One health check: `GET /healthz` within `timeout`, run on the health checks' own thread
+/// ([`checks_runtime`]) so that the front's load cannot make it late.
 pub async fn probe(socket: &Path, timeout: Duration) -> Probe {
+    let Some(checks) = checks_runtime() else {
+        return check(socket, timeout).await;
+    };
+    let socket = socket.to_owned();
+    checks
+        .spawn(async move { check(&socket, timeout).await })
+        .await
+        .unwrap_or_else(|e| Probe::Failed(format!("the health check stopped: {e}")))
+}
+
+/// The runtime of the health checks: one thread of their own. On the runtime the front
+/// shares, a front busy with its clients (100 reads of 4 MiB being relayed) delayed checks
+/// past a 150 ms `health_timeout`, and idle, healthy instances were killed as hung. Here a
+/// check waits only for its worker. `None` if the thread cannot be started (then checks run
+/// where they are asked, as before).
+fn checks_runtime() -> Option<&'static tokio::runtime::Handle> {
+    static CHECKS: std::sync::OnceLock<Option<tokio::runtime::Handle>> = std::sync::OnceLock::new();
+    CHECKS
+        .get_or_init(|| {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| tracing::warn!(error = %e, "no runtime for the health checks"))
+                .ok()?;
+            let handle = runtime.handle().clone();
+            std::thread::Builder::new()
+                .name("health-checks".into())
+                .spawn(move || runtime.block_on(std::future::pending::<()>()))
+                .map_err(|e| tracing::warn!(error = %e, "no thread for the health checks"))
+                .ok()?;
+            Some(handle)
+        })
+        .as_ref()
+}
+
+/// [`probe`]'s check itself.
+async fn check(socket: &Path, timeout: Duration) -> Probe {
     match fetch(socket, "/healthz", timeout).await {
         Ok((StatusCode::OK, body)) => {
             let ready = serde_json::from_slice::<serde_json::Value>(&body)
@@ -122,6 +160,46 @@ pub async fn probe(socket: &Path, timeout: Duration) -> Probe {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A worker that answers `/healthz` at once, on a thread of its own.
+    fn answering_worker(socket: &Path) {
+        use std::io::{Read, Write};
+        let listener = std::os::unix::net::UnixListener::bind(socket).unwrap();
+        std::thread::spawn(move || {
+            for mut conn in listener.incoming().map_while(Result::ok) {
+                let mut head = [0u8; 1024];
+                let _ = conn.read(&mut head);
+                let _ = conn
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 14\r\n\r\n{\"ready\":true}");
+            }
+        });
+    }
+
+    /// A check asked from a runtime too busy to run anything for longer than the check's
+    /// timeout still sees the worker's prompt answer: it runs on its own thread.
+    #[test]
+    fn a_busy_runtime_does_not_make_a_check_late() {
+        let socket =
+            std::env::temp_dir().join(format!("firemode-check-{}.sock", std::process::id()));
+        let _ = std::fs::remove_file(&socket);
+        answering_worker(&socket);
+        let front = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        for _ in 0..5 {
+            let checked = front.block_on(async {
+                let busy = async {
+                    tokio::task::yield_now().await;
+                    // The front's thread, taken for 300 ms by its clients.
+                    std::thread::sleep(Duration::from_millis(300));
+                };
+                tokio::join!(probe(&socket, Duration::from_millis(100)), busy).0
+            });
+            assert_eq!(checked, Probe::Ready);
+        }
+        let _ = std::fs::remove_file(&socket);
+    }
 
     #[test]
     fn startup_probes_double_up_to_the_health_interval() {
