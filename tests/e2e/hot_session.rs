@@ -81,6 +81,7 @@ async fn merges_waiting_for_a_hot_session_share_the_next_transaction() {
         store: store.clone(),
         tenant: TENANT.into(),
         idempotency_ttl: Duration::from_secs(3600),
+        whole_reads: Default::default(),
     };
     // Another host's merge holds the session's lock.
     let (holder, conn) = tokio_postgres::connect(&db.url, tokio_postgres::NoTls)

@@ -57,6 +57,8 @@ pub struct GroupSettings {
     pub store: Store,
     pub tenant: String,
     pub idempotency_ttl: std::time::Duration,
+    /// A compaction loads the whole session: it takes one of the process's places for that.
+    pub whole_reads: crate::shared_reads::WholeReads,
 }
 
 impl MergeQueue {
@@ -220,14 +222,17 @@ async fn run_group_traced(settings: &GroupSettings, group: Vec<Waiting>) {
 
 /// Compacts the session after the merge that found it due, before that merge answers (so
 /// from its answer on, the horizon is in force). Compaction loads the whole session, once
-/// per checkpoint interval (a day by default); a failure is logged and the next merge, which
-/// finds the session still due, tries again.
+/// per checkpoint interval (a day by default), holding one of the process's places for
+/// whole-session work ([`crate::shared_reads::WHOLE_READS_AT_ONCE`]): many sessions due at
+/// once (attack round 5: +53–57 MiB each on 20,000 paths) compact a few at a time. A failure
+/// is logged and the next merge, which finds the session still due, tries again.
 async fn compact_session(
     settings: &GroupSettings,
     session_id: &str,
     now_ms: u64,
     retention_ms: u64,
 ) {
+    let _place = settings.whole_reads.acquire().await;
     let compact = merge::compact(session_id.to_owned(), now_ms, retention_ms);
     let compacted = settings
         .store
@@ -235,5 +240,52 @@ async fn compact_session(
         .await;
     if let Err(e) = compacted {
         tracing::warn!(session_id, error = %e, "session compaction failed; the next merge retries it");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// A compaction waits for a place among the process's whole-session work: with every
+    /// place taken by reads it does not start; it runs once one is free.
+    #[tokio::test]
+    async fn a_compaction_waits_for_a_whole_session_place() {
+        let dir = std::env::temp_dir().join(format!("firemode-compact-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let store = Store::open(&firemode_store::StoreOptions {
+            url: String::new(),
+            pool_size: 2,
+            data_dir: dir.clone(),
+            connect_timeout: Duration::from_secs(5),
+            lock_timeout: Duration::from_secs(5),
+        })
+        .unwrap();
+        store.migrate().await.unwrap();
+        let whole_reads = crate::shared_reads::WholeReads::default();
+        let mut reads = Vec::new();
+        for _ in 0..crate::shared_reads::WHOLE_READS_AT_ONCE {
+            reads.push(whole_reads.acquire().await);
+        }
+        let settings = GroupSettings {
+            store,
+            tenant: "t".into(),
+            idempotency_ttl: Duration::from_secs(60),
+            whole_reads,
+        };
+        let compaction = compact_session(&settings, "S", 0, 1);
+        tokio::pin!(compaction);
+        let early = tokio::time::timeout(Duration::from_millis(100), &mut compaction).await;
+        assert!(
+            early.is_err(),
+            "a compaction ran beside four whole-session reads"
+        );
+        reads.pop();
+        tokio::time::timeout(Duration::from_secs(10), compaction)
+            .await
+            .expect("the compaction runs once a place is free");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -61,6 +61,7 @@ pub async fn post(
         store: app.store.clone(),
         tenant: caller.tenant.clone(),
         idempotency_ttl: sync.idempotency_ttl.get(),
+        whole_reads: app.whole_reads.clone(),
     };
     let outcome = app
         .merges

@@ -90,14 +90,16 @@ impl Snapshot {
     }
 }
 
-/// How many whole-session snapshots (read, decoded, materialised, answered) a process holds
-/// at once: the rest queue, first come first served. So a worker's memory for them is
-/// bounded by this many sessions whatever the number of requests, and a crowd of heavy
-/// reads completes one after another instead of all at the end (the supervisor sees
-/// answers, not a hung worker).
+/// How many whole-session snapshots (read, decoded, materialised, answered) and
+/// compactions (which load the whole session too) a process holds at once: the rest queue,
+/// first come first served. So a worker's memory for them is bounded by this many sessions
+/// whatever the number of requests or of sessions due for compaction together, and a crowd
+/// of heavy reads completes one after another instead of all at the end (the supervisor
+/// sees answers, not a hung worker).
 pub const WHOLE_READS_AT_ONCE: usize = 4;
 
-/// The permits of [`WHOLE_READS_AT_ONCE`].
+/// The permits of [`WHOLE_READS_AT_ONCE`], shared by the process's reads and compactions.
+#[derive(Clone)]
 pub struct WholeReads(Arc<tokio::sync::Semaphore>);
 
 /// One whole-session read's place among [`WholeReads`].
