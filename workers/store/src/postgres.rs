@@ -169,6 +169,17 @@ impl PgStore {
                 .await
                 .map_err(unavailable)?;
             if done.is_none() {
+                if *version == REGISTER_DOTS {
+                    // Both tables before either: a merge of the release before, in flight,
+                    // holds its head row and then reads its registers; taking
+                    // `sync_registers` first (the ALTER) and then waiting on that head row
+                    // deadlocked with it (attack round 6). So wait for it to finish instead.
+                    tx.batch_execute(
+                        "LOCK TABLE sync_sessions, sync_registers IN ACCESS EXCLUSIVE MODE",
+                    )
+                    .await
+                    .map_err(unavailable)?;
+                }
                 tx.batch_execute(sql).await.map_err(unavailable)?;
                 // Sessions kept as one value move to rows once the rows have every column;
                 // then the register rows get their dots and the heads their mark.

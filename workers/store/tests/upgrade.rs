@@ -696,3 +696,72 @@ async fn a_postgres_database_of_registers_without_dots_gets_them() {
     assert!(matches!(read, CatchUpRead::Whole), "{read:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Migration 6 beside a merge of the release before, in flight: the merge holds its session's
+/// head row, then reads its registers, as that release does. The migration takes both tables
+/// before touching either, so it waits for the merge, which finishes; then it runs. (Attack
+/// round 6: the migration took `sync_registers` first and then waited on a head row such a
+/// merge held while the merge waited on `sync_registers`: `deadlock detected`, 3–5 times,
+/// each retry redoing the whole fill.)
+#[tokio::test]
+async fn migration_6_waits_for_a_merge_in_flight_instead_of_deadlocking_postgres() {
+    let Some(db) = pg::pg_database().await else {
+        return;
+    };
+    write_v5_postgres(&db.url).await;
+    let (old, conn) = tokio_postgres::connect(&db.url, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(conn);
+    old.batch_execute("BEGIN").await.expect("begin");
+    let session: String = old
+        .query_one(
+            "SELECT session_id FROM sync_sessions ORDER BY session_id LIMIT 1 FOR UPDATE",
+            &[],
+        )
+        .await
+        .expect("the merge locks its head")
+        .get(0);
+    let dir: PathBuf = std::env::temp_dir().join(format!("fm-upgrade-{}", unique()));
+    let store = Store::open(&options(&db.url, &dir)).expect("open");
+    let migrating = tokio::spawn(async move { store.migrate().await });
+    // The migration waits for a lock (the readiness signal: pg_stat_activity).
+    let (watch, conn) = tokio_postgres::connect(&db.url, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(conn);
+    let started = std::time::Instant::now();
+    loop {
+        let waiting: i64 = watch
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                &[],
+            )
+            .await
+            .expect("activity")
+            .get(0);
+        if waiting > 0 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the migration never waited for the merge in flight"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    old.query(
+        "SELECT count(*) FROM sync_registers WHERE session_id = $1",
+        &[&session],
+    )
+    .await
+    .expect("the merge reads its registers");
+    old.batch_execute("COMMIT")
+        .await
+        .expect("the merge commits");
+    migrating
+        .await
+        .expect("the migration task")
+        .expect("the migration completes");
+    let _ = std::fs::remove_dir_all(&dir);
+}
