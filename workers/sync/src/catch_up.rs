@@ -324,17 +324,29 @@ async fn wait(
 }
 
 /// The 200 of `GET …/changes`: the session clock and the changes up to it.
+///
+/// Serialized straight from the changes, keys in the order `json!` would sort them: building
+/// a `Value` first cost a `Map` (a B-tree node, ~600 bytes) and a copy of the value per change,
+/// ~3 KiB a changed path on top of a ~50-byte answer line.
 fn changes_answer(
     session_id: &str,
     clock: &VectorClock,
     changes: &[firemode_merge::Change],
 ) -> HttpResponse {
-    let body = json!({
-        "session_id": session_id,
-        "vector_clock": clock,
-        "changes": changes,
-    });
-    json_response(StatusCode::OK, Bytes::from(body.to_string()))
+    #[derive(serde::Serialize)]
+    struct Answer<'a> {
+        changes: &'a [firemode_merge::Change],
+        session_id: &'a str,
+        vector_clock: &'a VectorClock,
+    }
+    let answer = Answer {
+        changes,
+        session_id,
+        vector_clock: clock,
+    };
+    // Writing JSON with string keys into memory cannot fail.
+    let body = serde_json::to_vec(&answer).unwrap_or_default();
+    json_response(StatusCode::OK, Bytes::from(body))
 }
 
 /// Counts a long-poll in `sync_long_polls_waiting` while it waits.
