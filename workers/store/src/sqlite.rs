@@ -80,9 +80,9 @@ impl SqliteStore {
         let path = opts.data_dir.join("firemode.sqlite3");
         let pool = bb8::Pool::builder()
             .max_size(opts.pool_size.clamp(1, 64))
-            .connection_timeout(opts.connect_timeout)
+            .connection_timeout(opts.lock_timeout.max(opts.connect_timeout))
             // A failed connect is an error now (the store is down), not a wait until the
-            // timeout; a timeout then means every connection is busy.
+            // timeout; a timeout then means every connection stayed busy that long.
             .retry_connection(false)
             .build_unchecked(SqliteManager {
                 path,

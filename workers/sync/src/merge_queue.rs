@@ -170,8 +170,8 @@ impl Drop for Unstick<'_> {
     }
 }
 
-/// One transaction for `group`, then (when a merge found the session due) its compaction,
-/// then every member's answer.
+/// One transaction for `group`, every member's answer, then (when a merge found the session
+/// due) its compaction.
 async fn run_group(settings: &GroupSettings, group: Vec<Waiting>) {
     let Some(span) = group.first().map(|w| w.span.clone()) else {
         return;
@@ -205,11 +205,11 @@ async fn run_group_traced(settings: &GroupSettings, group: Vec<Waiting>) {
         Ok(GroupDone {
             answers, compact, ..
         }) => {
-            if compact {
-                compact_session(settings, &session_id, now_ms, retention_ms).await;
-            }
             for (reply, answer) in replies.into_iter().zip(answers) {
                 let _ = reply.send(Ok(answer));
+            }
+            if compact {
+                compact_session(settings, &session_id, now_ms, retention_ms).await;
             }
         }
         Err(e) => {
@@ -220,8 +220,9 @@ async fn run_group_traced(settings: &GroupSettings, group: Vec<Waiting>) {
     }
 }
 
-/// Compacts the session after the merge that found it due, before that merge answers (so
-/// from its answer on, the horizon is in force). Compaction loads the whole session, once
+/// Compacts the session after the merge that found it due has answered (that merge does not
+/// wait for it: 60 ms on SQLite, 0.4 s on PostgreSQL for 20,000 paths, attack round 5); the
+/// session's next merges in this process queue behind it. Compaction loads the whole session, once
 /// per checkpoint interval (a day by default), holding one of the process's places for
 /// whole-session work ([`crate::shared_reads::WHOLE_READS_AT_ONCE`]): many sessions due at
 /// once (attack round 5: +53–57 MiB each on 20,000 paths) compact a few at a time. A failure
