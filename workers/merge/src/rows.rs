@@ -404,12 +404,39 @@ impl SessionState {
     /// the state's invariants. Register rows must include, with each register, every register
     /// at its ancestors (both [`Batch::reads`] and a whole-session read do).
     pub fn from_rows(rows: &SessionRows) -> Result<SessionState, CorruptState> {
-        let head: Head = serde_json::from_str(&rows.head)
+        let parts = (
+            rows.head.as_str(),
+            rows.stamps.as_slice(),
+            rows.base.as_deref(),
+        );
+        Self::from_row_parts(parts, rows.registers.iter())
+    }
+
+    /// [`SessionState::from_rows`], dropping each register row once it is parsed: on a whole
+    /// read of 20,000 paths the rows' text (~6.7 MB) no longer sits beside the registers
+    /// built from it.
+    pub fn from_owned_rows(rows: SessionRows) -> Result<SessionState, CorruptState> {
+        let SessionRows {
+            head,
+            base,
+            registers,
+            stamps,
+        } = rows;
+        let parts = (head.as_str(), stamps.as_slice(), base.as_deref());
+        Self::from_row_parts(parts, registers.into_iter())
+    }
+
+    /// The head, stamps and base rows, and the register rows one by one.
+    fn from_row_parts<S: AsRef<str>>(
+        (head, stamp_rows, base): (&str, &[StampRow], Option<&str>),
+        register_rows: impl ExactSizeIterator<Item = S>,
+    ) -> Result<SessionState, CorruptState> {
+        let head: Head = serde_json::from_str(head)
             .map_err(|e| CorruptState(format!("the session head does not parse: {e}")))?;
-        let stamps = head_stamps(&head, &rows.stamps)?;
-        let mut registers: Vec<(Pointer, Register)> = Vec::with_capacity(rows.registers.len());
-        for text in &rows.registers {
-            let register: Register = serde_json::from_str(text)
+        let stamps = head_stamps(&head, stamp_rows)?;
+        let mut registers: Vec<(Pointer, Register)> = Vec::with_capacity(register_rows.len());
+        for text in register_rows {
+            let register: Register = serde_json::from_str(text.as_ref())
                 .map_err(|e| CorruptState(format!("a register does not parse: {e}")))?;
             check_register_within(&register, |replica, sequence, timestamp| {
                 let applied =
@@ -421,9 +448,7 @@ impl SessionState {
         }
         let registers = register_map(registers)?;
         check_none_hidden(&registers)?;
-        let base = rows
-            .base
-            .as_deref()
+        let base = base
             .map(serde_json::from_str::<Value>)
             .transpose()
             .map_err(|e| CorruptState(format!("the base document does not parse: {e}")))?;

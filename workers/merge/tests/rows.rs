@@ -384,11 +384,15 @@ fn rows_that_break_the_invariants_are_refused() {
     let mut store = RowStore::default();
     store.write(whole.all_rows());
     let good = store.read_all();
-    assert!(SessionState::from_rows(&good).is_ok());
+    let loaded = SessionState::from_rows(&good).expect("loads");
+    let owned = SessionState::from_owned_rows(good.clone()).expect("loads");
+    assert_eq!(owned.document(), loaded.document());
+    assert_eq!(owned.all_rows(), loaded.all_rows());
     let refused = |edit: &dyn Fn(&mut SessionRows)| {
         let mut rows = good.clone();
         edit(&mut rows);
-        SessionState::from_rows(&rows).expect_err("refused")
+        let owned = SessionState::from_owned_rows(rows.clone()).expect_err("refused");
+        assert_eq!(SessionState::from_rows(&rows).expect_err("refused"), owned);
     };
     refused(&|rows| rows.head = r#"{"clock":{"a":1},"stamps":{"a":[10]}}"#.to_owned());
     refused(&|rows| rows.head = r#"{"clock":{"a":0},"latest":{"a":10}}"#.to_owned());

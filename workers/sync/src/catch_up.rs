@@ -230,8 +230,9 @@ async fn read_changes(
             match read {
                 CatchUpRead::NoSession => Ok(Snapshot::new(SessionState::default(), 0)),
                 CatchUpRead::Part(stored) => {
-                    let state = session::decode(session_id, Some(&stored.rows))?;
-                    Ok(Snapshot::around_new(state, stored.version))
+                    let version = stored.version;
+                    let state = session::decode_owned(session_id, Some(stored.rows))?;
+                    Ok(Snapshot::around_new(state, version))
                 }
                 CatchUpRead::Whole => Ok(Snapshot::declined()),
             }

@@ -28,10 +28,23 @@ pub fn decode(
     let Some(rows) = stored else {
         return Ok(SessionState::default());
     };
-    SessionState::from_rows(rows).map_err(|e| {
-        tracing::error!(session_id, error = %e, "stored session state does not load");
-        UnreadableState(e)
-    })
+    SessionState::from_rows(rows).map_err(|e| unreadable(session_id, e))
+}
+
+/// [`decode`] of rows read for it alone, each register row dropped once parsed.
+pub fn decode_owned(
+    session_id: &str,
+    stored: Option<SessionRows>,
+) -> Result<SessionState, UnreadableState> {
+    let Some(rows) = stored else {
+        return Ok(SessionState::default());
+    };
+    SessionState::from_owned_rows(rows).map_err(|e| unreadable(session_id, e))
+}
+
+fn unreadable(session_id: &str, e: CorruptState) -> UnreadableState {
+    tracing::error!(session_id, error = %e, "stored session state does not load");
+    UnreadableState(e)
 }
 
 /// The caller's session and its version (a session never written is empty, version 0), read
@@ -53,7 +66,7 @@ pub async fn load(
                 .await
                 .map_err(store_problem)?;
             let version = stored.as_ref().map_or(0, |s| s.version);
-            let state = decode(session_id, stored.as_ref().map(|s| &s.rows))?;
+            let state = decode_owned(session_id, stored.map(|s| s.rows))?;
             Ok(match permit {
                 Some(permit) => Snapshot::holding(state, version, permit),
                 None => Snapshot::new(state, version),
