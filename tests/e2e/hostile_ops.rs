@@ -529,3 +529,49 @@ async fn sigterm_serves_every_connection_the_kernel_accepted() {
         assert_eq!(status.code(), Some(0), "{}", sys.logs());
     }
 }
+
+/// A merge into session `S` with idempotency key `key`: its status.
+async fn merge_status(sys: &TestSystem, key: &str) -> (u16, String) {
+    let auth = format!("Bearer {}", token("tablet-1", Some("acme")));
+    let r = request(
+        sys.front,
+        Method::POST,
+        "/v1/tests/sessions/S/results",
+        &[("authorization", &auth), ("idempotency-key", key)],
+        format!(r#"{{"changes":[{{"op":"set","path":"/{key}","value":1}}],"_sync_meta":{{"vector_clock":{{}}}}}}"#),
+    )
+    .await
+    .unwrap();
+    (
+        r.status.as_u16(),
+        String::from_utf8_lossy(&r.body).into_owned(),
+    )
+}
+
+/// The SQLite file deleted under a running system (attack round 7: merges kept answering 200
+/// into the deleted file, a restarted worker opened a new empty one beside it, and after a
+/// restart every write was gone): the workers notice, refuse every merge (never a 200 that
+/// cannot survive) and leave rotation; the log says what to do.
+#[tokio::test]
+async fn a_deleted_sqlite_file_is_noticed_and_nothing_more_is_acknowledged() {
+    let sys = TestSystem::start(SystemOptions::default()).await;
+    assert_eq!(merge_status(&sys, "before").await.0, 200);
+    let data = sys.dir.join("data");
+    for entry in std::fs::read_dir(&data).expect("the data dir") {
+        let path = entry.expect("an entry").path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if name.starts_with("firemode.sqlite3") {
+            std::fs::remove_file(&path).expect("delete the database file");
+        }
+    }
+    for i in 0..20 {
+        let (status, body) = merge_status(&sys, &format!("after-{i}")).await;
+        assert_eq!(status, 503, "a merge after the deletion: {body}");
+    }
+    eventually(
+        "the log names the deleted file",
+        Duration::from_secs(10),
+        || async { (!lines_with(&sys, "was deleted or replaced").is_empty()).then_some(()) },
+    )
+    .await;
+}

@@ -3,6 +3,7 @@
 //! queue on SQLite's lock (with a busy timeout) instead of failing.
 
 mod dots;
+mod file;
 
 use crate::dots::stored_sequence;
 use crate::migrations::{MIGRATIONS, REGISTER_DOTS, ROWS_LAYOUT, SCHEMA_TABLE};
@@ -11,14 +12,15 @@ use crate::sessions::{
     JournalEntry, MergeOutcome, StoredSession,
 };
 use crate::{catalog_conflict, now_ms, StoreError, StoreOptions};
+use file::DatabaseFile;
 use firemode_merge::{Reads, RowChanges, SessionRows, StampRow};
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use std::os::unix::fs::DirBuilderExt as _;
-use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 pub struct SqliteManager {
-    path: PathBuf,
+    file: Arc<DatabaseFile>,
     busy_timeout: Duration,
 }
 
@@ -27,11 +29,12 @@ impl bb8::ManageConnection for SqliteManager {
     type Error = StoreError;
 
     async fn connect(&self) -> Result<Connection, StoreError> {
-        let (path, busy_timeout) = (self.path.clone(), self.busy_timeout);
+        let (file, busy_timeout) = (self.file.clone(), self.busy_timeout);
         tokio::task::spawn_blocking(move || {
-            let conn = Connection::open(&path).map_err(|e| {
-                StoreError::Unavailable(format!("cannot open {}: {e}", path.display()))
+            let conn = Connection::open(file.path()).map_err(|e| {
+                StoreError::Unavailable(format!("cannot open {}: {e}", file.path().display()))
             })?;
+            file.opened()?;
             conn.busy_timeout(busy_timeout).map_err(unavailable)?;
             conn.pragma_update(None, "journal_mode", "WAL")
                 .map_err(unavailable)?;
@@ -57,6 +60,7 @@ impl bb8::ManageConnection for SqliteManager {
 #[derive(Clone)]
 pub struct SqliteStore {
     pool: bb8::Pool<SqliteManager>,
+    file: Arc<DatabaseFile>,
 }
 
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
@@ -77,7 +81,7 @@ impl SqliteStore {
                     opts.data_dir.display()
                 ))
             })?;
-        let path = opts.data_dir.join("firemode.sqlite3");
+        let file = Arc::new(DatabaseFile::new(opts.data_dir.join("firemode.sqlite3")));
         let pool = bb8::Pool::builder()
             .max_size(opts.pool_size.clamp(1, 64))
             .connection_timeout(opts.lock_timeout.max(opts.connect_timeout))
@@ -85,10 +89,10 @@ impl SqliteStore {
             // timeout; a timeout then means every connection stayed busy that long.
             .retry_connection(false)
             .build_unchecked(SqliteManager {
-                path,
+                file: file.clone(),
                 busy_timeout: opts.lock_timeout,
             });
-        Ok(Self { pool })
+        Ok(Self { pool, file })
     }
 
     /// Runs `f` on a pooled connection on a blocking thread.
@@ -104,9 +108,17 @@ impl SqliteStore {
             }
             bb8::RunError::TimedOut => unavailable("cannot open the SQLite database"),
         })?;
-        tokio::task::spawn_blocking(move || f(&mut conn))
-            .await
-            .map_err(unavailable)?
+        let file = self.file.clone();
+        // Checked after as well: what a write committed to a file deleted meanwhile is lost,
+        // so its client must not be told it was kept.
+        tokio::task::spawn_blocking(move || {
+            file.check()?;
+            let done = f(&mut conn)?;
+            file.check()?;
+            Ok(done)
+        })
+        .await
+        .map_err(unavailable)?
     }
 
     pub async fn migrate(&self) -> Result<(), StoreError> {
