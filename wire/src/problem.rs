@@ -95,7 +95,9 @@ impl Problem {
         Bytes::from(serde_json::to_vec(&body).unwrap_or_default())
     }
 
-    /// The full response, `Content-Type: application/problem+json`.
+    /// The full response, `Content-Type: application/problem+json`; a 503 says
+    /// `Retry-After: 1` (a busy or unreachable store: worth trying again shortly; the front
+    /// sets its own figure on the 503s it makes).
     pub fn into_response<B: From<Full<Bytes>>>(self) -> Response<B> {
         let mut resp = Response::new(B::from(Full::new(self.to_bytes())));
         *resp.status_mut() = self.status;
@@ -103,6 +105,10 @@ impl Problem {
             header::CONTENT_TYPE,
             HeaderValue::from_static(crate::PROBLEM_JSON),
         );
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
         resp
     }
 }
@@ -110,6 +116,19 @@ impl Problem {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_503_says_when_to_retry() {
+        let resp: Response<Full<Bytes>> = Problem::unavailable("busy").into_response();
+        assert_eq!(
+            resp.headers()
+                .get(header::RETRY_AFTER)
+                .map(|v| v.as_bytes()),
+            Some(&b"1"[..])
+        );
+        let resp: Response<Full<Bytes>> = Problem::bad_request("no").into_response();
+        assert!(resp.headers().get(header::RETRY_AFTER).is_none());
+    }
 
     #[test]
     fn body_has_the_standard_members_and_extensions() {

@@ -44,6 +44,8 @@ pub enum QueryError {
     Limit,
     #[error("`{0}` is given twice")]
     Repeated(String),
+    #[error("`{0}` is not UTF-8 once percent-decoded")]
+    NotUtf8(String),
 }
 
 impl From<QueryError> for Problem {
@@ -66,15 +68,30 @@ pub struct ConflictsQuery {
     pub limit: i64,
 }
 
-/// Each named parameter once; unknown ones are ignored.
+/// Each named parameter once; unknown ones are ignored. Values are form-decoded (`+` is a
+/// space, `%XX` a byte) and must then be UTF-8: a lossy decoding would read `%FF` as U+FFFD,
+/// the name of another replica (attack round 7).
 fn parameters(query: Option<&str>, names: &[&str]) -> Result<Vec<Option<String>>, QueryError> {
+    let decode = |text: &str| -> Option<String> {
+        let spaced = text.replace('+', " ");
+        let decoded = percent_encoding::percent_decode_str(&spaced)
+            .decode_utf8()
+            .ok()?;
+        Some(decoded.into_owned())
+    };
     let mut found: Vec<Option<String>> = vec![None; names.len()];
-    for (name, value) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+    let pairs = query
+        .unwrap_or("")
+        .split('&')
+        .filter(|pair| !pair.is_empty());
+    for pair in pairs {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let Some(name) = decode(name) else { continue };
         if let Some(slot) = names.iter().position(|known| *known == name) {
             if found[slot].is_some() {
-                return Err(QueryError::Repeated(name.into_owned()));
+                return Err(QueryError::Repeated(name));
             }
-            found[slot] = Some(value.into_owned());
+            found[slot] = Some(decode(value).ok_or(QueryError::NotUtf8(name))?);
         }
     }
     Ok(found)
@@ -428,6 +445,9 @@ mod tests {
         assert_eq!(q.since.get("t1"), Some(&3));
         assert_eq!(q.wait, Duration::from_secs(25));
         assert!(ChangesQuery::parse(Some("since=%7B%7D")).is_ok());
+        // U+FFFD itself, encoded, is a replica id like any other; `+` is a space.
+        let q = ChangesQuery::parse(Some("since=%7B%22%EF%BF%BD+x%22%3A1%7D")).expect("valid");
+        assert_eq!(q.since.get("\u{fffd} x"), Some(&1));
         assert_eq!(
             ChangesQuery::parse(Some("wait=0")).map(|q| q.wait).ok(),
             Some(Duration::ZERO)
@@ -447,6 +467,8 @@ mod tests {
             // A replica named twice: a map would keep one of the two.
             "since=%7B%22A%22%3A5%2C%22A%22%3A1%7D",
             "since=%7B%7D%7B%7D",
+            // Not UTF-8 once decoded: `%FF` is no character (a lossy decoding read U+FFFD).
+            "since=%7B%22%FF%22%3A1%7D",
         ] {
             assert!(ChangesQuery::parse(Some(bad)).is_err(), "{bad}");
         }
