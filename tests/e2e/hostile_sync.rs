@@ -26,11 +26,17 @@ async fn post_raw(
         .expect("the front answers")
 }
 
-async fn post(front: SocketAddr, tok: &str, session: &str, key: &str, body: &Value) -> Reply {
+pub(crate) async fn post(
+    front: SocketAddr,
+    tok: &str,
+    session: &str,
+    key: &str,
+    body: &Value,
+) -> Reply {
     post_raw(front, tok, session, key, body.to_string()).await
 }
 
-async fn call(
+pub(crate) async fn call(
     front: SocketAddr,
     method: Method,
     tok: &str,
@@ -45,15 +51,15 @@ async fn call(
         .expect("the front answers")
 }
 
-fn batch(replica: &str, clock: Value, changes: Vec<Value>) -> Value {
+pub(crate) fn batch(replica: &str, clock: Value, changes: Vec<Value>) -> Value {
     json!({"changes": changes, "_sync_meta": {"vector_clock": clock, "replica_id": replica}})
 }
 
-fn set(path: &str, value: Value) -> Value {
+pub(crate) fn set(path: &str, value: Value) -> Value {
     json!({"op": "set", "path": path, "value": value})
 }
 
-fn ok(reply: &Reply) -> Value {
+pub(crate) fn ok(reply: &Reply) -> Value {
     assert_eq!(
         reply.status,
         200,
@@ -63,7 +69,10 @@ fn ok(reply: &Reply) -> Value {
     reply.json()
 }
 
-async fn start(database_url: Option<String>, set: Vec<(&'static str, toml::Value)>) -> TestSystem {
+pub(crate) async fn start(
+    database_url: Option<String>,
+    set: Vec<(&'static str, toml::Value)>,
+) -> TestSystem {
     TestSystem::start(SystemOptions {
         database_url,
         set,
@@ -73,7 +82,7 @@ async fn start(database_url: Option<String>, set: Vec<(&'static str, toml::Value
 }
 
 /// A `/proc/<pid>/status` field in KiB (`VmRSS`, `VmHWM`).
-fn proc_kib(pid: u32, field: &str) -> u64 {
+pub(crate) fn proc_kib(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("worker status");
     status
         .lines()
@@ -82,7 +91,7 @@ fn proc_kib(pid: u32, field: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
 }
 
-async fn sync_pid(sys: &TestSystem) -> u32 {
+pub(crate) async fn sync_pid(sys: &TestSystem) -> u32 {
     let instances = sys.instances("sync").await;
     instances[0]["pid"].as_u64().expect("a sync pid") as u32
 }

@@ -25,6 +25,7 @@ mod operations;
 mod operator_view;
 mod operators;
 mod store_contract;
+mod subtree_cost;
 mod supervision;
 mod sync;
 mod tenants;

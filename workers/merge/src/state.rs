@@ -1,6 +1,6 @@
 //! The session's merge state and the one operation that changes it, [`SessionState::apply`].
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Bound;
 
 use serde::{Serialize, Serializer};
@@ -59,6 +59,21 @@ pub struct SessionState {
     /// Candidate horizons, oldest first.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub(crate) checkpoints: Vec<Checkpoint>,
+    /// The paths whose register [`SessionState::apply`] wrote, changed or dropped: the register
+    /// rows [`SessionState::written_rows`] writes. Not part of the state's value.
+    #[serde(skip)]
+    pub(crate) touched: Touched,
+}
+
+/// The paths a merge touched (see [`SessionState::touched`]). Two states are equal whatever
+/// they touched: this is bookkeeping for the rows to write, not part of the session.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Touched(pub(crate) BTreeSet<Pointer>);
+
+impl PartialEq for Touched {
+    fn eq(&self, _: &Touched) -> bool {
+        true
+    }
 }
 
 fn is_empty_object(value: &Value) -> bool {
@@ -75,6 +90,7 @@ impl Default for SessionState {
             base: Value::Object(serde_json::Map::new()),
             horizon: VectorClock::new(),
             checkpoints: Vec::new(),
+            touched: Touched::default(),
         }
     }
 }
@@ -436,6 +452,7 @@ impl SessionState {
             // nothing of the map below it). A hidden set still made the parents objects.
             if let Some(hiding) = winners.get_mut(&tokens[..depth]) {
                 hiding.remember_parents_made(write.parents_made_key());
+                self.touched.0.insert(hiding.path.clone());
             }
             return false;
         }
@@ -457,7 +474,9 @@ impl SessionState {
             if let Some(gone) = self.registers.remove(&path) {
                 write.remember_parents_made(gone.parents_made_key());
             }
+            self.touched.0.insert(path);
         }
+        self.touched.0.insert(write.path.clone());
         self.registers.insert(write.path.clone(), write);
         true
     }

@@ -10,6 +10,7 @@ use serde::Deserialize;
 
 use crate::register::Register;
 use crate::stamps::Stamps;
+use crate::state::Touched;
 use crate::{Pointer, SessionState, VectorClock};
 
 /// The serialized shape of a [`SessionState`], before its invariants are checked.
@@ -75,6 +76,7 @@ impl TryFrom<StoredSession> for SessionState {
             base,
             horizon: stored.horizon,
             checkpoints: stored.checkpoints,
+            touched: Touched::default(),
         })
     }
 }

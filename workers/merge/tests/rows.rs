@@ -1,8 +1,9 @@
 //! Property tests of the row layout (design §3: a merge reads and writes only what its batch
 //! touches): for random multi-replica histories delivered in random orders with duplicates,
 //! compacted at random points, a session kept as rows — each batch applied to a state loaded
-//! from only the rows [`Batch::reads`] names, and only [`SessionState::changed_rows`] written
-//! back — answers every batch exactly as the whole session in memory does, and ends with the
+//! from only the rows [`Batch::reads`] names, and only [`SessionState::written_rows`] written
+//! back (the same rows as [`SessionState::changed_rows`] against a copy of the loaded state
+//! makes) — answers every batch exactly as the whole session in memory does, and ends with the
 //! same registers, clock, head and document. A state kept as one value (the older layout)
 //! moves to rows whole.
 
@@ -19,7 +20,7 @@ use support::history::{delivery_order, generate, script, Generated};
 use support::{batch, set};
 
 /// A store of one session's rows, as `firemode-store` keeps them.
-#[derive(Default)]
+#[derive(Clone, Default)]
 struct RowStore {
     head: Option<String>,
     base: Option<String>,
@@ -133,12 +134,19 @@ fn attempt(
     let expected = whole.apply_reporting(&generated.batch, LIMITS);
     let mut slice = SessionState::from_rows(&rows.read_for(&generated.batch))
         .map_err(|e| TestCaseError::fail(format!("rows do not load: {e}")))?;
-    let before = slice.clone();
+    let (head, copy) = (slice.head_snapshot(), slice.clone());
     let got = slice.apply_reporting(&generated.batch, LIMITS);
     prop_assert_eq!(&got, &expected, "the rows answered otherwise");
-    let changes = slice.changed_rows(&before);
+    let changes = slice.written_rows(&head);
+    let mut compared = rows.clone();
+    compared.write(slice.changed_rows(&copy));
     match got {
-        Ok(firemode_merge::Outcome::Applied(_)) => rows.write(changes),
+        Ok(firemode_merge::Outcome::Applied(_)) => {
+            rows.write(changes);
+            prop_assert_eq!(&rows.registers, &compared.registers);
+            prop_assert_eq!(&rows.head, &compared.head);
+            prop_assert_eq!(&rows.stamps, &compared.stamps);
+        }
         Ok(firemode_merge::Outcome::Duplicate) | Err(_) => {
             prop_assert!(
                 changes.upserts.is_empty()

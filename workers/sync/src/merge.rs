@@ -89,9 +89,7 @@ pub struct GroupMember {
 
 /// The closure for `Store::merge_group`.
 pub fn group_closure(members: Vec<GroupMember>) -> GroupFn {
-    Box::new(move |stored: Option<SessionRows>, recorded| {
-        merge_group(&members, stored.as_ref(), recorded)
-    })
+    Box::new(move |stored: Option<SessionRows>, recorded| merge_group(&members, stored, recorded))
 }
 
 /// A group of merges of one session, run by the store under the session's lock: each member
@@ -101,11 +99,11 @@ pub fn group_closure(members: Vec<GroupMember>) -> GroupFn {
 /// "key reused" (another one).
 pub fn merge_group(
     members: &[GroupMember],
-    stored: Option<&SessionRows>,
+    stored: Option<SessionRows>,
     recorded: Vec<Option<MergeOutcome>>,
 ) -> GroupStep {
     let session_id = members.first().map_or("", |m| m.input.session_id.as_str());
-    let mut state = match session::decode(session_id, stored) {
+    let mut state = match session::decode_owned(session_id, stored) {
         Ok(state) => state,
         Err(unreadable) => {
             let answers = recorded
@@ -123,7 +121,7 @@ pub fn merge_group(
             };
         }
     };
-    let before = state.clone();
+    let before = state.head_snapshot();
     let (mut changed, mut compact) = (false, false);
     let mut answers: Vec<MergeOutcome> = Vec::with_capacity(members.len());
     for (member, pre) in members.iter().zip(recorded) {
@@ -146,7 +144,7 @@ pub fn merge_group(
         answers.push(MergeOutcome::Ran(step));
     }
     GroupStep {
-        changes: changed.then(|| state.changed_rows(&before)),
+        changes: changed.then(|| state.written_rows(&before)),
         answers,
         compact,
     }
@@ -196,10 +194,10 @@ fn refused(refusal: Refusal) -> MergeStep {
 
 fn apply(input: &MergeInput, stored: Option<&SessionRows>) -> Result<MergeStep, Refusal> {
     let mut state = session::decode(&input.session_id, stored)?;
-    let before = state.clone();
+    let before = state.head_snapshot();
     let (mut step, applied) = apply_to(input, &mut state)?;
     if applied {
-        step.changes = Some(state.changed_rows(&before));
+        step.changes = Some(state.written_rows(&before));
     }
     Ok(step)
 }
