@@ -123,7 +123,7 @@ impl SessionState {
             .values()
             .flat_map(|register| {
                 let own = register.write_key();
-                let made = register.parents_made.clone();
+                let made = register.parents_made.as_deref().cloned();
                 [Some(own), made]
             })
             .flatten()
@@ -136,7 +136,7 @@ impl SessionState {
         // horizon stays where it is (no client is sent to refetch for nothing).
         let worth_it = self.registers.values().any(|register| {
             let own = in_prefix(&register.write_key());
-            let made = register.parents_made.as_ref().is_some_and(&in_prefix);
+            let made = register.parents_made.as_deref().is_some_and(&in_prefix);
             (own && register.value.is_none()) || (!own && made)
         });
         if !worth_it {
@@ -157,12 +157,12 @@ impl SessionState {
         // folded into the base, and forgotten by the tombstone.
         let made_early: Vec<_> = kept
             .values()
-            .filter(|register| register.parents_made.as_ref().is_some_and(&in_prefix))
+            .filter(|register| register.parents_made.as_deref().is_some_and(&in_prefix))
             .cloned()
             .collect();
         let base = materialise_with(&self.base, prefix.iter(), made_early.iter()).to_value();
         for register in kept.values_mut() {
-            if register.parents_made.as_ref().is_some_and(&in_prefix) {
+            if register.parents_made.as_deref().is_some_and(&in_prefix) {
                 register.parents_made = None;
             }
         }

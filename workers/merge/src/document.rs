@@ -274,7 +274,8 @@ pub(crate) fn materialise_with<'a>(
     writes: impl IntoIterator<Item = &'a Register>,
     parents_only: impl IntoIterator<Item = &'a Register>,
 ) -> Document {
-    let mut steps: Vec<(OrderKey<'a>, Step<'a>)> = Vec::new();
+    let writes = writes.into_iter();
+    let mut steps: Vec<(OrderKey<'a>, Step<'a>)> = Vec::with_capacity(writes.size_hint().0);
     for write in writes {
         steps.push((write.order_key(), Step::Write(write)));
         if let (None, Some(made)) = (&write.value, &write.parents_made) {

@@ -61,13 +61,16 @@ struct Parsed {
     /// The pointer's text exactly as parsed. Escaping is one-to-one once invalid escapes are
     /// refused, so this is also the canonical encoding of `tokens`.
     text: String,
-    /// The unescaped reference tokens; never empty.
-    tokens: Vec<String>,
+    /// The unescaped reference tokens; never empty. Boxed: no spare capacity.
+    tokens: Box<[String]>,
 }
 
 impl Pointer {
     fn new(text: String, tokens: Vec<String>) -> Pointer {
-        Pointer(Arc::new(Parsed { text, tokens }))
+        Pointer(Arc::new(Parsed {
+            text,
+            tokens: tokens.into_boxed_slice(),
+        }))
     }
 }
 

@@ -31,9 +31,10 @@ pub(crate) struct Register {
     /// Tombstones only: the largest key of a `set` at this path or below that this tombstone
     /// hid or replaced. At that key the set turned every parent of `path` into an object, and
     /// that stays so after the set is gone (design §3: `set /a 5`, `set /a/b 1`, `remove /a/b`
-    /// reads `{"a":{}}`). `None` when no hidden set is known.
+    /// reads `{"a":{}}`). `None` when no hidden set is known. Boxed: most registers have none,
+    /// and inline it took 40 of a register's 144 bytes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub(crate) parents_made: Option<WriteKey>,
+    pub(crate) parents_made: Option<Box<WriteKey>>,
 }
 
 /// A write's place in the order that decides races, owned: (effective timestamp, replica id,
@@ -107,7 +108,7 @@ impl Register {
     pub(crate) fn parents_made_key(&self) -> Option<WriteKey> {
         match self.value {
             Some(_) => Some(self.write_key()),
-            None => self.parents_made.clone(),
+            None => self.parents_made.as_deref().cloned(),
         }
     }
 
@@ -117,8 +118,8 @@ impl Register {
         if self.value.is_some() {
             return;
         }
-        if key > self.parents_made {
-            self.parents_made = key;
+        if key.as_ref() > self.parents_made.as_deref() {
+            self.parents_made = key.map(Box::new);
         }
     }
 }
