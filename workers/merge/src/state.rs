@@ -202,6 +202,11 @@ pub enum NotApplied {
 }
 
 impl SessionState {
+    /// How many registers this state holds (all of a session held whole; a slice's otherwise).
+    pub fn register_count(&self) -> usize {
+        self.registers.len()
+    }
+
     /// The session clock: per replica, the number of its events applied.
     pub fn clock(&self) -> &VectorClock {
         &self.clock

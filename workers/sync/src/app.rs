@@ -46,6 +46,7 @@ impl SyncApp {
         let sync = &ctx.config.sync;
         let (ttl, retention) = (sync.idempotency_ttl.get(), sync.conflict_retention.get());
         tokio::spawn(purge_expired(ctx.store.clone(), ttl, retention));
+        tokio::spawn(crate::memory::release_after_large_work());
         Ok(SyncApp {
             store: ctx.store,
             config: ctx.config,

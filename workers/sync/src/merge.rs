@@ -103,6 +103,8 @@ pub fn merge_group(
     recorded: Vec<Option<MergeOutcome>>,
 ) -> GroupStep {
     let session_id = members.first().map_or("", |m| m.input.session_id.as_str());
+    // The loaded rows and the state made of them are freed when this returns.
+    crate::memory::freed_much(stored.as_ref().map_or(0, |rows| rows.registers.len()));
     let mut state = match session::decode_owned(session_id, stored) {
         Ok(state) => state,
         Err(unreadable) => {
@@ -268,6 +270,7 @@ fn checkpoint(state: &mut SessionState, input: &MergeInput) -> bool {
 /// (at `now_ms`) and returns the rows that changed.
 pub fn compact(session_id: String, now_ms: u64, retention_ms: u64) -> firemode_store::CompactFn {
     Box::new(move |rows: SessionRows| {
+        crate::memory::freed_much(rows.registers.len());
         let mut state = session::decode(&session_id, Some(&rows)).ok()?;
         let before = state.clone();
         let compacted = state.compact_before(now_ms.saturating_sub(retention_ms.max(1)))?;

@@ -36,11 +36,23 @@ pub struct Snapshot {
     _permit: Option<tokio::sync::OwnedSemaphorePermit>,
     document: OnceLock<Document>,
     delta_index: OnceLock<DeltaIndex>,
+    /// Says, once the snapshot is gone, how many registers it held ([`crate::memory`]).
+    _freed: FreedOnDrop,
+}
+
+/// Tells [`crate::memory`] on drop that work holding this many registers ended.
+struct FreedOnDrop(usize);
+
+impl Drop for FreedOnDrop {
+    fn drop(&mut self) {
+        crate::memory::freed_much(self.0);
+    }
 }
 
 impl Snapshot {
     pub fn new(state: SessionState, version: i64) -> Snapshot {
         Snapshot {
+            _freed: FreedOnDrop(state.register_count()),
             state,
             version,
             reach: Reach::Whole,
