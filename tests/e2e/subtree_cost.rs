@@ -71,10 +71,10 @@ async fn a_wipe_costs_a_bounded_multiple_of_its_subtree_postgres() {
     check_a_wipe_costs_a_bounded_multiple_of_its_subtree(&sys).await;
 }
 
-/// After a whole read of [`PATHS`] paths the worker's RSS went back to where it was within a
-/// second or so: glibc kept the freed heap in its arenas (release build, 100,000 paths: 15 →
-/// 105 MiB, and 105 MiB from then on) until the worker asked for the free pages back after
-/// large work (`memory.rs`: 105 → 41 MiB). The store does not matter here.
+/// After a whole read of [`PATHS`] paths the worker's RSS goes back near where it was within a
+/// few seconds: glibc kept the freed heap in its arenas (release build, 100,000 paths: 15 →
+/// 105 MiB, and 105 MiB from then on) until the worker asked for the free pages back once
+/// large work had stopped (`memory.rs`: 105 → 41 MiB). The store does not matter here.
 #[tokio::test]
 async fn a_large_read_gives_its_memory_back() {
     let sys = start(None, vec![]).await;
